@@ -47,6 +47,23 @@ def _mount_optional() -> None:
         from sipdrill.dns.cli import serve_dns
 
         serve_app.command("dns")(serve_dns)
+    if _exists("sipdrill.services.cli"):  # `sipdrill serve pool|backup`, `sipdrill admin ...`
+        from sipdrill.services import cli as services_cli
+
+        serve_app.command("pool")(services_cli.serve_pool)
+        if hasattr(services_cli, "serve_backup"):
+            serve_app.command("backup")(services_cli.serve_backup)
+        app.add_typer(services_cli.admin_app, name="admin")
+    if _exists("sipdrill.clients.cli"):  # `sipdrill serve clients ...`
+        from sipdrill.clients.cli import serve_clients
+
+        serve_app.command("clients")(serve_clients)
+    if _exists("sipdrill.orchestrator.cli"):  # `sipdrill lab ...`, `sipdrill drill ...`
+        from sipdrill.orchestrator import cli as orchestrator_cli
+
+        app.add_typer(orchestrator_cli.lab_app, name="lab")
+        if hasattr(orchestrator_cli, "drill_app"):
+            app.add_typer(orchestrator_cli.drill_app, name="drill")
     if serve_app.registered_commands:
         app.add_typer(serve_app, name="serve")
 
