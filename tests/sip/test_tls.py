@@ -1,0 +1,117 @@
+"""The lab CA, service certificates and TLS contexts (real loopback handshakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+
+from sipdrill.sip.tls import (
+    LabCA,
+    TlsSetupError,
+    cert_names,
+    client_context,
+    ensure_server_cert,
+    server_context,
+)
+
+
+def test_ca_files_written_and_reused(tmp_path: Path) -> None:
+    ca = LabCA.ensure(tmp_path)
+    assert (tmp_path / "ca.pem").exists()
+    assert stat.S_IMODE((tmp_path / "ca-key.pem").stat().st_mode) == 0o600
+    again = LabCA.ensure(tmp_path)
+    assert again.certificate.serial_number == ca.certificate.serial_number
+
+
+def test_server_cert_carries_pool_front_end_and_client_names(tmp_path: Path) -> None:
+    ca = LabCA.ensure(tmp_path)
+    cert = ca.issue_server(
+        "pool1",
+        pool_fqdn="Pool1.Lab.Local.",
+        front_end_fqdns=["fe1.lab.local", "fe2.lab.local"],
+        extra_names=["sip.lab.local", "sipinternal.lab.local"],
+        ip_addresses=["127.0.0.1", "::1"],
+    )
+    names, ips = cert_names(cert.cert_path)
+    assert names == (
+        "pool1.lab.local",
+        "fe1.lab.local",
+        "fe2.lab.local",
+        "sip.lab.local",
+        "sipinternal.lab.local",
+    )
+    assert ips == ("127.0.0.1", "::1")
+    assert stat.S_IMODE(cert.key_path.stat().st_mode) == 0o600
+
+
+def test_bad_inputs_are_refused(tmp_path: Path) -> None:
+    ca = LabCA.ensure(tmp_path)
+    with pytest.raises(TlsSetupError):
+        ca.issue("../escape", dns_names=["a.lab.local"])
+    with pytest.raises(TlsSetupError):
+        ca.issue("svc", dns_names=["127.0.0.1"])
+    with pytest.raises(TlsSetupError):
+        ca.issue("svc")
+    with pytest.raises(TlsSetupError):
+        LabCA.load(tmp_path / "nothing")
+
+
+async def _handshake(tmp_path: Path, connect_name: str) -> None:
+    cert = ensure_server_cert(
+        tmp_path, "fe", dns_names=["pool1.lab.local", "fe1.lab.local"], ip_addresses=["127.0.0.1"]
+    )
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_context(cert))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(cert.ca_path), server_hostname=connect_name
+        )
+        try:
+            assert await reader.read(2) == b"ok"
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("name", ["pool1.lab.local", "fe1.lab.local", "127.0.0.1"])
+async def test_client_verifies_names_on_the_certificate(tmp_path: Path, name: str) -> None:
+    await _handshake(tmp_path, name)
+
+
+async def test_client_refuses_a_name_missing_from_the_certificate(tmp_path: Path) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _handshake(tmp_path, "sip.lab.local")
+
+
+async def test_client_refuses_another_ca(tmp_path: Path) -> None:
+    cert = ensure_server_cert(tmp_path / "a", "fe", dns_names=["fe1.lab.local"])
+    other = LabCA.ensure(tmp_path / "b")
+    server = await asyncio.start_server(
+        lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context(cert)
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(other), server_hostname="fe1.lab.local"
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
