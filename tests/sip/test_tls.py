@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import stat
 from pathlib import Path
@@ -69,10 +70,8 @@ async def _handshake(tmp_path: Path, connect_name: str) -> None:
         writer.write(b"ok")
         await writer.drain()
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
     server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_context(cert))
     port = server.sockets[0].getsockname()[1]
