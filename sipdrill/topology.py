@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from sipdrill.errors import TopologyError, TopologyIssue
 
@@ -77,9 +77,21 @@ class _Model(BaseModel):
 Seconds = Annotated[float, Field(gt=0)]
 
 
+def _dotted_text(value: Any) -> Any:
+    # YAML turns `yes`, `1` and `off` into bools and ints, which ipaddress would
+    # silently accept as 32-bit numbers: only text is an address here.
+    if not isinstance(value, str):
+        raise ValueError("expected a dotted IPv4 address or network written as text")
+    return value
+
+
+IPv4Addr = Annotated[ipaddress.IPv4Address, BeforeValidator(_dotted_text)]
+IPv4Net = Annotated[ipaddress.IPv4Network, BeforeValidator(_dotted_text)]
+
+
 class FrontEnd(_Model):
     fqdn: str = Field(description="The Front End server's FQDN, in the SIP domain.")
-    address: ipaddress.IPv4Address = Field(description="Its address in the site's subnet.")
+    address: IPv4Addr = Field(description="Its address in the site's subnet.")
 
 
 class SrvPreference(_Model):
@@ -113,9 +125,9 @@ class Pool(_Model):
 
 class Site(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
-    subnet: ipaddress.IPv4Network = Field(description="The site's network (a /24 or smaller).")
+    subnet: IPv4Net = Field(description="The site's network (a /24 or smaller).")
     description: str = ""
-    client_subnet: ipaddress.IPv4Network | None = Field(
+    client_subnet: IPv4Net | None = Field(
         default=None,
         description="Where this site's users sit; DNS queries from it get the site's view "
         "(its own pools first).",
@@ -133,9 +145,13 @@ class RegistrationExpiry(_Model):
 
 
 class Timers(_Model):
-    failover_detection_interval: Seconds = Field(default=DEFAULT_FAILOVER_DETECTION_INTERVAL, le=3600)
+    failover_detection_interval: Seconds = Field(
+        default=DEFAULT_FAILOVER_DETECTION_INTERVAL, le=3600
+    )
     failback_interval: Seconds = Field(default=DEFAULT_FAILBACK_INTERVAL, le=3600)
-    sync_interval: float = Field(default=DEFAULT_SYNC_INTERVAL, ge=MIN_SYNC_INTERVAL, le=MAX_SYNC_INTERVAL)
+    sync_interval: float = Field(
+        default=DEFAULT_SYNC_INTERVAL, ge=MIN_SYNC_INTERVAL, le=MAX_SYNC_INTERVAL
+    )
     registration_expiry: RegistrationExpiry = RegistrationExpiry()
     keepalive_interval: float = Field(default=DEFAULT_KEEPALIVE_INTERVAL, ge=1, le=3600)
     keepalive_pong_timeout: float = Field(default=DEFAULT_KEEPALIVE_PONG_TIMEOUT, gt=0, le=60)
@@ -174,7 +190,7 @@ class ExtraRecord(_Model):
 
 
 class DnsSettings(_Model):
-    address: ipaddress.IPv4Address = Field(description="The lab DNS server's address (core network).")
+    address: IPv4Addr = Field(description="The lab DNS server's address (core network).")
     ttl: int = Field(default=300, ge=0, le=604800)
     negative_ttl: int = Field(default=60, ge=0, le=86400)
     publish: list[str] = Field(
@@ -185,11 +201,11 @@ class DnsSettings(_Model):
 
 
 class LabSettings(_Model):
-    core_subnet: ipaddress.IPv4Network = Field(
+    core_subnet: IPv4Net = Field(
         default=ipaddress.IPv4Network("172.30.0.0/24"),
         description="The network of the DNS server and the clients, outside every site.",
     )
-    loopback_network: ipaddress.IPv4Network = Field(
+    loopback_network: IPv4Net = Field(
         default=ipaddress.IPv4Network("127.77.0.0/16"),
         description="The local runtime maps network k (core=0, sites 1..n) to <base>.k.0/24.",
     )
@@ -410,10 +426,13 @@ class _Lines:
                         # Point at the key's line: a multi-line value starts below it.
                         best = key.start_mark.line + 1
                         break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if 0 <= part < len(node.value):
-                    child = node.value[part]
-                    best = child.start_mark.line + 1
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(part, int)
+                and 0 <= part < len(node.value)
+            ):
+                child = node.value[part]
+                best = child.start_mark.line + 1
             if child is None:
                 break
             node = child
@@ -441,7 +460,7 @@ def _fix_for(err_type: str, ctx: Mapping[str, Any] | None, field: str) -> str:
         "string_pattern_mismatch": f"match the pattern {ctx.get('pattern')}",
         "too_short": "add at least one entry",
     }
-    if err_type.startswith("ip_v4"):
+    if err_type.startswith("ip_v4") or "dotted IPv4" in str(ctx.get("error", "")):
         return "write a dotted IPv4 address or network such as 172.30.1.0/24"
     return fixes.get(err_type, "correct the value")
 
@@ -455,7 +474,11 @@ def load_topology(path: str | Path) -> LoadedTopology:
     except OSError as exc:
         raise TopologyError(
             fname,
-            [TopologyIssue(fname, None, "(file)", f"cannot read: {exc.strerror}", "check the path")],
+            [
+                TopologyIssue(
+                    fname, None, "(file)", f"cannot read: {exc.strerror}", "check the path"
+                )
+            ],
         ) from None
     return parse_topology(text, fname)
 
@@ -472,7 +495,10 @@ def parse_topology(text: str, fname: str = "<string>") -> LoadedTopology:
             fname,
             [
                 TopologyIssue(
-                    fname, line, "(yaml)", f"malformed YAML: {problem}",
+                    fname,
+                    line,
+                    "(yaml)",
+                    f"malformed YAML: {problem}",
                     "fix the YAML syntax (indentation, colons, quotes) at this line",
                 )
             ],
@@ -481,8 +507,15 @@ def parse_topology(text: str, fname: str = "<string>") -> LoadedTopology:
     if not isinstance(data, dict):
         raise TopologyError(
             fname,
-            [TopologyIssue(fname, 1, "(document)", "the document is not a mapping",
-                           "start the file with `name:`, `domain:`, `sites:` ... keys")],
+            [
+                TopologyIssue(
+                    fname,
+                    1,
+                    "(document)",
+                    "the document is not a mapping",
+                    "start the file with `name:`, `domain:`, `sites:` ... keys",
+                )
+            ],
         )
     try:
         topo = Topology.model_validate(data)
@@ -493,7 +526,10 @@ def parse_topology(text: str, fname: str = "<string>") -> LoadedTopology:
             field = _dotted(loc)
             issues.append(
                 TopologyIssue(
-                    fname, lines.line(loc), field, err["msg"],
+                    fname,
+                    lines.line(loc),
+                    field,
+                    err["msg"],
                     _fix_for(err["type"], err.get("ctx"), field),
                 )
             )
@@ -525,64 +561,112 @@ def _semantic_issues(t: Topology, fname: str, lines: _Lines) -> list[TopologyIss
     ]
     for i, s in enumerate(t.sites):
         if s.name in site_names:
-            err(["sites", i, "name"], f"site {s.name!r} is defined twice", "give each site its own name")
+            err(
+                ["sites", i, "name"],
+                f"site {s.name!r} is defined twice",
+                "give each site its own name",
+            )
         site_names[s.name] = i
         if s.subnet.prefixlen < 24:
-            err(["sites", i, "subnet"], f"subnet {s.subnet} is larger than a /24",
-                "use a /24 or smaller subnet (the local runtime maps each network to a /24)")
+            err(
+                ["sites", i, "subnet"],
+                f"subnet {s.subnet} is larger than a /24",
+                "use a /24 or smaller subnet (the local runtime maps each network to a /24)",
+            )
         nets.append((f"site {s.name}", s.subnet, ["sites", i, "subnet"]))
     for a_i, (a_name, a_net, _) in enumerate(nets):
-        for b_name, b_net, b_path in nets[a_i + 1:]:
+        for b_name, b_net, b_path in nets[a_i + 1 :]:
             if a_net.overlaps(b_net):
-                err(b_path, f"{b_name} subnet {b_net} overlaps {a_name} ({a_net})",
-                    "give every site and the core network its own subnet")
+                err(
+                    b_path,
+                    f"{b_name} subnet {b_net} overlaps {a_name} ({a_net})",
+                    "give every site and the core network its own subnet",
+                )
 
     # Pools.
     pool_index: dict[str, int] = {}
     for i, p in enumerate(t.pools):
         if p.fqdn in pool_index:
-            err(["pools", i, "fqdn"], f"pool {p.fqdn!r} is defined twice", "give each pool its own FQDN")
+            err(
+                ["pools", i, "fqdn"],
+                f"pool {p.fqdn!r} is defined twice",
+                "give each pool its own FQDN",
+            )
         pool_index[p.fqdn] = i
         if not in_domain(p.fqdn):
-            err(["pools", i, "fqdn"], f"{p.fqdn!r} is not a lower-case name in the SIP domain {d!r}",
-                f"SRV targets must be A records in the same domain: use a name ending in .{d}")
+            err(
+                ["pools", i, "fqdn"],
+                f"{p.fqdn!r} is not a lower-case name in the SIP domain {d!r}",
+                f"SRV targets must be A records in the same domain: use a name ending in .{d}",
+            )
         if p.site not in site_names:
-            err(["pools", i, "site"], f"pool {p.fqdn} is in unknown site {p.site!r}",
-                f"use one of the sites: {sorted(site_names)}")
+            err(
+                ["pools", i, "site"],
+                f"pool {p.fqdn} is in unknown site {p.site!r}",
+                f"use one of the sites: {sorted(site_names)}",
+            )
         n_fe = len(p.front_ends)
         if p.edition is Edition.STANDARD and n_fe != 1:
-            err(["pools", i, "front_ends"], f"a Standard Edition pool has exactly one front end, not {n_fe}",
-                "list one front end, or make the pool Enterprise")
+            err(
+                ["pools", i, "front_ends"],
+                f"a Standard Edition pool has exactly one front end, not {n_fe}",
+                "list one front end, or make the pool Enterprise",
+            )
         if p.edition is Edition.ENTERPRISE and n_fe > MAX_ENTERPRISE_FRONT_ENDS:
-            err(["pools", i, "front_ends"], f"an Enterprise pool has at most {MAX_ENTERPRISE_FRONT_ENDS} front ends",
-                "split the pool")
+            err(
+                ["pools", i, "front_ends"],
+                f"an Enterprise pool has at most {MAX_ENTERPRISE_FRONT_ENDS} front ends",
+                "split the pool",
+            )
     # Addresses and FQDNs: no collisions anywhere.
     seen_addr: dict[ipaddress.IPv4Address, str] = {t.dns.address: "dns.address"}
     seen_fqdn: dict[str, str] = {p.fqdn: f"pool {p.fqdn}" for p in t.pools}
     if t.dns.address not in t.lab.core_subnet:
-        err(["dns", "address"], f"{t.dns.address} is outside the core network {t.lab.core_subnet}",
-            "pick an address in lab.core_subnet")
+        err(
+            ["dns", "address"],
+            f"{t.dns.address} is outside the core network {t.lab.core_subnet}",
+            "pick an address in lab.core_subnet",
+        )
     for i, p in enumerate(t.pools):
         site = t.sites[site_names[p.site]] if p.site in site_names else None
         for j, fe in enumerate(p.front_ends):
             path: list[str | int] = ["pools", i, "front_ends", j]
             if fe.address in seen_addr:
-                err([*path, "address"], f"address {fe.address} is already used by {seen_addr[fe.address]}",
-                    "give every front end and the DNS server its own address")
+                err(
+                    [*path, "address"],
+                    f"address {fe.address} is already used by {seen_addr[fe.address]}",
+                    "give every front end and the DNS server its own address",
+                )
             seen_addr[fe.address] = f"front end {fe.fqdn}"
             if fe.fqdn in seen_fqdn:
-                err([*path, "fqdn"], f"{fe.fqdn!r} is already used by {seen_fqdn[fe.fqdn]}",
-                    "give every front end its own FQDN")
+                err(
+                    [*path, "fqdn"],
+                    f"{fe.fqdn!r} is already used by {seen_fqdn[fe.fqdn]}",
+                    "give every front end its own FQDN",
+                )
             seen_fqdn[fe.fqdn] = f"front end of {p.fqdn}"
             if not in_domain(fe.fqdn):
-                err([*path, "fqdn"], f"{fe.fqdn!r} is not a lower-case name in the domain {d!r}",
-                    f"use a name ending in .{d}")
+                err(
+                    [*path, "fqdn"],
+                    f"{fe.fqdn!r} is not a lower-case name in the domain {d!r}",
+                    f"use a name ending in .{d}",
+                )
             if site is not None and fe.address not in site.subnet:
-                err([*path, "address"], f"{fe.address} is outside site {site.name}'s subnet {site.subnet}",
-                    f"pick an address in {site.subnet}")
-            if fe.address in (site.subnet.network_address, site.subnet.broadcast_address) if site else False:
-                err([*path, "address"], f"{fe.address} is the subnet's network or broadcast address",
-                    "pick a host address")
+                err(
+                    [*path, "address"],
+                    f"{fe.address} is outside site {site.name}'s subnet {site.subnet}",
+                    f"pick an address in {site.subnet}",
+                )
+            if (
+                fe.address in (site.subnet.network_address, site.subnet.broadcast_address)
+                if site
+                else False
+            ):
+                err(
+                    [*path, "address"],
+                    f"{fe.address} is the subnet's network or broadcast address",
+                    "pick a host address",
+                )
 
     # Backup pairing: 1:1, symmetric, same edition, not self; same site warns.
     for i, p in enumerate(t.pools):
@@ -593,64 +677,107 @@ def _semantic_issues(t: Topology, fname: str, lines: _Lines) -> list[TopologyIss
             err(path, f"pool {p.fqdn} is paired with itself", "pair it with a pool in another site")
             continue
         if p.backup not in pool_index:
-            err(path, f"backup pool {p.backup!r} does not exist", f"use one of {sorted(pool_index)}")
+            err(
+                path, f"backup pool {p.backup!r} does not exist", f"use one of {sorted(pool_index)}"
+            )
             continue
         partner = t.pools[pool_index[p.backup]]
         if partner.backup != p.fqdn:
-            err(path, f"pairing is not symmetric: {p.fqdn} -> {p.backup}, but {p.backup} -> {partner.backup}",
-                f"set `backup: {p.fqdn}` on pool {p.backup} (pairing is 1:1 and symmetric)")
+            err(
+                path,
+                f"pairing is not symmetric: {p.fqdn} -> {p.backup}, "
+                f"but {p.backup} -> {partner.backup}",
+                f"set `backup: {p.fqdn}` on pool {p.backup} (pairing is 1:1 and symmetric)",
+            )
         if partner.edition != p.edition:
-            err(path, f"{p.fqdn} ({p.edition}) cannot pair with {partner.fqdn} ({partner.edition})",
-                "pair Enterprise with Enterprise and Standard with Standard")
+            err(
+                path,
+                f"{p.fqdn} ({p.edition}) cannot pair with {partner.fqdn} ({partner.edition})",
+                "pair Enterprise with Enterprise and Standard with Standard",
+            )
         if partner.site == p.site and partner.backup == p.fqdn and i < pool_index[p.backup]:
-            err(path, f"{p.fqdn} and {partner.fqdn} are paired within site {p.site}",
-                "pair pools in different sites, or a site loss takes both", severity="warning")
+            err(
+                path,
+                f"{p.fqdn} and {partner.fqdn} are paired within site {p.site}",
+                "pair pools in different sites, or a site loss takes both",
+                severity="warning",
+            )
 
     # CMS.
     if t.cms.active not in pool_index:
-        err(["cms", "active"], f"the CMS pool {t.cms.active!r} does not exist", f"use one of {sorted(pool_index)}")
+        err(
+            ["cms", "active"],
+            f"the CMS pool {t.cms.active!r} does not exist",
+            f"use one of {sorted(pool_index)}",
+        )
     elif t.pool(t.cms.active).backup is None:
-        err(["cms", "active"], f"the CMS pool {t.cms.active} has no backup pool, so the CMS has no standby",
-            "pair the pool, or accept that no CMS failover is possible", severity="warning")
+        err(
+            ["cms", "active"],
+            f"the CMS pool {t.cms.active} has no backup pool, so the CMS has no standby",
+            "pair the pool, or accept that no CMS failover is possible",
+            severity="warning",
+        )
 
     # Timers: ranges are in the model; cross-field and advisory checks here.
     tm = t.timers
     re_ = tm.registration_expiry
     if not re_.min <= re_.default <= re_.max:
-        err(["timers", "registration_expiry"],
+        err(
+            ["timers", "registration_expiry"],
             f"need min <= default <= max, got {re_.min} / {re_.default} / {re_.max}",
-            "order the three values (each 300-900 s)")
+            "order the three values (each 300-900 s)",
+        )
     if tm.failover_detection_interval < RECOMMENDED_MIN_FAILOVER_DETECTION_INTERVAL:
-        err(["timers", "failover_detection_interval"],
+        err(
+            ["timers", "failover_detection_interval"],
             f"{tm.failover_detection_interval:g} s is below 120 s, where Microsoft says failover "
-            "may not work as expected", "use 120 s or more outside a lab", severity="warning")
+            "may not work as expected",
+            "use 120 s or more outside a lab",
+            severity="warning",
+        )
 
     # Users.
     user_uris: dict[str, int] = {}
     for i, u in enumerate(t.users):
         m = _SIP_URI_RE.match(u.uri)
         if m is None or m.group("host").lower() != d:
-            err(["users", i, "uri"], f"{u.uri!r} is not a SIP URI in the domain {d!r}",
-                f"write sip:name@{d}")
+            err(
+                ["users", i, "uri"],
+                f"{u.uri!r} is not a SIP URI in the domain {d!r}",
+                f"write sip:name@{d}",
+            )
         if u.uri in user_uris:
             err(["users", i, "uri"], f"user {u.uri} is defined twice", "remove the duplicate")
         user_uris[u.uri] = i
         if u.home_pool not in pool_index:
-            err(["users", i, "home_pool"], f"home pool {u.home_pool!r} does not exist",
-                f"use one of {sorted(pool_index)}")
+            err(
+                ["users", i, "home_pool"],
+                f"home pool {u.home_pool!r} does not exist",
+                f"use one of {sorted(pool_index)}",
+            )
         conf_ids = [c.id for c in u.conferences]
         if len(set(conf_ids)) != len(conf_ids):
-            err(["users", i, "conferences"], "a conference id is used twice", "give each conference its own id")
+            err(
+                ["users", i, "conferences"],
+                "a conference id is used twice",
+                "give each conference its own id",
+            )
     for g_i, g in enumerate(t.user_groups):
         if g.home_pool not in pool_index:
-            err(["user_groups", g_i, "home_pool"], f"home pool {g.home_pool!r} does not exist",
-                f"use one of {sorted(pool_index)}")
+            err(
+                ["user_groups", g_i, "home_pool"],
+                f"home pool {g.home_pool!r} does not exist",
+                f"use one of {sorted(pool_index)}",
+            )
     generated = [u for g in t.user_groups for u in _generate_group(g, d)]
     all_uris = set(user_uris)
     for u in generated:
         if u.uri in all_uris:
-            err(["user_groups"], f"generated user {u.uri} collides with another user",
-                "change the group's prefix")
+            err(
+                ["user_groups"],
+                f"generated user {u.uri} collides with another user",
+                "change the group's prefix",
+            )
             break
         all_uris.add(u.uri)
     for i, u in enumerate(t.users):
@@ -661,19 +788,28 @@ def _semantic_issues(t: Topology, fname: str, lines: _Lines) -> list[TopologyIss
             elif c == u.uri:
                 err(["users", i, "contacts", j], "a user cannot be their own contact", "remove it")
             elif m.group("host").lower() == d and c not in all_uris:
-                err(["users", i, "contacts", j], f"contact {c} is not a user of this lab",
-                    "add the user, or remove the contact")
+                err(
+                    ["users", i, "contacts", j],
+                    f"contact {c} is not a user of this lab",
+                    "add the user, or remove the contact",
+                )
 
     # DNS.
     known = {name for name, _ in LYNC_LOOKUP_ORDER}
     for i, name in enumerate(t.dns.publish):
         if name not in known:
-            err(["dns", "publish", i], f"{name!r} is not a Lync lookup-order name",
-                f"use some of {[n for n, _ in LYNC_LOOKUP_ORDER]}")
+            err(
+                ["dns", "publish", i],
+                f"{name!r} is not a Lync lookup-order name",
+                f"use some of {[n for n, _ in LYNC_LOOKUP_ORDER]}",
+            )
     for i, s in enumerate(t.sites):
         if s.client_subnet is not None and s.client_subnet.overlaps(s.subnet):
-            err(["sites", i, "client_subnet"], "the client subnet overlaps the site's server subnet",
-                "give the site's users a subnet of their own")
+            err(
+                ["sites", i, "client_subnet"],
+                "the client subnet overlaps the site's server subnet",
+                "give the site's users a subnet of their own",
+            )
     return issues
 
 

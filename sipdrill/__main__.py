@@ -1,0 +1,3 @@
+from sipdrill.cli import main
+
+main()
