@@ -1,0 +1,33 @@
+# sipdrill — see README.md. `make test` is what CI runs (through .ci/run).
+PYTHON ?= python3
+PYTEST_ARGS ?=
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help install test pytest lint fmt clean
+
+help:
+	@echo "make install   install sipdrill and its test tools (editable)"
+	@echo "make test      lint, then the whole test suite (unit, loopback, interop, docker)"
+	@echo "make lint      ruff and mypy"
+	@echo "make fmt       ruff format"
+
+install:
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+test: lint pytest
+
+# pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+pytest:
+	@$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: failing" >&2; exit 1; fi; \
+	exit $$rc
+
+lint:
+	$(PYTHON) -m ruff check sipdrill tests bench
+	$(PYTHON) -m mypy
+
+fmt:
+	$(PYTHON) -m ruff format sipdrill tests
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
