@@ -23,7 +23,7 @@ pytest:
 	exit $$rc
 
 lint:
-	$(PYTHON) -m ruff check sipdrill tests bench
+	$(PYTHON) -m ruff check sipdrill tests $(wildcard bench)
 	$(PYTHON) -m mypy
 
 fmt:
