@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from sipdrill.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})
 
 
 def _all_command_paths() -> list[list[str]]:
