@@ -1,0 +1,468 @@
+"""Parsing and serializing SIP messages (RFC 3261 section 7), sans-IO.
+
+``sipmessage`` supplies the message model and the grammar of individual
+header values, but its own ``Message.parse`` is too loose for a server that
+faces the network (no size limits, no folding, no mandatory-header checks,
+and errors are bare ``ValueError`` with no status). So the start line and the
+header section are tokenized here, the result is built as ordinary
+``sipmessage.Request`` / ``sipmessage.Response`` objects, and every failure
+is a :class:`SipParseError` (a request, or something that cannot be told
+apart: answer it) or a :class:`MalformedResponse` (drop it and log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sipmessage import URI, Address, CSeq, Request, Response, Via
+
+# RFC 3261 7.3.3 compact forms; sipmessage's table is reused so that both
+# parsers agree on which long name a letter stands for.
+from sipmessage.message import COMPACT_FORMS as _COMPACT_FORMS
+
+from sipdrill.errors import SipError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "REASON_PHRASES",
+    "Limits",
+    "MalformedResponse",
+    "Message",
+    "SipMessageError",
+    "SipParseError",
+    "best_effort_400",
+    "make_response",
+    "parse_message",
+    "serialize",
+]
+
+Message = Request | Response
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every message before any work is done on it."""
+
+    max_message_size: int = 64 * 1024
+    max_headers: int = 128
+    max_line_length: int = 8 * 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class SipMessageError(SipError):
+    """Bytes that are not an acceptable SIP message."""
+
+
+@dataclass
+class SipParseError(SipMessageError):
+    """A malformed request (or unclassifiable bytes): answer ``status_code`` if you can."""
+
+
+@dataclass
+class MalformedResponse(SipMessageError):
+    """A malformed response. RFC 3261 18.1.2: discard it silently; never answer a response."""
+
+
+REASON_PHRASES: dict[int, str] = {
+    100: "Trying",
+    180: "Ringing",
+    183: "Session Progress",
+    200: "OK",
+    202: "Accepted",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
+    423: "Interval Too Brief",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    486: "Busy Here",
+    487: "Request Terminated",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    603: "Decline",
+}
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_STATUS_RE = re.compile(r"SIP/2\.0 ([1-6][0-9][0-9])(?: (.*))?")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
+# RFC 3261 20.16: the sequence number must be below 2**31.
+_MAX_CSEQ = 2**31 - 1
+# Headers that must appear exactly once; a second copy makes the
+# message ambiguous (which To tag? which CSeq?), so it is rejected.
+_SINGLETONS = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
+
+
+# Spelling the common names one way means serialized messages look the
+# same whatever case the peer used.
+_KNOWN_NAMES = (
+    "Via",
+    "From",
+    "To",
+    "Call-ID",
+    "CSeq",
+    "Contact",
+    "Max-Forwards",
+    "Content-Length",
+    "Content-Type",
+    "Expires",
+    "Min-Expires",
+    "Authorization",
+    "WWW-Authenticate",
+    "Route",
+    "Record-Route",
+    "Supported",
+    "Require",
+    "User-Agent",
+    "Server",
+)
+_CANONICAL = {name.lower(): name for name in _KNOWN_NAMES}
+_CANONICAL.update(_COMPACT_FORMS)
+
+
+def _canonical_name(name: str) -> str:
+    return _CANONICAL.get(name.lower(), name)
+
+
+def _fail(is_response: bool, reason: str, status: int = 400) -> SipMessageError:
+    if is_response:
+        return MalformedResponse(reason=reason, status_code=status)
+    return SipParseError(reason=reason, status_code=status)
+
+
+def _split_header_section(data: bytes, limits: Limits) -> tuple[list[str], bytes]:
+    """Return the unfolded lines (start line first) and the raw body."""
+    if len(data) > limits.max_message_size:
+        raise SipParseError(reason="Message Too Large", status_code=513)
+    # RFC 3261 7.5: CRLFs before the start line are ignored.
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end < 0:
+        if start == len(data):
+            raise SipParseError(reason="Missing start line")
+        raise SipParseError(reason="Missing end of header section")
+    raw_lines = data[start:end].split(b"\r\n")
+    body = data[end + 4 :]
+    for raw in raw_lines:
+        if len(raw) > limits.max_line_length:
+            raise SipParseError(reason="Header line too long")
+    try:
+        lines = [raw.decode("utf-8") for raw in raw_lines]
+    except UnicodeDecodeError:
+        raise SipParseError(reason="Header section is not valid UTF-8") from None
+    return lines, body
+
+
+def _unfold(lines: list[str], is_response: bool, limits: Limits) -> list[tuple[str, str]]:
+    """Split header lines into (canonical name, value), joining folded lines (RFC 3261 7.3.1)."""
+    headers: list[tuple[str, str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if not headers:
+                raise _fail(is_response, "Bad header folding")
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
+            continue
+        name, sep, value = line.partition(":")
+        name = name.rstrip(" \t")
+        if not sep or not _TOKEN_RE.fullmatch(name):
+            raise _fail(is_response, "Bad header line")
+        if len(headers) >= limits.max_headers:
+            raise _fail(is_response, "Too Many Headers")
+        # Control characters other than HTAB have no business in a value
+        # and would be copied into our answers if let through.
+        if _CTL_RE.search(value):
+            raise _fail(is_response, f"Control character in {name}")
+        headers.append((_canonical_name(name), value.strip(" \t")))
+    return headers
+
+
+def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse one complete SIP message (a datagram, or one frame from :mod:`framing`).
+
+    Raises :class:`SipParseError` for a bad request or unclassifiable bytes
+    and :class:`MalformedResponse` for a bad response; nothing else escapes.
+    A body longer than Content-Length is truncated (RFC 3261 18.3); a shorter
+    one is an error.
+    """
+    lines, body = _split_header_section(data, limits)
+    start_line = lines[0]
+    is_response = start_line.startswith("SIP/")
+    message: Message
+    if is_response:
+        m = _STATUS_RE.fullmatch(start_line)
+        if m is None:
+            raise MalformedResponse(reason="Bad status line")
+        message = Response(code=int(m.group(1)), phrase=m.group(2) or "")
+    else:
+        message = _parse_request_line(start_line)
+    headers = _unfold(lines[1:], is_response, limits)
+    for name, value in headers:
+        message.headers.add(name, value)
+    message.body = _check_body(message, body, is_response)
+    _check_mandatory(message, is_response)
+    return message
+
+
+def _parse_request_line(line: str) -> Request:
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise SipParseError(reason="Bad request line")
+    method, uri_text, version = parts
+    if not _TOKEN_RE.fullmatch(method):
+        raise SipParseError(reason="Bad method")
+    if version != "SIP/2.0":
+        if version.upper().startswith("SIP/"):
+            raise SipParseError(reason="Version Not Supported", status_code=505)
+        raise SipParseError(reason="Bad request line")
+    scheme = uri_text.partition(":")[0].lower()
+    if scheme not in _SUPPORTED_SCHEMES:
+        if ":" in uri_text and _TOKEN_RE.fullmatch(scheme):
+            raise SipParseError(reason="Unsupported URI Scheme", status_code=416)
+        raise SipParseError(reason="Bad Request-URI")
+    try:
+        uri = URI.parse(uri_text)
+    except ValueError:
+        raise SipParseError(reason="Bad Request-URI") from None
+    return Request(method=method, uri=uri)
+
+
+def _check_body(message: Message, body: bytes, is_response: bool) -> bytes:
+    values = message.headers.getlist("Content-Length")
+    if not values:
+        return body
+    if len(values) > 1 and len(set(values)) > 1:
+        raise _fail(is_response, "Conflicting Content-Length")
+    if not _DIGITS_RE.fullmatch(values[0]):
+        raise _fail(is_response, "Bad Content-Length")
+    length = int(values[0])
+    if length > len(body):
+        raise _fail(is_response, "Body shorter than Content-Length")
+    return body[:length]
+
+
+def _check_mandatory(message: Message, is_response: bool) -> None:
+    hdrs = message.headers
+    for name in _SINGLETONS:
+        # Content-Length duplicates with one value were let through above.
+        if name != "Content-Length" and len(hdrs.getlist(name)) > 1:
+            raise _fail(is_response, f"Duplicate {name}")
+    vias = hdrs.getlist("Via")
+    if not vias:
+        raise _fail(is_response, "Missing Via")
+    try:
+        for value in vias:
+            Via.parse_many(value)
+    except ValueError:
+        raise _fail(is_response, "Bad Via") from None
+    for name in ("From", "To"):
+        address = hdrs.get(name)
+        if address is None:
+            raise _fail(is_response, f"Missing {name}")
+        try:
+            Address.parse(address)
+        except ValueError:
+            raise _fail(is_response, f"Bad {name}") from None
+    if not hdrs.get("Call-ID"):
+        raise _fail(is_response, "Missing Call-ID")
+    cseq_text = hdrs.get("CSeq")
+    if cseq_text is None:
+        raise _fail(is_response, "Missing CSeq")
+    try:
+        cseq = CSeq.parse(cseq_text)
+    except ValueError:
+        raise _fail(is_response, "Bad CSeq") from None
+    if cseq.sequence > _MAX_CSEQ:
+        raise _fail(is_response, "Bad CSeq")
+    max_forwards = hdrs.get("Max-Forwards")
+    # Max-Forwards is optional here (lenient towards old UAs), but a
+    # present one must be a number a proxy could decrement.
+    if max_forwards is not None and (
+        not _DIGITS_RE.fullmatch(max_forwards) or int(max_forwards) > 255
+    ):
+        raise _fail(is_response, "Bad Max-Forwards")
+    if isinstance(message, Request) and cseq.method != message.method:
+        raise SipParseError(reason="CSeq method does not match request method")
+
+
+def serialize(message: Message) -> bytes:
+    """Bytes for the wire, with a Content-Length that matches the body.
+
+    A stream peer cannot frame a message without Content-Length (RFC 3261
+    18.3), so it is always written, even for an empty body.
+    """
+    message.headers.set("Content-Length", str(len(message.body)))
+    return bytes(message)
+
+
+def _stateless_tag(call_id: str, from_value: str, branch: str) -> str:
+    # A deterministic To tag means a retransmitted request gets a response
+    # with the same tag even from a stateless responder, without an RNG.
+    digest = hashlib.sha256(f"{call_id}\n{from_value}\n{branch}".encode()).hexdigest()
+    return digest[:16]
+
+
+def _has_tag(to_value: str) -> bool:
+    try:
+        return "tag" in Address.parse(to_value).parameters
+    except ValueError:
+        return ";tag=" in to_value.lower().replace(" ", "")
+
+
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    *,
+    to_tag: str | None = None,
+    body: bytes = b"",
+) -> Response:
+    """Build a response per RFC 3261 8.2.6: Via (all, in order), From, To, Call-ID, CSeq copied.
+
+    A To tag is added unless the request's To already has one or the status
+    is 100 (8.2.6.2); pass ``to_tag`` to choose it, otherwise a stable one
+    is derived from the request. Use :func:`serialize` to get bytes.
+    """
+    response = Response(code=status, phrase=reason or REASON_PHRASES.get(status, ""), body=body)
+    rh = response.headers
+    rh.setlist("Via", list(request.headers.getlist("Via")))
+    from_value = request.headers.get("From", "") or ""
+    rh.set("From", from_value)
+    to_value = request.headers.get("To", "") or ""
+    if status > 100 and to_value and not _has_tag(to_value):
+        tag = to_tag or _stateless_tag(
+            request.headers.get("Call-ID", "") or "", from_value, _top_branch(request)
+        )
+        to_value = f"{to_value};tag={tag}"
+    rh.set("To", to_value)
+    rh.set("Call-ID", request.headers.get("Call-ID", "") or "")
+    rh.set("CSeq", request.headers.get("CSeq", "") or "")
+    for name, value in headers:
+        rh.add(name, value)
+    return response
+
+
+def _top_branch(request: Request) -> str:
+    vias = request.headers.getlist("Via")
+    if not vias:
+        return ""
+    try:
+        return Via.parse_many(vias[0])[0].parameters.get("branch") or ""
+    except (ValueError, IndexError):
+        return ""
+
+
+def best_effort_400(
+    data: bytes, error: SipMessageError | None = None, limits: Limits = DEFAULT_LIMITS
+) -> bytes | None:
+    """Answer bytes that failed :func:`parse_message`, if the answer could reach its sender.
+
+    Returns the serialized error response (status and reason from ``error``,
+    or from parsing ``data`` again when it is not given: usually 400, but 513,
+    505 or 416 when that is what was wrong), or ``None`` when there is
+    nothing to answer: the bytes parse fine, are a response, or the Via,
+    From, To, Call-ID and CSeq the sender needs to match an answer cannot
+    be salvaged.
+    """
+    if error is None:
+        try:
+            parse_message(data, limits)
+        except SipMessageError as exc:
+            error = exc
+        else:
+            return None
+    if isinstance(error, MalformedResponse):
+        return None
+    salvaged = _salvage(data[: limits.max_message_size], limits)
+    if salvaged is None:
+        return None
+    vias, from_value, to_value, call_id, cseq = salvaged
+    if not _has_tag(to_value):
+        to_value = f"{to_value};tag={_stateless_tag(call_id, from_value, '')}"
+    lines = [f"SIP/2.0 {error.status_code} {error.reason}"]
+    lines += [f"Via: {v}" for v in vias]
+    lines.append(f"From: {from_value}")
+    lines.append(f"To: {to_value}")
+    lines.append(f"Call-ID: {call_id}")
+    lines.append(f"CSeq: {cseq}")
+    lines += [f"{name}: {value}" for name, value in error.headers]
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+_Salvaged = tuple[list[str], str, str, str, str]
+
+
+def _salvage(data: bytes, limits: Limits) -> _Salvaged | None:
+    """Via, From, To, Call-ID and CSeq if each is present once (Via: at least once) and valid.
+
+    From and To are required too: a response without them is malformed
+    (RFC 3261 8.2.6.2) and a compliant UAC would drop it anyway.
+    """
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    section = data[start:] if end < 0 else data[start:end]
+    raw_lines = section.split(b"\r\n")
+    if raw_lines[0].startswith(b"SIP/"):
+        return None
+    found: dict[str, list[str]] = {}
+    for raw in raw_lines[1:]:
+        if len(raw) > limits.max_line_length:
+            continue  # copying it would make our answer too long to parse
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # one undecodable line must not cost us the others
+        name, sep, value = line.partition(":")
+        name = _canonical_name(name.strip(" \t"))
+        value = value.strip(" \t")
+        if not sep or not value or _CTL_RE.search(value):
+            continue
+        found.setdefault(name, []).append(value)
+    vias = []
+    for value in found.get("Via", []):
+        try:
+            vias += [str(v) for v in Via.parse_many(value)]
+        except ValueError:
+            return None  # a response routed on a half-read Via goes astray
+    singles = {}
+    for name in ("From", "To", "Call-ID", "CSeq"):
+        values = found.get(name, [])
+        if len(values) != 1:
+            return None
+        singles[name] = values[0]
+    if not vias or len(vias) + 6 > limits.max_headers:
+        return None
+    try:
+        cseq = str(CSeq.parse(singles["CSeq"]))
+        Address.parse(singles["From"])
+        Address.parse(singles["To"])
+    except ValueError:
+        return None
+    return vias, singles["From"], singles["To"], singles["Call-ID"], cseq
