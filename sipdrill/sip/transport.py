@@ -1,0 +1,840 @@
+"""The asyncio adapter that owns sockets and the clock for the sans-IO SIP core.
+
+It is deliberately thin: it cuts bytes into messages (``framing``), parses
+them (``message``), and hands each one to a synchronous handler as a
+:class:`Received` (message, transport kind, remote address and a
+:class:`Flow` handle). Whoever handles it answers with
+:meth:`SipTransport.send` on the same flow. Everything protocol-level
+(transactions, registrar, digest) lives in the core, driven through
+:class:`TimerDriver` with ``loop.time()``.
+
+What the adapter enforces itself, because only it sees the sockets:
+
+* garbage on a stream gets a 400 (513 when too large) when the sender can be
+  answered, then the connection is closed; bad datagrams are answered the
+  same way and dropped;
+* a stream that stalls mid-message (``partial_timeout``) or goes silent
+  (``idle_timeout``) is closed; a peer that does not read its responses
+  (``max_write_buffer``) is closed;
+* at most ``max_connections`` streams are open at once;
+* CRLFCRLF pings on streams are answered with a CRLF pong (RFC 5626 4.4.1);
+* an outbound message to a peer reuses an open flow to that peer
+  (RFC 3261 18.1.1, RFC 5626), for connections we opened and accepted alike;
+* RFC 3261 18.2.1 / RFC 3581: ``received`` and ``rport`` are stamped on the
+  top Via of requests when needed.
+
+Nothing raises out of the adapter's callbacks: errors are logged and the
+message or connection dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+from sipmessage import Request, Via
+
+from sipdrill.errors import SipdrillError
+from sipdrill.sip.framing import (
+    FramerRole,
+    FramingError,
+    KeepAlivePing,
+    KeepAlivePong,
+    MessageBytes,
+    StreamFramer,
+    classify_datagram,
+)
+from sipdrill.sip.message import (
+    DEFAULT_LIMITS,
+    Limits,
+    MalformedResponse,
+    Message,
+    SipMessageError,
+    SipParseError,
+    best_effort_400,
+    parse_message,
+    serialize,
+)
+
+__all__ = [
+    "Addr",
+    "Flow",
+    "Kind",
+    "Received",
+    "SipTransport",
+    "TimerCore",
+    "TimerDriver",
+    "TransportError",
+    "TransportLimits",
+]
+
+log = logging.getLogger("sipdrill.sip.transport")
+
+Addr = tuple[str, int]
+
+
+class Kind(enum.StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+    TLS = "tls"
+
+    @property
+    def reliable(self) -> bool:
+        return self is not Kind.UDP
+
+    @property
+    def via(self) -> str:
+        """The Via transport token (RFC 3261 20.42)."""
+        return self.value.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A handle on one flow: a stream connection, or (UDP socket, remote address).
+
+    It is a plain value (hashable, comparable, safe to keep in the core);
+    sending on a flow whose connection has gone returns ``False``.
+    ``conn`` is the serial of the connection or UDP socket in this transport.
+    """
+
+    kind: Kind
+    local: Addr
+    remote: Addr
+    conn: int
+
+    @property
+    def reliable(self) -> bool:
+        return self.kind.reliable
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One parsed message as the transport delivers it."""
+
+    message: Message
+    kind: Kind
+    remote: Addr
+    flow: Flow
+
+
+@dataclass
+class TransportError(SipdrillError):
+    """A listener or an outbound connection could not be set up."""
+
+    kind: str
+    address: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.address}: {self.message}"
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Resource limits of the adapter (message-level limits are ``message``)."""
+
+    message: Limits = DEFAULT_LIMITS
+    max_connections: int = 1024
+    # RFC 5626 clients ping every 95-120 s without a Flow-Timer; a flow with
+    # no bytes at all for longer than this is dead or abusive.
+    idle_timeout: float = 300.0
+    # A message whose first byte arrived must be complete within this.
+    partial_timeout: float = 10.0
+    max_write_buffer: int = 1024 * 1024
+    connect_timeout: float = 5.0
+    tls_handshake_timeout: float = 5.0
+
+
+Handler = Callable[[Received], None]
+FlowCallback = Callable[[Flow], None]
+
+
+def _addr(raw: object) -> Addr:
+    if isinstance(raw, tuple) and len(raw) >= 2:
+        return (str(raw[0]), int(raw[1]))
+    return ("", 0)
+
+
+_RPORT_RE = re.compile(r";[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+_RECEIVED_RE = re.compile(r";[ \t]*received[ \t]*=", re.IGNORECASE)
+
+
+def _stamp_via(request: Request, remote: Addr) -> None:
+    """RFC 3261 18.2.1 and RFC 3581: add ``received`` (and fill ``rport``) on the top Via.
+
+    The Via text is extended rather than re-serialized, so the branch and
+    other parameters reach the response byte for byte as the client sent them.
+    """
+    vias = request.headers.getlist("Via")
+    if not vias:
+        return
+    top = vias[0]
+    first, sep, rest = top.partition(",")
+    if '"' in first:
+        return  # a quoted parameter may hide a comma: leave such a Via alone
+    host, port = remote
+    new = first.rstrip()
+    has_rport = _RPORT_RE.search(new) is not None
+    if has_rport:
+        new = _RPORT_RE.sub(f";rport={port}", new, count=1)
+    if not _RECEIVED_RE.search(new):
+        try:
+            sent_by = Via.parse(new).host.strip("[]")
+        except ValueError:
+            return
+        if has_rport or sent_by != host:
+            new += f";received={host}"
+    if new == first.rstrip():
+        return
+    vias = list(vias)
+    vias[0] = new + (sep + rest if sep else "")
+    request.headers.setlist("Via", vias)
+
+
+class _Endpoint:
+    """What a Flow's ``conn`` refers to."""
+
+    kind: Kind
+    local: Addr
+
+    def write(self, data: bytes, remote: Addr) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Udp(asyncio.DatagramProtocol, _Endpoint):
+    def __init__(self, owner: SipTransport, serial: int) -> None:
+        self.owner = owner
+        self.serial = serial
+        self.kind = Kind.UDP
+        self.local: Addr = ("", 0)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not a DatagramTransport subclass on every Python version: cast.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.local = _addr(transport.get_extra_info("sockname"))
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        try:
+            self.owner._on_datagram(self, data, _addr(addr))
+        except Exception:  # never let a datagram stop the socket
+            log.exception("udp %s: error handling a datagram from %s", self.local, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: nothing to do for a datagram.
+        log.debug("udp %s: %s", self.local, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._forget(self.serial)
+
+    def write(self, data: bytes, remote: Addr) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        try:
+            self.transport.sendto(data, remote)
+        except (OSError, RuntimeError) as exc:
+            log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Stream(asyncio.Protocol, _Endpoint):
+    def __init__(self, owner: SipTransport, serial: int, kind: Kind, outbound: bool) -> None:
+        self.owner = owner
+        self.serial = serial
+        self.kind = kind
+        self.outbound = outbound
+        self.local: Addr = ("", 0)
+        self.remote: Addr = ("", 0)
+        self.transport: asyncio.Transport | None = None
+        self.framer = StreamFramer(
+            owner.limits.message, FramerRole.CLIENT if outbound else FramerRole.SERVER
+        )
+        self.last_activity = 0.0
+        self.partial_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.flow: Flow | None = None
+
+    # -- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.local = _addr(transport.get_extra_info("sockname"))
+        self.remote = _addr(transport.get_extra_info("peername"))
+        self.flow = Flow(self.kind, self.local, self.remote, self.serial)
+        if not self.owner._admit(self):
+            log.warning(
+                "%s %s: connection from %s refused: %d connections open",
+                self.kind,
+                self.local,
+                self.remote,
+                self.owner.limits.max_connections,
+            )
+            self.owner.stats["refused_connections"] += 1
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.last_activity = self.owner.loop.time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._data(data)
+        except Exception:
+            log.exception("%s %s: error handling data from %s", self.kind, self.local, self.remote)
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.owner._stream_gone(self)
+
+    # -- behaviour -----------------------------------------------------------
+    def _data(self, data: bytes) -> None:
+        owner = self.owner
+        now = owner.loop.time()
+        self.last_activity = now
+        for event in self.framer.feed(data):
+            if self.transport is None or self.transport.is_closing():
+                return
+            if isinstance(event, MessageBytes):
+                owner._deliver(self.kind, event.data, self.remote, self._flow(), self)
+            elif isinstance(event, KeepAlivePing):
+                self.write(b"\r\n", self.remote)
+            elif isinstance(event, KeepAlivePong):
+                owner._pong(self._flow())
+            elif isinstance(event, FramingError):
+                owner.stats["framing_errors"] += 1
+                log.info(
+                    "%s %s: framing error from %s: %d %s; closing",
+                    self.kind,
+                    self.local,
+                    self.remote,
+                    event.status_code,
+                    event.reason,
+                )
+                if event.data:
+                    answer = best_effort_400(
+                        event.data,
+                        SipParseError(reason=event.reason, status_code=event.status_code),
+                        owner.limits.message,
+                    )
+                    if answer is not None:
+                        self.write(answer, self.remote)
+                self.close()
+                return
+        if self.framer.buffered:
+            if self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
+
+    def _flow(self) -> Flow:
+        assert self.flow is not None
+        return self.flow
+
+    def _arm(self) -> None:
+        limits = self.owner.limits
+        deadline = self.last_activity + limits.idle_timeout
+        if self.partial_since is not None:
+            deadline = min(deadline, self.partial_since + limits.partial_timeout)
+        # Check at least every partial_timeout so a stall that starts later
+        # is still caught on time.
+        now = self.owner.loop.time()
+        deadline = min(deadline, now + limits.partial_timeout)
+        self.timer = self.owner.loop.call_at(max(deadline, now), self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        limits = self.owner.limits
+        now = self.owner.loop.time()
+        if self.partial_since is not None and now - self.partial_since >= limits.partial_timeout:
+            log.info(
+                "%s %s: %s stalled mid-message (%d bytes) for %.1fs; closing",
+                self.kind,
+                self.local,
+                self.remote,
+                self.framer.buffered,
+                now - self.partial_since,
+            )
+            self.owner.stats["stalled"] += 1
+            self.close()
+            return
+        if now - self.last_activity >= limits.idle_timeout:
+            log.info("%s %s: %s idle; closing", self.kind, self.local, self.remote)
+            self.owner.stats["idle_closed"] += 1
+            self.close()
+            return
+        self._arm()
+
+    def write(self, data: bytes, remote: Addr) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        try:
+            transport.write(data)
+        except (OSError, RuntimeError) as exc:
+            log.info("%s %s -> %s: write failed: %s", self.kind, self.local, self.remote, exc)
+            self.close()
+            return False
+        if transport.get_write_buffer_size() > self.owner.limits.max_write_buffer:
+            log.warning(
+                "%s %s: %s does not read its responses; closing", self.kind, self.local, self.remote
+            )
+            transport.abort()
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class SipTransport:
+    """Owns every socket of one SIP service (or one client) and delivers messages.
+
+    ``handler`` is called synchronously for every parsed message; ``on_pong``
+    for every CRLF pong on a flow we opened, ``on_flow_closed`` when a stream
+    flow goes away (so the core can fail its transactions or bindings).
+    Create it inside a running event loop; ``await close()`` when done.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: TransportLimits | None = None,
+        on_pong: FlowCallback | None = None,
+        on_flow_closed: FlowCallback | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or TransportLimits()
+        self.on_pong = on_pong
+        self.on_flow_closed = on_flow_closed
+        self.loop = asyncio.get_running_loop()
+        self.stats: dict[str, int] = {
+            "received": 0,
+            "sent": 0,
+            "parse_errors": 0,
+            "framing_errors": 0,
+            "refused_connections": 0,
+            "stalled": 0,
+            "idle_closed": 0,
+            "handler_errors": 0,
+        }
+        self._serials = itertools.count(1)
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._servers: list[tuple[Kind, asyncio.Server]] = []
+        self._udp: list[_Udp] = []
+        self._streams: dict[int, _Stream] = {}
+        self._by_remote: dict[tuple[Kind, Addr], int] = {}
+        self._connecting: dict[tuple[Kind, Addr, str | None], asyncio.Future[Flow]] = {}
+        self._closing = False
+
+    # -- listeners -----------------------------------------------------------
+    async def listen(
+        self,
+        kind: Kind | str,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+    ) -> Addr:
+        """Open a listener; returns the bound address (useful with port 0)."""
+        kind = Kind(kind)
+        try:
+            if kind is Kind.UDP:
+                serial = next(self._serials)
+                _, proto = await self.loop.create_datagram_endpoint(
+                    lambda: _Udp(self, serial),
+                    local_addr=(host, port),
+                    reuse_port=reuse_port or None,
+                )
+                self._endpoints[serial] = proto
+                self._udp.append(proto)
+                return proto.local
+            if kind is Kind.TLS and ssl_context is None:
+                raise TransportError(kind, f"{host}:{port}", "a TLS listener needs ssl_context")
+            server = await self.loop.create_server(
+                lambda: self._new_stream(kind, outbound=False),
+                host,
+                port,
+                ssl=ssl_context if kind is Kind.TLS else None,
+                ssl_handshake_timeout=(
+                    self.limits.tls_handshake_timeout if kind is Kind.TLS else None
+                ),
+                reuse_port=reuse_port or None,
+                backlog=min(1024, max(16, self.limits.max_connections)),
+            )
+        except OSError as exc:
+            raise TransportError(kind, f"{host}:{port}", str(exc)) from exc
+        self._servers.append((kind, server))
+        return _addr(server.sockets[0].getsockname())
+
+    @property
+    def listening(self) -> list[tuple[Kind, Addr]]:
+        out = [(Kind.UDP, u.local) for u in self._udp]
+        for kind, server in self._servers:
+            out += [(kind, _addr(s.getsockname())) for s in server.sockets]
+        return out
+
+    # -- outbound ------------------------------------------------------------
+    async def open_flow(
+        self,
+        kind: Kind | str,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        reuse: bool = True,
+    ) -> Flow:
+        """A flow to ``host:port``: an open one to that peer if any, else a new one.
+
+        ``host`` is an IP address (resolve names with the core's SRV/A logic
+        first); for TLS, ``server_hostname`` is the name the certificate must
+        carry. Raises :class:`TransportError` when the peer cannot be reached.
+        """
+        kind = Kind(kind)
+        remote = (host, port)
+        if kind is Kind.UDP:
+            udp = self._udp_for(host)
+            if udp is None:
+                await self.listen(Kind.UDP, "::" if ":" in host else "0.0.0.0", 0)
+                udp = self._udp_for(host)
+                assert udp is not None
+            return Flow(Kind.UDP, udp.local, remote, udp.serial)
+        if reuse:
+            serial = self._by_remote.get((kind, remote))
+            stream = self._streams.get(serial) if serial is not None else None
+            if stream is not None and stream.flow is not None:
+                return stream.flow
+            pending = self._connecting.get((kind, remote, server_hostname))
+            if pending is not None:
+                return await asyncio.shield(pending)
+        key = (kind, remote, server_hostname)
+        fut: asyncio.Future[Flow] = self.loop.create_future()
+        self._connecting[key] = fut
+        try:
+            flow = await self._connect(kind, remote, ssl_context, server_hostname)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: waiters got it or there are none
+            raise
+        else:
+            fut.set_result(flow)
+            return flow
+        finally:
+            if self._connecting.get(key) is fut:
+                del self._connecting[key]
+
+    async def _connect(
+        self,
+        kind: Kind,
+        remote: Addr,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> Flow:
+        if kind is Kind.TLS and ssl_context is None:
+            raise TransportError(kind, f"{remote[0]}:{remote[1]}", "TLS needs ssl_context")
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                _, proto = await self.loop.create_connection(
+                    lambda: self._new_stream(kind, outbound=True),
+                    remote[0],
+                    remote[1],
+                    ssl=ssl_context if kind is Kind.TLS else None,
+                    server_hostname=(server_hostname or remote[0]) if kind is Kind.TLS else None,
+                    ssl_handshake_timeout=(
+                        self.limits.tls_handshake_timeout if kind is Kind.TLS else None
+                    ),
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(
+                kind, f"{remote[0]}:{remote[1]}", f"certificate rejected: {exc.verify_message}"
+            ) from exc
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise TransportError(kind, f"{remote[0]}:{remote[1]}", str(exc) or "timeout") from exc
+        if proto.flow is None or proto.transport is None or proto.transport.is_closing():
+            raise TransportError(kind, f"{remote[0]}:{remote[1]}", "connection refused locally")
+        return proto.flow
+
+    def _udp_for(self, host: str) -> _Udp | None:
+        v6 = ":" in host
+        for udp in self._udp:
+            local = udp.local[0]
+            if (
+                (":" in local) == v6
+                and (udp.transport is not None)
+                and (
+                    local in ("0.0.0.0", "::")
+                    or local.startswith("127.") == host.startswith("127.")
+                    or local == host
+                )
+            ):
+                return udp
+        return None
+
+    async def send_to(
+        self,
+        kind: Kind | str,
+        host: str,
+        port: int,
+        message: Message | bytes,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> Flow:
+        """Send to a peer on a reused or new flow; returns the flow used."""
+        flow = await self.open_flow(
+            kind, host, port, ssl_context=ssl_context, server_hostname=server_hostname
+        )
+        if not self.send(flow, message):
+            raise TransportError(kind, f"{host}:{port}", "send failed: the flow is closed")
+        return flow
+
+    def send(self, flow: Flow, message: Message | bytes) -> bool:
+        """Send on ``flow``; False (and nothing raised) when the flow is gone."""
+        endpoint = self._endpoints.get(flow.conn)
+        if endpoint is None:
+            return False
+        try:
+            data = message if isinstance(message, bytes) else serialize(message)
+        except Exception:
+            log.exception("cannot serialize a message for %s", flow.remote)
+            return False
+        ok = endpoint.write(data, flow.remote)
+        if ok:
+            self.stats["sent"] += 1
+        return ok
+
+    def ping(self, flow: Flow) -> bool:
+        """Send an RFC 5626 CRLFCRLF keep-alive ping on a stream flow."""
+        if not flow.reliable:
+            return False
+        endpoint = self._endpoints.get(flow.conn)
+        return endpoint is not None and endpoint.write(b"\r\n\r\n", flow.remote)
+
+    def close_flow(self, flow: Flow) -> None:
+        if flow.reliable:
+            endpoint = self._endpoints.get(flow.conn)
+            if endpoint is not None:
+                endpoint.close()
+
+    def is_open(self, flow: Flow) -> bool:
+        return flow.conn in self._endpoints
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._streams)
+
+    # -- internals -------------------------------------------------------------
+    def _new_stream(self, kind: Kind, *, outbound: bool) -> _Stream:
+        return _Stream(self, next(self._serials), kind, outbound)
+
+    def _admit(self, stream: _Stream) -> bool:
+        if self._closing:
+            return False
+        if not stream.outbound and len(self._streams) >= self.limits.max_connections:
+            return False
+        self._streams[stream.serial] = stream
+        self._endpoints[stream.serial] = stream
+        self._by_remote[(stream.kind, stream.remote)] = stream.serial
+        return True
+
+    def _stream_gone(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.serial, None) is None:
+            return
+        self._endpoints.pop(stream.serial, None)
+        if self._by_remote.get((stream.kind, stream.remote)) == stream.serial:
+            del self._by_remote[(stream.kind, stream.remote)]
+        if self.on_flow_closed is not None and stream.flow is not None:
+            try:
+                self.on_flow_closed(stream.flow)
+            except Exception:
+                log.exception("on_flow_closed failed for %s", stream.flow)
+
+    def _forget(self, serial: int) -> None:
+        endpoint = self._endpoints.pop(serial, None)
+        if isinstance(endpoint, _Udp) and endpoint in self._udp:
+            self._udp.remove(endpoint)
+
+    def _pong(self, flow: Flow) -> None:
+        if self.on_pong is not None:
+            try:
+                self.on_pong(flow)
+            except Exception:
+                log.exception("on_pong failed for %s", flow)
+
+    def _on_datagram(self, udp: _Udp, data: bytes, remote: Addr) -> None:
+        event = classify_datagram(data)
+        if isinstance(event, KeepAlivePing):
+            udp.write(b"\r\n", remote)
+            return
+        if isinstance(event, KeepAlivePong):
+            self._pong(Flow(Kind.UDP, udp.local, remote, udp.serial))
+            return
+        self._deliver(
+            Kind.UDP, event.data, remote, Flow(Kind.UDP, udp.local, remote, udp.serial), udp
+        )
+
+    def _deliver(
+        self, kind: Kind, data: bytes, remote: Addr, flow: Flow, endpoint: _Endpoint
+    ) -> None:
+        limits = self.limits.message
+        try:
+            message = parse_message(data, limits)
+        except MalformedResponse as exc:
+            self.stats["parse_errors"] += 1
+            log.info("%s: dropped a malformed response from %s: %s", kind, remote, exc)
+            return
+        except SipMessageError as exc:
+            self.stats["parse_errors"] += 1
+            log.info("%s: bad request from %s: %s", kind, remote, exc)
+            answer = best_effort_400(data, exc, limits)
+            if answer is not None:
+                endpoint.write(answer, remote)
+            if isinstance(endpoint, _Stream):
+                # The next message's start is uncertain after a request we
+                # could not read: do not guess, close.
+                endpoint.close()
+            return
+        except Exception:
+            self.stats["parse_errors"] += 1
+            log.exception("%s: parser failed on bytes from %s", kind, remote)
+            if isinstance(endpoint, _Stream):
+                endpoint.close()
+            return
+        self.stats["received"] += 1
+        if isinstance(message, Request):
+            _stamp_via(message, remote)
+        try:
+            self.handler(Received(message, kind, remote, flow))
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("%s: handler failed on a message from %s", kind, remote)
+
+    # -- shutdown --------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop listening and close every flow; waits until sockets are closed."""
+        self._closing = True
+        for _, server in self._servers:
+            server.close()
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.close()
+        for udp in list(self._udp):
+            udp.close()
+        for _, server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        if streams:
+            waiters = [s.closed for s in streams]
+            _done, pending = await asyncio.wait(waiters, timeout=2.0)
+            for s in streams:
+                if not s.closed.done() and s.transport is not None:
+                    s.transport.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        # Let UDP transports run their connection_lost callbacks.
+        await asyncio.sleep(0)
+        self._udp.clear()
+        self._endpoints.clear()
+
+    async def __aenter__(self) -> SipTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class TimerCore(Protocol):
+    """What :class:`TimerDriver` needs from a sans-IO core."""
+
+    def next_deadline(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> object: ...
+
+
+@dataclass
+class TimerDriver:
+    """Calls ``core.handle_timer(loop.time())`` at ``core.next_deadline()``.
+
+    The core's clock is ``loop.time()`` (monotonic seconds). Call
+    :meth:`poke` after anything that may have moved the deadline (a message
+    handled, a request sent); ``on_output`` receives whatever
+    ``handle_timer`` returns (e.g. retransmissions to send).
+    """
+
+    core: TimerCore
+    on_output: Callable[[object], None] | None = None
+    _handle: asyncio.TimerHandle | None = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop, init=False)
+    _stopped: bool = field(default=False, init=False)
+
+    def poke(self) -> None:
+        if self._stopped:
+            return
+        try:
+            deadline = self.core.next_deadline()
+        except Exception:
+            log.exception("next_deadline failed")
+            return
+        handle = self._handle
+        if deadline is None:
+            if handle is not None:
+                handle.cancel()
+                self._handle = None
+            return
+        if handle is not None:
+            if handle.when() <= deadline:
+                return
+            handle.cancel()
+        self._handle = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        try:
+            output = self.core.handle_timer(self._loop.time())
+            if self.on_output is not None:
+                self.on_output(output)
+        except Exception:
+            log.exception("handle_timer failed")
+        self.poke()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
