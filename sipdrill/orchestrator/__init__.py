@@ -1,0 +1,1 @@
+"""Lab runtimes (docker, local), faults with guaranteed undo, drills and reports."""
