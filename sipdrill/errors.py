@@ -15,8 +15,8 @@ class SipdrillError(Exception):
 
 
 @dataclass(frozen=True)
-class TopologyIssue:
-    """One problem found in a topology file.
+class FileIssue:
+    """One problem found in a file the user wrote (a topology, a drill).
 
     ``line`` is 1-based and ``None`` only when the problem is not tied to a
     place in the file (for example a file that cannot be read at all).
@@ -34,15 +34,26 @@ class TopologyIssue:
         return f"{where}: {self.severity}: {self.field}: {self.message} (fix: {self.fix})"
 
 
+TopologyIssue = FileIssue
+
+
 @dataclass
-class TopologyError(SipdrillError):
-    """A topology file that cannot be used; ``issues`` lists every error found."""
+class ConfigFileError(SipdrillError):
+    """A file that cannot be used; ``issues`` lists every problem found."""
 
     file: str
-    issues: list[TopologyIssue] = field(default_factory=list)
+    issues: list[FileIssue] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return "\n".join(str(i) for i in self.issues) or f"{self.file}: invalid topology"
+        return "\n".join(str(i) for i in self.issues) or f"{self.file}: invalid file"
+
+
+class TopologyError(ConfigFileError):
+    """A topology file that cannot be used."""
+
+
+class DrillFileError(ConfigFileError):
+    """A drill (scenario) file that cannot be used."""
 
 
 @dataclass

@@ -18,10 +18,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sipdrill.errors import TopologyError, TopologyIssue
+from sipdrill.yamlfile import Lines, dotted, load_model
 
 # --- Microsoft's defaults and ranges (../shared/REFERENCE.md) -----------------
 
@@ -406,65 +406,6 @@ class LoadedTopology:
     path: str
 
 
-class _Lines:
-    """Maps a path of keys and indexes in the YAML document to a line number."""
-
-    def __init__(self, root: yaml.Node | None) -> None:
-        self.root = root
-
-    def line(self, path: Sequence[str | int]) -> int | None:
-        node = self.root
-        if node is None:
-            return None
-        best = node.start_mark.line + 1
-        for part in path:
-            child: yaml.Node | None = None
-            if isinstance(node, yaml.MappingNode):
-                for key, value in node.value:
-                    if isinstance(key, yaml.ScalarNode) and key.value == part:
-                        child = value
-                        # Point at the key's line: a multi-line value starts below it.
-                        best = key.start_mark.line + 1
-                        break
-            elif (
-                isinstance(node, yaml.SequenceNode)
-                and isinstance(part, int)
-                and 0 <= part < len(node.value)
-            ):
-                child = node.value[part]
-                best = child.start_mark.line + 1
-            if child is None:
-                break
-            node = child
-        return best
-
-
-def _dotted(path: Sequence[str | int]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(document)"
-
-
-def _fix_for(err_type: str, ctx: Mapping[str, Any] | None, field: str) -> str:
-    ctx = ctx or {}
-    fixes = {
-        "missing": f"add `{field.rsplit('.', 1)[-1]}`",
-        "extra_forbidden": "remove this field or correct its spelling",
-        "greater_than_equal": f"use a value of at least {ctx.get('ge')}",
-        "less_than_equal": f"use a value of at most {ctx.get('le')}",
-        "greater_than": f"use a value above {ctx.get('gt')}",
-        "less_than": f"use a value below {ctx.get('lt')}",
-        "enum": f"use one of {ctx.get('expected')}",
-        "literal_error": f"use one of {ctx.get('expected')}",
-        "string_pattern_mismatch": f"match the pattern {ctx.get('pattern')}",
-        "too_short": "add at least one entry",
-    }
-    if err_type.startswith("ip_v4") or "dotted IPv4" in str(ctx.get("error", "")):
-        return "write a dotted IPv4 address or network such as 172.30.1.0/24"
-    return fixes.get(err_type, "correct the value")
-
-
 def load_topology(path: str | Path) -> LoadedTopology:
     """Load, validate and return a topology; raise :class:`TopologyError` listing
     every error (and warning) with file, line, field and fix."""
@@ -484,56 +425,9 @@ def load_topology(path: str | Path) -> LoadedTopology:
 
 
 def parse_topology(text: str, fname: str = "<string>") -> LoadedTopology:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(
-            fname,
-            [
-                TopologyIssue(
-                    fname,
-                    line,
-                    "(yaml)",
-                    f"malformed YAML: {problem}",
-                    "fix the YAML syntax (indentation, colons, quotes) at this line",
-                )
-            ],
-        ) from None
-    lines = _Lines(root)
-    if not isinstance(data, dict):
-        raise TopologyError(
-            fname,
-            [
-                TopologyIssue(
-                    fname,
-                    1,
-                    "(document)",
-                    "the document is not a mapping",
-                    "start the file with `name:`, `domain:`, `sites:` ... keys",
-                )
-            ],
-        )
-    try:
-        topo = Topology.model_validate(data)
-    except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = [p for p in err["loc"] if isinstance(p, (str, int))]
-            field = _dotted(loc)
-            issues.append(
-                TopologyIssue(
-                    fname,
-                    lines.line(loc),
-                    field,
-                    err["msg"],
-                    _fix_for(err["type"], err.get("ctx"), field),
-                )
-            )
-        raise TopologyError(fname, issues) from None
+    topo, lines = load_model(
+        text, fname, Topology, TopologyError, "start the file with `name:`, `domain:`, `sites:` ..."
+    )
     found = _semantic_issues(topo, fname, lines)
     errors = [i for i in found if i.severity == "error"]
     if errors:
@@ -541,11 +435,11 @@ def parse_topology(text: str, fname: str = "<string>") -> LoadedTopology:
     return LoadedTopology(topo, [i for i in found if i.severity == "warning"], fname)
 
 
-def _semantic_issues(t: Topology, fname: str, lines: _Lines) -> list[TopologyIssue]:
+def _semantic_issues(t: Topology, fname: str, lines: Lines) -> list[TopologyIssue]:
     issues: list[TopologyIssue] = []
 
     def err(path: Sequence[str | int], message: str, fix: str, severity: str = "error") -> None:
-        issues.append(TopologyIssue(fname, lines.line(path), _dotted(path), message, fix, severity))
+        issues.append(TopologyIssue(fname, lines.line(path), dotted(path), message, fix, severity))
 
     d = t.domain
     if not _FQDN_RE.match(d):
