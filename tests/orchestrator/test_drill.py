@@ -1,0 +1,247 @@
+"""Drill files: loading with located errors, and the engine against a fake lab
+with a fake clock (no sleeping)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sipdrill.errors import DrillFileError, FaultError, FileIssue
+from sipdrill.orchestrator.drill import AdminStep, FaultStep, WriteStep, load_drill
+from sipdrill.orchestrator.engine import ClientCount, DrillEngine, DrillInterrupted
+
+ROOT = Path(__file__).resolve().parents[2]
+P1, P2 = "pool1.lab.local", "pool2.lab.local"
+
+
+def write_drill(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "d.yaml"
+    path.write_text(f"topology: {ROOT / 'topologies/paired-pools.yaml'}\n" + body)
+    return path
+
+
+def issues(path: Path) -> list[FileIssue]:
+    with pytest.raises(DrillFileError) as exc_info:
+        load_drill(path)
+    assert all(i.file == str(path) and i.fix for i in exc_info.value.issues)
+    return exc_info.value.issues
+
+
+def test_shipped_scenarios_load() -> None:
+    for path in sorted((ROOT / "scenarios").glob("*.yaml")):
+        loaded = load_drill(path)
+        assert loaded.drill.steps, path
+
+
+def test_timer_overrides_reach_the_topology() -> None:
+    loaded = load_drill(ROOT / "scenarios/site-loss.yaml")
+    assert loaded.topology.timers.failover_detection_interval == 30
+    assert loaded.topology.timers.sync_interval == 10
+    assert "failover_detection_interval: 30" in loaded.topology_yaml
+
+
+def test_step_with_two_actions(tmp_path: Path) -> None:
+    p = write_drill(tmp_path, "name: d\nsteps:\n  - wait: {mode: full}\n    sleep: 3\n")
+    (i,) = issues(p)
+    assert i.field == "steps[0]" and i.line == 4 and "exactly one" in i.message
+
+
+def test_unknown_fault_target_and_heal(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: pool9, id: x}\n  - heal: y\n",
+    )
+    got = {i.field: i for i in issues(p)}
+    assert got["steps[0].fault.target"].line == 4
+    assert "pool1" in got["steps[0].fault.target"].fix
+    assert got["steps[1].heal"].line == 5 and "x" in got["steps[1].heal"].fix
+
+
+def test_timer_override_out_of_range(tmp_path: Path) -> None:
+    p = write_drill(tmp_path, "name: d\ntimers:\n  sync_interval: 1\nsteps:\n  - sleep: 1\n")
+    (i,) = issues(p)
+    assert i.field == "timers" and i.line == 3 and "sync_interval" in i.message
+
+
+def test_expectation_on_unmeasured_metric(tmp_path: Path) -> None:
+    p = write_drill(tmp_path, "name: d\nsteps:\n  - sleep: 1\nexpect:\n  nope: {max: 3}\n")
+    (i,) = issues(p)
+    assert i.field == "expect.nope" and i.line == 6
+
+
+def test_unknown_step_kind_is_named(tmp_path: Path) -> None:
+    p = write_drill(tmp_path, "name: d\nsteps:\n  - explode: now\n")
+    fields = {i.field for i in issues(p)}
+    assert "steps[0].explode" in fields
+
+
+# --- the engine ----------------------------------------------------------------
+
+
+class FakeLab:
+    """A lab whose clients react to faults and admin operations after delays,
+    on a fake clock: pool1's users reach resiliency mode 40 s after site1 is
+    cut, full service 20 s after pool failover, and home 10 s after failback."""
+
+    def __init__(self, n: int = 10) -> None:
+        self.now = 1000.0
+        self.n = n
+        self.events: list[tuple[float, str]] = []
+        self.faults: dict[str, FaultStep] = {}
+        self.healed_all = 0
+        self.cut_at: float | None = None
+        self.failover_at: float | None = None
+        self.failback_at: float | None = None
+        self.fail_admin: str | None = None
+        self.interrupt_at: float | None = None
+
+    def clock(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.interrupt_at is not None and self.now >= self.interrupt_at:
+            self.interrupt_at = None
+            raise DrillInterrupted(signal.SIGTERM)
+
+    def client_counts(self) -> list[ClientCount]:
+        t = self.now
+        mode, pool = "full", P1
+        if self.failback_at is not None and t >= self.failback_at + 10:
+            mode, pool = "full", P1
+        elif self.failover_at is not None and t >= self.failover_at + 20:
+            mode, pool = "full", P2
+        elif self.cut_at is not None and t >= self.cut_at + 40:
+            mode, pool = "resiliency", P2
+        elif self.cut_at is not None:
+            mode, pool = "signed-out", None
+        return [ClientCount(P1, mode, pool, self.n), ClientCount(P2, "full", P2, self.n)]
+
+    def inject(self, fault: FaultStep) -> str:
+        if fault.target == "dns" and fault.kind == "degrade":
+            raise FaultError("degrade", "local", "not supported")
+        handle = f"h{len(self.faults)}"
+        self.faults[handle] = fault
+        if fault.target == "site1":
+            self.cut_at = self.now
+        self.events.append((self.now, f"inject {fault.kind} {fault.target}"))
+        return handle
+
+    def undo(self, handle: str) -> None:
+        self.events.append((self.now, f"undo {self.faults.pop(handle).target}"))
+
+    def heal_all(self) -> None:
+        self.healed_all += 1
+        self.faults.clear()
+
+    def admin(self, op: AdminStep) -> dict[str, Any]:
+        if op.op == self.fail_admin:
+            from sipdrill.errors import OperationError
+
+            raise OperationError("failover-order", "refused")
+        self.now += 50  # seed 003: the failover cmdlet took about 50 s
+        if op.op == "pool-failover":
+            self.failover_at = self.now
+        if op.op == "pool-failback":
+            self.failback_at = self.now
+        return {"op": op.op}
+
+    def write(self, op: WriteStep) -> dict[str, Any]:
+        return {"acknowledged": self.n * op.contacts}
+
+    def data_report(self) -> dict[str, Any]:
+        return {"lost_after_last_sync": 0}
+
+
+def test_site_loss_drill_passes_and_measures() -> None:
+    lab = FakeLab()
+    report = DrillEngine(load_drill(ROOT / "scenarios/site-loss.yaml"), lab).run()
+    assert report.status == "passed", report.error
+    assert 40 <= report.metrics["time_to_resiliency"] <= 40 + 1
+    assert report.metrics["pool_failover"] == 50
+    assert 20 <= report.metrics["time_to_full_service"] <= 21
+    assert report.healed and not lab.faults and lab.healed_all == 1
+    assert all(e["ok"] for e in report.expectations)
+    (fault,) = report.faults
+    assert fault["id"] == "site1-loss" and fault["healed_at"] > fault["injected_at"]
+    md = report.to_markdown()
+    assert "| time_to_resiliency |" in md and "status: **passed**" in md
+    assert report.data == {"lost_after_last_sync": 0}
+
+
+def test_wait_timeout_fails_and_heals(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1}\n"
+        "  - wait: {mode: full, users: 'pool1.lab.local:*', pool: pool2.lab.local}\n"
+        "    timeout: 30\n  - sleep: 5\n",
+    )
+    lab = FakeLab()
+    report = DrillEngine(load_drill(p), lab).run()
+    assert report.status == "failed"
+    assert "timed out after 30 s" in (report.error or "")
+    assert [s.status for s in report.steps] == ["passed", "failed", "skipped"]
+    assert report.steps[1].detail["selected"] == 10
+    assert not lab.faults and report.healed
+    assert lab.events[-1][1] == "undo site1"
+
+
+def test_refused_admin_operation_fails_the_drill(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1}\n"
+        "  - admin: {op: pool-failover, pool: pool2.lab.local}\n",
+    )
+    lab = FakeLab()
+    lab.fail_admin = "pool-failover"
+    report = DrillEngine(load_drill(p), lab).run()
+    assert report.status == "failed" and "failover-order" in (report.error or "")
+    assert not lab.faults
+
+
+def test_refused_fault_fails_cleanly(tmp_path: Path) -> None:
+    p = write_drill(tmp_path, "name: d\nsteps:\n  - fault: {kind: degrade, target: dns}\n")
+    report = DrillEngine(load_drill(p), FakeLab()).run()
+    assert report.status == "failed" and "not supported" in (report.error or "")
+
+
+def test_interrupt_heals_then_reraises(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1, id: a}\n"
+        "  - fault: {kind: crash, target: dns, id: b}\n  - sleep: 100\n  - heal: a\n",
+    )
+    lab = FakeLab()
+    lab.interrupt_at = lab.now + 10
+    engine = DrillEngine(load_drill(p), lab)
+    with pytest.raises(DrillInterrupted):
+        engine.run()
+    assert not lab.faults and lab.healed_all == 1
+    undone = sorted(e for _, e in lab.events if e.startswith("undo"))
+    assert undone == ["undo dns", "undo site1"]
+
+
+def test_unmet_expectation_fails(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1}\n"
+        "  - wait: {mode: resiliency, users: 'pool1.lab.local:*'}\n    measure: t\n"
+        "expect:\n  t: {max: 30}\n",
+    )
+    report = DrillEngine(load_drill(p), FakeLab()).run()
+    assert report.status == "failed"
+    (e,) = report.expectations
+    assert e["ok"] is False and e["value"] >= 40
+
+
+def test_report_files(tmp_path: Path) -> None:
+    report = DrillEngine(load_drill(ROOT / "scenarios/site-loss.yaml"), FakeLab()).run()
+    j, m = report.write(tmp_path / "out")
+    assert '"status": "passed"' in j.read_text()
+    assert m.read_text().startswith("# Drill report: site-loss")
