@@ -7,7 +7,9 @@ never means editing another part's code.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import Any
 
 import typer
 
@@ -28,42 +30,33 @@ serve_app = typer.Typer(
 app.add_typer(topology_app, name="topology")
 
 
-def _exists(module: str) -> bool:
+def _part(module: str) -> Any | None:
     # find_spec, not try/except ImportError: a part that exists but fails to
     # import must fail loudly, not vanish from the CLI.
     try:
-        return importlib.util.find_spec(module) is not None
+        found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
-        return False
+        found = False
+    return importlib.import_module(module) if found else None
 
 
 def _mount_optional() -> None:
     """Mount the parts that exist in this build of the package."""
-    if _exists("sipdrill.sip.cli"):  # `sipdrill sip registrar ...`
-        from sipdrill.sip.cli import app as sip_app
-
-        app.add_typer(sip_app, name="sip")
-    if _exists("sipdrill.dns.cli"):  # `sipdrill serve dns ...`
-        from sipdrill.dns.cli import serve_dns
-
-        serve_app.command("dns")(serve_dns)
-    if _exists("sipdrill.services.cli"):  # `sipdrill serve pool|backup`, `sipdrill admin ...`
-        from sipdrill.services import cli as services_cli
-
-        serve_app.command("pool")(services_cli.serve_pool)
-        if hasattr(services_cli, "serve_backup"):
-            serve_app.command("backup")(services_cli.serve_backup)
-        app.add_typer(services_cli.admin_app, name="admin")
-    if _exists("sipdrill.clients.cli"):  # `sipdrill serve clients ...`
-        from sipdrill.clients.cli import serve_clients
-
-        serve_app.command("clients")(serve_clients)
-    if _exists("sipdrill.orchestrator.cli"):  # `sipdrill lab ...`, `sipdrill drill ...`
-        from sipdrill.orchestrator import cli as orchestrator_cli
-
-        app.add_typer(orchestrator_cli.lab_app, name="lab")
-        if hasattr(orchestrator_cli, "drill_app"):
-            app.add_typer(orchestrator_cli.drill_app, name="drill")
+    if sip := _part("sipdrill.sip.cli"):  # `sipdrill sip registrar ...`
+        app.add_typer(sip.app, name="sip")
+    if dns := _part("sipdrill.dns.cli"):  # `sipdrill serve dns ...`
+        serve_app.command("dns")(dns.serve_dns)
+    if services := _part("sipdrill.services.cli"):  # `serve pool|backup`, `admin ...`
+        serve_app.command("pool")(services.serve_pool)
+        if hasattr(services, "serve_backup"):
+            serve_app.command("backup")(services.serve_backup)
+        app.add_typer(services.admin_app, name="admin")
+    if clients := _part("sipdrill.clients.cli"):  # `sipdrill serve clients ...`
+        serve_app.command("clients")(clients.serve_clients)
+    if orchestrator := _part("sipdrill.orchestrator.cli"):  # `sipdrill lab|drill ...`
+        app.add_typer(orchestrator.lab_app, name="lab")
+        if hasattr(orchestrator, "drill_app"):
+            app.add_typer(orchestrator.drill_app, name="drill")
     if serve_app.registered_commands:
         app.add_typer(serve_app, name="serve")
 
