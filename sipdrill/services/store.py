@@ -302,6 +302,13 @@ class UserStore:
                     "wrong-pool",
                     f"{self.path} is the store of pool {row[0]}, not {self.pool_fqdn}",
                 )
+            schema = c.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+            if schema != str(SCHEMA_VERSION):
+                # CREATE IF NOT EXISTS would silently keep an older layout.
+                raise OperationError(
+                    "store-schema",
+                    f"{self.path} has store schema {schema}; this sipdrill reads {SCHEMA_VERSION}",
+                )
             self._read_only = (
                 c.execute("SELECT value FROM meta WHERE key = 'read_only'").fetchone()[0] == "1"
             )

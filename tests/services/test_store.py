@@ -158,6 +158,14 @@ def test_store_refuses_another_pools_file(tmp_path: Path) -> None:
     assert e.value.code == "wrong-pool"
 
 
+def test_store_refuses_another_schema(tmp_path: Path) -> None:
+    with UserStore(tmp_path / "p.db", P1) as store:
+        store._conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(OperationError) as e:
+        UserStore(tmp_path / "p.db", P1)
+    assert e.value.code == "store-schema"
+
+
 async def test_async_callers_use_to_thread(open_store: StoreFactory) -> None:
     store = open_store()
     await asyncio.to_thread(store.upsert_user, ALICE, home_pool=P1)
