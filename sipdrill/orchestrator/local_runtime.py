@@ -1,0 +1,393 @@
+"""The local runtime: every role of the lab as a subprocess on its own
+127.77.k.x address, for machines without Docker and for fast tests.
+
+State lives in ``<state_dir>/lab.json`` (pids, specs, active faults) and is
+written before any change takes effect, so ``lab down`` after a crash of the
+orchestrator still finds and heals everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sipdrill.errors import FaultError, OperationError
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
+
+#: Faults this runtime can inject, and how. Anything else is refused.
+LOCAL_FAULTS = {
+    "cut": "SIGSTOP the process: its sockets stay open but nothing answers (a silent drop)",
+    "crash": "SIGKILL the process; undo starts it again",
+    "restart": "SIGTERM then start again (no undo needed)",
+    "dns-outage": "the DNS server drops queries (or answers SERVFAIL) through its control API",
+}
+
+Progress = Callable[[str], None]
+
+#: Children started by this process, shared by every LocalRuntime object: a
+#: runtime object made after another one failed must still reap its children.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class ProcessRecord:
+    spec: dict[str, Any]
+    pid: int | None = None
+    log: str = ""
+    stopped: bool = False
+
+
+@dataclass
+class LabState:
+    lab: str
+    runtime: str
+    token: str
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> LabState | None:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        procs = {k: ProcessRecord(**v) for k, v in raw.pop("processes", {}).items()}
+        return cls(processes=procs, **raw)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+
+def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
+    return ServiceSpec(
+        name=d["name"],
+        role=Role(d["role"]),
+        network=d["network"],
+        address=d["address"],
+        args=tuple(d["args"]),
+        depends_on=tuple(d["depends_on"]),
+        control_port=d["control_port"],
+        pool=d["pool"],
+        env=tuple((str(k), str(v)) for k, v in d["env"]),
+    )
+
+
+def _alive(pid: int | None) -> bool:
+    """True if ``pid`` is a live sipdrill process (pids get reused)."""
+    if pid is None:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return b"sipdrill" in cmdline and state != "Z"
+
+
+class LocalRuntime:
+    kind = RuntimeKind.LOCAL
+
+    def __init__(self, lab: str, state_dir: Path, progress: Progress = _quiet) -> None:
+        self.lab = lab
+        self.state_dir = state_dir
+        self.state_path = state_dir / "lab.json"
+        self.progress = progress
+
+    # --- state ------------------------------------------------------------
+
+    def _state(self) -> LabState:
+        state = LabState.load(self.state_path)
+        if state is None:
+            raise OperationError(
+                "lab-not-up", f"no local lab {self.lab!r} in {self.state_dir}", 404
+            )
+        return state
+
+    @property
+    def token(self) -> str:
+        return self._state().token
+
+    # --- lifecycle --------------------------------------------------------
+
+    def up(self, specs: list[ServiceSpec], timeout: float = 60.0) -> None:
+        """Start every process in dependency order and wait until each is healthy."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        existing = LabState.load(self.state_path)
+        if existing and any(_alive(p.pid) for p in existing.processes.values()):
+            raise OperationError(
+                "lab-already-up",
+                f"lab {self.lab!r} is already running from {self.state_dir}: "
+                "run `sipdrill lab down` first",
+            )
+        state = LabState(lab=self.lab, runtime=self.kind.value, token=secrets.token_urlsafe(24))
+        state.save(self.state_path)
+        try:
+            for spec in _ordered(specs):
+                self._start(state, spec)
+                self._wait_healthy(spec, state.token, timeout)
+        except BaseException:
+            self.progress("start failed: stopping what was started")
+            self.down()
+            raise
+
+    def _start(self, state: LabState, spec: ServiceSpec) -> None:
+        log = self.state_dir / "logs" / f"{spec.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "SIPDRILL_CONTROL_TOKEN": state.token,
+            "SIPDRILL_DNS_TOKEN": state.token,
+            **dict(spec.env),
+        }
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sipdrill", *spec.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # Its own session: a Ctrl-C aimed at the orchestrator must not
+                # reach the lab before the orchestrator has healed its faults.
+                start_new_session=True,
+            )
+        _CHILDREN[proc.pid] = proc
+        state.processes[spec.name] = ProcessRecord(spec=asdict(spec), pid=proc.pid, log=str(log))
+        state.save(self.state_path)
+        self.progress(f"started {spec.name} ({spec.role.value}) on {spec.address} pid {proc.pid}")
+
+    def _wait_healthy(self, spec: ServiceSpec, token: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"{spec.control_url}/health"
+        last = "no answer yet"
+        with httpx.Client(timeout=2.0, headers={"Authorization": f"Bearer {token}"}) as http:
+            while time.monotonic() < deadline:
+                record = self._state().processes[spec.name]
+                if not _alive(record.pid):
+                    raise OperationError(
+                        "start-failed",
+                        f"{spec.name} exited during start-up; see {record.log}:\n"
+                        + _tail(Path(record.log)),
+                        500,
+                    )
+                try:
+                    r = http.get(url)
+                    if r.status_code == 200:
+                        self.progress(f"{spec.name} healthy")
+                        return
+                    last = f"HTTP {r.status_code}"
+                except httpx.HTTPError as exc:
+                    last = type(exc).__name__
+                time.sleep(0.1)
+        raise OperationError(
+            "start-timeout",
+            f"{spec.name} not healthy at {url} after {timeout:g} s ({last}); "
+            f"see {self._state().processes[spec.name].log}",
+            504,
+        )
+
+    def down(self) -> list[str]:
+        """Heal every fault, stop every process, and forget the lab. Returns
+        what was stopped. Safe to call twice and after a crash."""
+        state = LabState.load(self.state_path)
+        if state is None:
+            return []
+        self.heal_all()
+        state = self._state()
+        stopped = []
+        for name, record in state.processes.items():
+            if record.pid is not None and _alive(record.pid):
+                _terminate(record.pid)
+                stopped.append(name)
+        self.state_path.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[dict[str, Any]]:
+        state = LabState.load(self.state_path)
+        if state is None:
+            return []
+        rows = []
+        with httpx.Client(timeout=1.0, headers={"Authorization": f"Bearer {state.token}"}) as http:
+            for name, record in state.processes.items():
+                spec = spec_from_dict(record.spec)
+                health = "down"
+                if record.stopped:
+                    health = "cut (SIGSTOP)"
+                elif _alive(record.pid):
+                    try:
+                        r = http.get(f"{spec.control_url}/health")
+                        health = "healthy" if r.status_code == 200 else f"HTTP {r.status_code}"
+                    except httpx.HTTPError:
+                        health = "not answering"
+                rows.append(
+                    {
+                        "name": name,
+                        "role": spec.role.value,
+                        "address": spec.address,
+                        "pid": record.pid,
+                        "health": health,
+                    }
+                )
+        return rows
+
+    # --- faults -----------------------------------------------------------
+
+    def inject(self, kind: str, target: str, **params: Any) -> dict[str, Any]:
+        """Inject a fault; it is journalled before it takes effect."""
+        if kind not in LOCAL_FAULTS:
+            raise FaultError(
+                kind,
+                "local",
+                f"not supported; the local runtime can do: "
+                f"{', '.join(LOCAL_FAULTS)} (use --runtime docker for network faults)",
+            )
+        state = self._state()
+        if target not in state.processes:
+            raise FaultError(
+                kind, "local", f"unknown target {target!r}; targets: {', '.join(state.processes)}"
+            )
+        record = state.processes[target]
+        fault = {"id": secrets.token_hex(4), "kind": kind, "target": target, "params": params}
+        if kind == "restart":
+            self._restart(state, target)
+            return fault
+        state.faults.append(fault)
+        state.save(self.state_path)
+        if kind == "cut":
+            _signal(record.pid, signal.SIGSTOP)
+            record.stopped = True
+        elif kind == "crash":
+            _signal(record.pid, signal.SIGKILL)
+            if record.pid is not None:
+                _reap(record.pid)
+        elif kind == "dns-outage":
+            spec = spec_from_dict(record.spec)
+            if spec.role is not Role.DNS:
+                raise FaultError(kind, "local", f"{target} is not the DNS server")
+            mode = params.get("mode") or "drop"
+            if mode not in ("drop", "servfail"):
+                raise FaultError(kind, "local", f"mode must be drop or servfail, not {mode!r}")
+            self._dns_fault(spec, state.token, mode)
+        state.save(self.state_path)
+        self.progress(f"fault {kind} on {target} injected ({fault['id']})")
+        return fault
+
+    def undo(self, fault_id: str) -> None:
+        if "," in fault_id:  # a site fault: undo each member's
+            for part in fault_id.split(","):
+                self.undo(part)
+            return
+        state = self._state()
+        fault = next((f for f in state.faults if f["id"] == fault_id), None)
+        if fault is None:
+            return  # already healed: undo is idempotent
+        record = state.processes[fault["target"]]
+        if fault["kind"] == "cut":
+            if _alive(record.pid):
+                _signal(record.pid, signal.SIGCONT)
+            record.stopped = False
+        elif fault["kind"] == "crash":
+            if not _alive(record.pid):
+                self._start(state, spec_from_dict(record.spec))
+        elif fault["kind"] == "dns-outage" and _alive(record.pid):
+            self._dns_fault(spec_from_dict(record.spec), state.token, None)
+        state.faults = [f for f in state.faults if f["id"] != fault_id]
+        state.save(self.state_path)
+        self.progress(f"fault {fault['kind']} on {fault['target']} healed ({fault_id})")
+
+    def heal_all(self) -> None:
+        state = LabState.load(self.state_path)
+        if state is None:
+            return
+        for fault in list(reversed(state.faults)):
+            with contextlib.suppress(Exception):
+                self.undo(fault["id"])
+        # Belt and braces: nothing may stay stopped, whatever the journal says.
+        state = self._state()
+        for record in state.processes.values():
+            if _alive(record.pid):
+                _signal(record.pid, signal.SIGCONT)
+            record.stopped = False
+        state.save(self.state_path)
+
+    def _restart(self, state: LabState, target: str) -> None:
+        record = state.processes[target]
+        if _alive(record.pid):
+            assert record.pid is not None
+            _terminate(record.pid)
+        spec = spec_from_dict(record.spec)
+        self._start(state, spec)
+        self._wait_healthy(spec, state.token, 60.0)
+
+    def _dns_fault(self, spec: ServiceSpec, token: str, mode: str | None) -> None:
+        with httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {token}"}) as http:
+            if mode is None:
+                r = http.delete(f"{spec.control_url}/faults")
+            else:
+                r = http.put(f"{spec.control_url}/faults", json={mode: True})
+            if r.status_code >= 300:
+                raise FaultError("dns-outage", "local", f"the DNS control API said {r.status_code}")
+
+
+def _ordered(specs: list[ServiceSpec]) -> Iterator[ServiceSpec]:
+    done: set[str] = set()
+    pending = list(specs)
+    while pending:
+        ready = [s for s in pending if set(s.depends_on) <= done]
+        if not ready:
+            raise OperationError(
+                "plan-cycle", f"dependency cycle among {[s.name for s in pending]}"
+            )
+        for s in ready:
+            pending.remove(s)
+            done.add(s.name)
+            yield s
+
+
+def _signal(pid: int | None, sig: signal.Signals) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _terminate(pid: int, grace: float = 5.0) -> None:
+    _signal(pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    if _alive(pid):
+        _signal(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
