@@ -47,10 +47,11 @@ def _mount_optional() -> None:
     if dns := _part("sipdrill.dns.cli"):  # `sipdrill serve dns ...`
         serve_app.command("dns")(dns.serve_dns)
     if services := _part("sipdrill.services.cli"):  # `serve pool|backup`, `admin ...`
-        serve_app.command("pool")(services.serve_pool)
-        if hasattr(services, "serve_backup"):
-            serve_app.command("backup")(services.serve_backup)
-        app.add_typer(services.admin_app, name="admin")
+        for role in ("pool", "backup"):
+            if hasattr(services, f"serve_{role}"):
+                serve_app.command(role)(getattr(services, f"serve_{role}"))
+        if services.admin_app.registered_groups or services.admin_app.registered_commands:
+            app.add_typer(services.admin_app, name="admin")
     if clients := _part("sipdrill.clients.cli"):  # `sipdrill serve clients ...`
         serve_app.command("clients")(clients.serve_clients)
     if orchestrator := _part("sipdrill.orchestrator.cli"):  # `sipdrill lab|drill ...`
