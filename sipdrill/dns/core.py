@@ -52,6 +52,7 @@ import dns.rrset
 import dns.tsig
 import dns.update
 
+from sipdrill.dns.errors import ConfigError
 from sipdrill.dns.metrics import QTYPE_LABELS, DnsMetrics
 from sipdrill.dns.tsig import Keyring
 from sipdrill.dns.update import process_update
@@ -133,8 +134,12 @@ class DnsCore:
         pairs = client_views.items() if isinstance(client_views, Mapping) else client_views
         self.client_views: list[tuple[Network, str]] = []
         for net, view in pairs:
-            network = ipaddress.ip_network(net, strict=False) if isinstance(net, str) else net
-            zone.views_for([view])
+            try:
+                network = ipaddress.ip_network(net, strict=False) if isinstance(net, str) else net
+            except ValueError:
+                raise ConfigError(f"client view {net}={view}: {net} is not a network") from None
+            if view not in zone.view_names:
+                raise ConfigError(f"client view {net}={view}: views are {zone.view_names}")
             self.client_views.append((network, view))
         self.answer_cache_size = answer_cache_size
         self.metrics = metrics if metrics is not None else DnsMetrics()

@@ -45,7 +45,10 @@ class DnsMetrics:
             ["fault"], registry=r,
         )
         self._query_children: dict[tuple[str, str, str], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
+        # The latency series exist from the start (a dashboard shows 0, not "no data").
+        self._latency_children: dict[str, Histogram] = {
+            t: self.latency.labels(t) for t in ("udp", "tcp")
+        }
 
     def query(self, qtype: str, rcode: str, transport: str) -> None:
         key = (qtype, rcode, transport)
