@@ -1,0 +1,300 @@
+"""`sipdrill sip ...`: run SIP services standalone.
+
+    sipdrill sip registrar --domain lab.local \\
+        --listen udp:127.0.0.1:5070 --listen tcp:127.0.0.1:5070 --listen tls:127.0.0.1:5071 \\
+        [--tls-dir DIR] [--auth user:password ...] [--workers N]
+
+Prints where it listens, runs until SIGINT or SIGTERM, then closes every
+socket and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import ipaddress
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from sipdrill.sip.server import ListenSpec, RegistrarConfig, SipService, build_registrar_service
+from sipdrill.sip.tls import ServiceCert, TlsSetupError, ensure_server_cert, server_context
+from sipdrill.sip.transport import TransportError
+
+app = typer.Typer(help="SIP services of the lab, standalone.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"sipdrill sip: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _tls_cert(config: RegistrarConfig, tls_dir: Path) -> ServiceCert:
+    """The registrar's certificate: the domain, extra names, and the TLS listeners' names/IPs."""
+    names = [config.domain, *config.tls_names]
+    ips: list[str] = []
+    for spec in config.listens:
+        if spec.kind.value != "tls":
+            continue
+        try:
+            ip = ipaddress.ip_address(spec.host)
+        except ValueError:
+            names.append(spec.host)
+            continue
+        if ip.is_unspecified:
+            ips.append("::1" if ip.version == 6 else "127.0.0.1")
+        else:
+            ips.append(str(ip))
+    return ensure_server_cert(tls_dir, "registrar", dns_names=names, ip_addresses=ips)
+
+
+@dataclass
+class _Plan:
+    config: RegistrarConfig
+    cert: ServiceCert | None
+    reuse_port: bool
+    loop_kind: str
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop  # optional: `pip install uvloop`
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+async def _serve(plan: _Plan, ready: multiprocessing.connection.Connection | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    service: SipService = build_registrar_service(plan.config)
+    ctx = server_context(plan.cert) if plan.cert is not None else None
+    try:
+        bound = await service.start(
+            plan.config.listens, ssl_context=ctx, reuse_port=plan.reuse_port
+        )
+    except TransportError as exc:
+        if ready is not None:
+            ready.send(("error", str(exc)))
+        else:
+            typer.echo(f"sipdrill sip registrar: {exc}", err=True)
+        return 1
+    _tune_gc()
+    where = " ".join(f"{kind}:{_fmt(addr)}" for kind, addr in bound)
+    if ready is not None:
+        ready.send(("ok", where))
+    else:
+        typer.echo(f"sipdrill registrar for {plan.config.domain} listening on {where}")
+        if plan.cert is not None:
+            typer.echo(
+                f"TLS CA: {plan.cert.ca_path} (certificate names: "
+                f"{', '.join(plan.cert.dns_names + plan.cert.ip_addresses)})"
+            )
+        typer.echo("Ctrl-C or SIGTERM stops it.")
+    try:
+        await stop.wait()
+    finally:
+        await service.close()
+    return 0
+
+
+def _tune_gc() -> None:
+    """Fewer, not longer, collector pauses for a server holding many live transactions.
+
+    A UDP server transaction lives 32 s (Timer J) after its answer, so at a
+    few thousand REGISTER/s tens of thousands of messages are alive; with the
+    default thresholds (700, 10, 10) full collections walking all of them ran
+    every few thousand requests and stalled the loop for hundreds of ms, long
+    enough for clients to retransmit (measured with bench/register_throughput).
+    Start-up objects are frozen out of collection altogether.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _run_one(plan: _Plan, ready: multiprocessing.connection.Connection | None) -> int:
+    loop = _new_loop(plan.loop_kind)
+    try:
+        return loop.run_until_complete(_serve(plan, ready))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def _worker(plan: _Plan, ready: multiprocessing.connection.Connection) -> None:
+    # The parent forwards SIGINT/SIGTERM; a terminal's Ctrl-C also reaches the
+    # whole process group, which the serve loop handles the same way.
+    rc = 1
+    try:
+        rc = _run_one(plan, ready)
+    except Exception as exc:  # reported to the parent, which exits non-zero
+        with contextlib.suppress(Exception):
+            ready.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        ready.close()
+    sys.exit(rc)
+
+
+def _run_workers(plan: _Plan, workers: int) -> int:
+    ctx = multiprocessing.get_context("fork")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    pipes: list[multiprocessing.connection.Connection] = []
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for _ in range(workers):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            worker = ctx.Process(target=_worker, args=(plan, child_end), daemon=False)
+            worker.start()
+            child_end.close()
+            procs.append(worker)
+            pipes.append(parent_end)
+        reports: list[tuple[str, str]] = []
+        for pipe in pipes:
+            if pipe.poll(30):
+                try:
+                    reports.append(pipe.recv())
+                except EOFError:
+                    reports.append(("error", "worker exited during start-up"))
+            else:
+                reports.append(("error", "worker did not start within 30 s"))
+        errors = [msg for status, msg in reports if status != "ok"]
+        if errors:
+            typer.echo(f"sipdrill sip registrar: {errors[0]}", err=True)
+            stopping = True
+        else:
+            typer.echo(
+                f"sipdrill registrar for {plan.config.domain} listening on {reports[0][1]} "
+                f"({workers} workers, SO_REUSEPORT; bindings are per worker)"
+            )
+            if plan.cert is not None:
+                typer.echo(f"TLS CA: {plan.cert.ca_path}")
+            typer.echo("Ctrl-C or SIGTERM stops it.")
+        while not stopping and all(p.is_alive() for p in procs):
+            time.sleep(0.2)
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        codes = []
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            codes.append(proc.exitcode)
+        for pipe in pipes:
+            pipe.close()
+        return 0 if not errors and all(c == 0 for c in codes) else 1
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@app.command()
+def registrar(
+    domain: str = typer.Option(..., "--domain", help="The SIP domain served (To/From host)."),
+    listen: list[str] = typer.Option(
+        ["udp:127.0.0.1:5060"],
+        "--listen",
+        help="KIND:HOST:PORT, KIND udp|tcp|tls; repeat for several listeners.",
+    ),
+    tls_dir: Path | None = typer.Option(
+        None, "--tls-dir", help="Lab CA directory (created if needed); default: a new temp dir."
+    ),
+    tls_name: list[str] = typer.Option(
+        [], "--tls-name", help="Extra DNS name for the server certificate (pool/front-end FQDN)."
+    ),
+    auth: list[str] = typer.Option(
+        [], "--auth", help="USER:PASSWORD; with any, every REGISTER needs digest auth."
+    ),
+    digest_algorithm: list[str] = typer.Option(
+        ["MD5", "SHA-256"],
+        "--digest-algorithm",
+        help="Digest algorithms offered, preferred first (MD5, SHA-256).",
+    ),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64, help="Processes sharing the ports with SO_REUSEPORT."
+    ),
+    expires_default: int = typer.Option(600, "--expires-default"),
+    expires_min: int = typer.Option(300, "--expires-min"),
+    expires_max: int = typer.Option(900, "--expires-max"),
+    event_loop: str = typer.Option(
+        "asyncio", "--loop", help="asyncio, or uvloop if installed (optional)."
+    ),
+    log_level: str = typer.Option("warning", "--log-level"),
+) -> None:
+    """Run the generic RFC 3261 registrar on UDP/TCP/TLS until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        listens = [ListenSpec.parse(text) for text in listen]
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    users: dict[str, str] = {}
+    for entry in auth:
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise _fail(f"--auth {entry!r}: expected USER:PASSWORD")
+        users[user] = password
+    if not expires_min <= expires_default <= expires_max:
+        raise _fail("expected --expires-min <= --expires-default <= --expires-max")
+    if any(a.upper() not in ("MD5", "SHA-256") for a in digest_algorithm):
+        raise _fail("--digest-algorithm must be MD5 or SHA-256")
+    if workers > 1 and any(spec.port == 0 for spec in listens):
+        raise _fail("--workers > 1 needs fixed ports (SO_REUSEPORT shares one port)")
+    if event_loop not in ("asyncio", "uvloop"):
+        raise _fail("--loop must be asyncio or uvloop")
+    if event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise _fail("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+    config = RegistrarConfig(
+        domain=domain,
+        listens=listens,
+        tls_names=tuple(tls_name),
+        users=users or None,
+        expires_default=expires_default,
+        expires_min=expires_min,
+        expires_max=expires_max,
+        digest_algorithms=tuple(a.upper() for a in digest_algorithm),
+    )
+    cert = None
+    if any(spec.kind.value == "tls" for spec in listens):
+        directory = tls_dir or Path(tempfile.mkdtemp(prefix="sipdrill-tls-"))
+        try:
+            cert = _tls_cert(config, directory)
+        except TlsSetupError as exc:
+            raise _fail(str(exc)) from None
+    plan = _Plan(config, cert, reuse_port=workers > 1, loop_kind=event_loop)
+    rc = _run_one(plan, None) if workers == 1 else _run_workers(plan, workers)
+    raise typer.Exit(rc)
