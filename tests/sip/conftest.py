@@ -199,7 +199,7 @@ KAMAILIO_CFG = textwrap.dedent(
 
     modparam("usrloc", "db_mode", 0)
     modparam("registrar", "default_expires", 600)
-    modparam("registrar", "min_expires", 60)
+    modparam("registrar", "min_expires", {min_expires})
     modparam("registrar", "max_expires", 900)
 
     request_route {{
@@ -272,12 +272,19 @@ async def kamailio(
     domain: str = "lab.local",
     password: str = "secret",
     children: int = 2,
+    min_expires: int = 60,
 ) -> AsyncIterator[Kamailio]:
     binary = require_binary("kamailio")
     port = free_port()
     cfg = workdir / "kamailio.cfg"
     cfg.write_text(
-        KAMAILIO_CFG.format(port=port, domain=domain, password=password, children=children)
+        KAMAILIO_CFG.format(
+            port=port,
+            domain=domain,
+            password=password,
+            children=children,
+            min_expires=min_expires,
+        )
     )
     rundir = workdir / "kamailio-run"
     rundir.mkdir(exist_ok=True)
