@@ -175,6 +175,7 @@ class ZoneTransaction:
         on_conflict: Literal["raise", "ignore"] = "raise",
     ) -> bool:
         """Add records to an RRset (a CNAME replaces the name's CNAME)."""
+        name = name.canonicalize()  # owner names are stored in lower case
         self.check_managed(name, rdtype)
         node = self.node(view, name)
         conflict = None
@@ -212,6 +213,7 @@ class ZoneTransaction:
         ttl: int | None,
     ) -> bool:
         """Make the RRset exactly ``rdatas`` (empty: delete it)."""
+        name = name.canonicalize()
         self.check_managed(name, rdtype)
         old = self.rrset(view, name, rdtype)
         if not rdatas:

@@ -314,3 +314,18 @@ def test_handle_update_rejects_other_opcodes(core: DnsCore) -> None:
     u.add("viahandle", 60, "A", "192.0.2.1")
     out = core.handle_update(u.to_wire(), DEFAULT_SRC, time.time())
     assert out is not None and dns.message.from_wire(out, keyring=False).rcode() == 0
+
+
+def test_owner_names_are_stored_in_lower_case(core: DnsCore) -> None:
+    u = _update()
+    u.add("MixedCase", 60, "A", "192.0.2.1")
+    u.add("sip", 60, "A", "192.0.2.2")
+    _send(core, u)
+    u2 = _update()
+    u2.add("SIP", 60, "A", "192.0.2.3")
+    _send(core, u2)
+    assert [r.name for r in core.zone.records(DEFAULT_VIEW, "mixedcase")] == ["mixedcase.lab.local"]
+    r = _send(core, dns.message.make_query("MIXEDCASE.lab.local", "A"))
+    assert r.answer[0].name.to_text() == "mixedcase.lab.local."
+    assert _a(core.zone, "sip") == {"172.30.1.11", "172.30.1.12", "192.0.2.2", "192.0.2.3"}
+    assert {r.name for r in core.zone.records(DEFAULT_VIEW, "sip")} == {"sip.lab.local"}
