@@ -1,0 +1,188 @@
+"""Prometheus metrics of a client runner, and the event log the API serves.
+
+Each runner has its own :class:`~prometheus_client.CollectorRegistry`, so
+two runners in one process (tests) do not collide. Endpoints by mode and
+pool are counted when scraped, from the endpoints themselves, so they
+cannot drift from the truth.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sipdrill.clients.events import (
+    ClientEvent,
+    Registered,
+    TargetFailed,
+    WorkloadResult,
+    event_to_dict,
+    event_to_json,
+)
+
+__all__ = ["RECONNECT_BUCKETS", "ClientMetrics", "EventLog"]
+
+RECONNECT_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    30,
+    45,
+    60,
+    90,
+    120,
+    180,
+    300,
+    600,
+    1200,
+    1800,
+    3600,
+)
+
+#: (mode, pool) -> endpoints; pool is "" when not registered.
+ModeCounts = Callable[[], Iterable[tuple[str, str, int]]]
+
+
+class _ModeCollector(Collector):
+    def __init__(self, counts: ModeCounts) -> None:
+        self._counts = counts
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "sipdrill_client_endpoints",
+            "Simulated endpoints by mode and registrar pool",
+            labels=["mode", "pool"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for mode, pool, n in self._counts():
+            family.add_metric([mode, pool], n)
+        yield family
+
+
+class ClientMetrics:
+    def __init__(self, counts: ModeCounts) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registrations = Counter(
+            "sipdrill_client_registrations",
+            "2xx answers to REGISTER (kind: initial or refresh)",
+            ["pool", "mode", "kind"],
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "sipdrill_client_failovers",
+            "Registrations on a pool other than the one the endpoint was registered with before",
+            ["from_pool", "to_pool"],
+            registry=self.registry,
+        )
+        self.reconnect = Histogram(
+            "sipdrill_client_time_to_reconnect_seconds",
+            "From losing service to being registered again",
+            buckets=RECONNECT_BUCKETS,
+            registry=self.registry,
+        )
+        self.target_failures = Counter(
+            "sipdrill_client_target_failures",
+            "Registrar targets or registered flows that failed, by cause",
+            ["failure"],
+            registry=self.registry,
+        )
+        self.workload = Counter(
+            "sipdrill_client_workload",
+            "Workload requests by kind and final status (none: no answer)",
+            ["kind", "status"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "sipdrill_client_events", "Events emitted, by kind", ["event"], registry=self.registry
+        )
+        self.registry.register(_ModeCollector(counts))
+
+    def observe(self, event: ClientEvent) -> None:
+        self.events.labels(event.KIND).inc()
+        if isinstance(event, Registered):
+            pool = event.pool or ""
+            kind = "refresh" if event.refresh else "initial"
+            self.registrations.labels(pool, event.mode.value, kind).inc()
+            if event.previous_pool and event.previous_pool != pool:
+                self.failovers.labels(event.previous_pool, pool).inc()
+            if event.outage is not None:
+                self.reconnect.observe(event.outage)
+        elif isinstance(event, TargetFailed):
+            self.target_failures.labels(event.failure.value).inc()
+        elif isinstance(event, WorkloadResult):
+            status = "none" if event.status_code is None else str(event.status_code)
+            self.workload.labels(event.kind, status).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EventLog:
+    """The last ``capacity`` events (for ``GET /events``) and an optional JSONL stream."""
+
+    def __init__(self, capacity: int = 100_000, stream: IO[str] | None = None) -> None:
+        self.capacity = capacity
+        self.stream = stream
+        self.seq = 0
+        self._events: collections.deque[tuple[int, ClientEvent]] = collections.deque(
+            maxlen=capacity
+        )
+        self.listeners: list[Callable[[int, ClientEvent], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def append(self, event: ClientEvent) -> int:
+        self.seq += 1
+        seq = self.seq
+        self._events.append((seq, event))
+        if self.stream is not None:
+            self.stream.write(event_to_json(event, seq) + "\n")
+        for listener in self.listeners:
+            listener(seq, event)
+        return seq
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def query(
+        self,
+        *,
+        since: float | None = None,
+        after: int | None = None,
+        limit: int = 1000,
+        user: str | None = None,
+        kind: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events with ``wall >= since`` and ``seq > after``, oldest first, at most ``limit``."""
+        out: list[dict[str, Any]] = []
+        for seq, event in self._events:
+            if after is not None and seq <= after:
+                continue
+            if since is not None and event.wall < since:
+                continue
+            if user is not None and event.user != user:
+                continue
+            if kind is not None and kind != event.KIND:
+                continue
+            out.append(event_to_dict(event, seq))
+            if len(out) >= limit:
+                break
+        return out

@@ -1,0 +1,163 @@
+"""Who the simulated clients are: users picked from a topology, and their settings.
+
+``--users`` patterns are ``POOL:GLOB``: ``pool1.lab.local:*`` is every user
+homed on pool1, ``*:p1u00*`` every user whose name (the part before the @)
+or URI matches the glob, whatever the pool. Several patterns add up, in
+topology order, without duplicates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sipdrill.clients.endpoint import ClientProfile, UserSpec, WorkloadKind
+from sipdrill.errors import SipdrillError
+from sipdrill.sip.keepalive import KeepAliveConfig
+from sipdrill.sip.transport import Kind
+from sipdrill.topology import Topology, User
+
+__all__ = [
+    "CONFERENCE_URI",
+    "PopulationError",
+    "conference_uri",
+    "parse_workload",
+    "profile_for",
+    "select_users",
+]
+
+#: How a Lync conference (focus) URI looks: the organiser's AoR with the
+#: conference id in the opaque parameter.
+CONFERENCE_URI = "sip:{organizer}@{domain};gruu;opaque=app:conf:focus:id:{conference}"
+#: At most this many conferences per user to join in the workload.
+MAX_CONFERENCES = 4
+
+
+@dataclass
+class PopulationError(SipdrillError):
+    """The users asked for cannot be found in the topology."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def conference_uri(organizer_uri: str, conference_id: str, domain: str) -> str:
+    user = organizer_uri.partition(":")[2].partition("@")[0]
+    return CONFERENCE_URI.format(organizer=user, domain=domain, conference=conference_id)
+
+
+def _matches(user: User, pool_glob: str, user_glob: str) -> bool:
+    if not fnmatch.fnmatchcase(user.home_pool, pool_glob):
+        return False
+    local = user.uri.partition(":")[2].partition("@")[0]
+    return fnmatch.fnmatchcase(local, user_glob) or fnmatch.fnmatchcase(user.uri, user_glob)
+
+
+def parse_patterns(patterns: Iterable[str]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for pattern in patterns:
+        for part in pattern.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            pool, sep, glob = part.rpartition(":")
+            if not sep or not pool or not glob:
+                raise PopulationError(
+                    f"--users {part!r}: expected POOL:GLOB, e.g. pool1.lab.local:*"
+                )
+            out.append((pool.lower(), glob))
+    if not out:
+        raise PopulationError("--users: no pattern given")
+    return out
+
+
+def select_users(
+    topology: Topology, patterns: Sequence[str], count: int | None = None
+) -> list[UserSpec]:
+    """The first ``count`` users matching ``patterns`` (all if None), with contacts and
+    the conferences they may join (their own and their contacts')."""
+    parsed = parse_patterns(patterns)
+    pools = {p.fqdn for p in topology.pools}
+    for pool, _ in parsed:
+        if not any(fnmatch.fnmatchcase(fqdn, pool) for fqdn in pools):
+            raise PopulationError(
+                f"--users {pool}: no such pool (pools: {', '.join(sorted(pools))})"
+            )
+    everyone = topology.all_users()
+    chosen: list[User] = []
+    for user in everyone:
+        if any(_matches(user, pool, glob) for pool, glob in parsed):
+            chosen.append(user)
+            if count is not None and len(chosen) == count:
+                break
+    if count is not None and len(chosen) < count:
+        raise PopulationError(
+            f"--count {count}: only {len(chosen)} users match {', '.join(patterns)}; "
+            "add users (user_groups) to the topology or widen --users"
+        )
+    if not chosen:
+        raise PopulationError(f"no user matches {', '.join(patterns)}")
+    by_uri = {u.uri: u for u in everyone}
+    domain = topology.domain
+    specs = []
+    for user in chosen:
+        conferences = [conference_uri(user.uri, c.id, domain) for c in user.conferences]
+        for contact in user.contacts:
+            other = by_uri.get(contact)
+            if other is not None:
+                conferences += [conference_uri(other.uri, c.id, domain) for c in other.conferences]
+        specs.append(
+            UserSpec(
+                uri=user.uri,
+                home_pool=user.home_pool,
+                contacts=tuple(user.contacts),
+                conferences=tuple(conferences[:MAX_CONFERENCES]),
+            )
+        )
+    return specs
+
+
+def parse_workload(text: str | None) -> tuple[WorkloadKind, ...]:
+    if not text:
+        return ()
+    kinds = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            kinds.append(WorkloadKind(part))
+        except ValueError:
+            raise PopulationError(
+                f"--workload {part!r}: use some of {', '.join(k.value for k in WorkloadKind)}"
+            ) from None
+    return tuple(dict.fromkeys(kinds))
+
+
+def profile_for(
+    topology: Topology,
+    *,
+    transport: Kind = Kind.TLS,
+    allow_tcp: bool = False,
+    workload: tuple[WorkloadKind, ...] = (),
+    workload_interval: float = 60.0,
+) -> ClientProfile:
+    """The client settings a topology implies: domain, registration expiry,
+    keep-alive interval (pings at 80-100 % of it) and pong timeout."""
+    timers = topology.timers
+    interval = timers.keepalive_interval
+    return ClientProfile(
+        domain=topology.domain,
+        transport=transport,
+        allow_tcp=allow_tcp or transport is Kind.TCP,
+        expires=timers.registration_expiry.default,
+        keepalive=KeepAliveConfig(
+            pong_timeout=timers.keepalive_pong_timeout,
+            default_interval=(0.8 * interval, interval),
+        ),
+        workload=workload,
+        workload_interval=workload_interval,
+    )

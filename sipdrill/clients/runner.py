@@ -1,0 +1,598 @@
+"""The asyncio adapter: thousands of sans-IO endpoints over one SIP transport.
+
+:class:`ClientRunner` owns one :class:`~sipdrill.sip.transport.SipTransport`
+(each endpoint gets a flow of its own: one TLS connection, verified against
+the lab CA), one :class:`~sipdrill.clients.resolver.Resolver` (the lab DNS
+server, a shared TTL cache) and one timer heap for every endpoint's
+deadlines. It turns the endpoints' actions into I/O and the I/O back into
+inputs, and hands every event to the :class:`~sipdrill.clients.metrics.EventLog`
+and the metrics.
+
+Failure containment: an endpoint's bad luck (a refused connection, a
+malformed answer, a redirect to a host that does not exist) is its own
+state machine's business; if the endpoint itself raises, the runner records
+an :class:`~sipdrill.clients.events.EndpointFault`, closes its flow,
+replaces it with a fresh one and signs that one in after a pause. Nothing an
+endpoint does stops the process.
+
+Ramp-up: :meth:`ClientRunner.start` signs endpoints in at ``ramp`` per
+second, so 10,000 of them do not all connect in the same millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sipmessage import Address, Request, Response
+
+from sipdrill.clients.dnscache import DnsAnswer, DnsStatus, TtlCache
+from sipdrill.clients.endpoint import (
+    ClientProfile,
+    Close,
+    Connect,
+    Endpoint,
+    Output,
+    Ping,
+    Resolve,
+    Schedule,
+    Send,
+    Target,
+    UserSpec,
+)
+from sipdrill.clients.events import ClientEvent, EndpointFault, Failure, Mode
+from sipdrill.clients.metrics import ClientMetrics, EventLog
+from sipdrill.clients.resolver import Resolver
+from sipdrill.sip.transport import (
+    Addr,
+    Flow,
+    Kind,
+    Received,
+    SipTransport,
+    TransportError,
+    TransportLimits,
+)
+
+__all__ = ["ClientRunner", "LoopClock", "RunnerConfig", "classify_connect_error"]
+
+log = logging.getLogger("sipdrill.clients.runner")
+
+
+class LoopClock:
+    """The event loop's clock for timers, the system clock for event timestamps."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def monotonic(self) -> float:
+        return self._loop.time()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+@dataclass
+class RunnerConfig:
+    profile: ClientProfile
+    users: Sequence[UserSpec]
+    #: The lab DNS server(s): (host, port). Needed unless the profile has static targets.
+    nameservers: Sequence[tuple[str, int]] = ()
+    #: Verifies the pools' certificates (the lab CA); needed for TLS.
+    ssl_context: ssl.SSLContext | None = None
+    #: Source address for DNS queries and SIP flows (a 127.x address in the local runtime).
+    bind: str | None = None
+    #: Sign-ins per second at start (0: all at once).
+    ramp: float = 100.0
+    seed: int | None = None
+    #: At most this many connects in progress (0: no limit).
+    connect_concurrency: int = 0
+    #: One DNS cache for all endpoints (a caching resolver), or one each.
+    shared_dns_cache: bool = True
+    dns_timeout: float = 2.0
+    dns_lifetime: float = 5.0
+    negative_ttl: float = 60.0
+    #: Seconds before a faulty endpoint's replacement signs in (jittered).
+    fault_pause: float = 30.0
+    transport_limits: TransportLimits | None = None
+
+
+def classify_connect_error(exc: BaseException) -> Failure:
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+        return Failure.TLS
+    if isinstance(cause, ConnectionRefusedError):
+        return Failure.REFUSED
+    if isinstance(cause, TimeoutError):
+        return Failure.CONNECT_TIMEOUT
+    if isinstance(cause, ConnectionError):
+        return Failure.RESET
+    text = str(exc).lower()
+    if "certificate" in text or "ssl" in text:
+        return Failure.TLS
+    if "refused" in text:
+        return Failure.REFUSED
+    if "timeout" in text or "timed out" in text:
+        return Failure.CONNECT_TIMEOUT
+    return Failure.UNREACHABLE
+
+
+class ClientRunner:
+    """Runs ``config.users`` as endpoints. Use inside a running loop::
+
+    runner = ClientRunner(config)
+    await runner.open()
+    runner.start()
+    ...
+    await runner.close()
+    """
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        *,
+        events: EventLog | None = None,
+    ) -> None:
+        self.config = config
+        self.events = events if events is not None else EventLog()
+        self.metrics = ClientMetrics(self._mode_counts)
+        self.rng = random.Random(config.seed)
+        self.endpoints: list[Endpoint] = []
+        self.started_at: float | None = None
+        self.running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: LoopClock | None = None
+        self._transport: SipTransport | None = None
+        self._resolver: Resolver | None = None
+        self._cache: TtlCache | None = None
+        # Per endpoint index: its current flow and the endpoint's id for it.
+        self._flow: list[Flow | None] = []
+        self._fconn: list[int] = []
+        self._by_serial: dict[int, int] = {}
+        self._by_user: dict[str, int] = {}
+        # Timer heap of (deadline, index); _deadline[index] says which entry is live.
+        self._deadline: list[float | None] = []
+        self._heap: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ramp_task: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._connect_sem: asyncio.Semaphore | None = None
+        self.faults = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def transport(self) -> SipTransport:
+        if self._transport is None:
+            raise RuntimeError("ClientRunner.open() has not been called")
+        return self._transport
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._clock = LoopClock(loop)
+        cfg = self.config
+        self._transport = SipTransport(
+            self._on_message,
+            limits=cfg.transport_limits,
+            on_pong=self._on_pong,
+            on_flow_closed=self._on_flow_closed,
+        )
+        if cfg.bind and cfg.profile.transport is Kind.UDP:
+            await self._transport.listen(Kind.UDP, cfg.bind, 0)
+        self._cache = TtlCache(max_entries=10_000) if cfg.shared_dns_cache else None
+        if cfg.nameservers:
+            self._resolver = Resolver(
+                cfg.nameservers,
+                cache=self._cache,
+                timeout=cfg.dns_timeout,
+                lifetime=cfg.dns_lifetime,
+                negative_ttl=cfg.negative_ttl,
+                source=cfg.bind,
+                clock=loop.time,
+            )
+        if cfg.connect_concurrency > 0:
+            self._connect_sem = asyncio.Semaphore(cfg.connect_concurrency)
+        self.endpoints = [self._new_endpoint(u) for u in cfg.users]
+        n = len(self.endpoints)
+        self._flow = [None] * n
+        self._fconn = [0] * n
+        self._deadline = [None] * n
+        self._by_user = {u.user_part: i for i, u in enumerate(cfg.users)}
+        self._flusher = loop.create_task(self._flush_events())
+
+    def _new_endpoint(self, user: UserSpec) -> Endpoint:
+        assert self._clock is not None
+        return Endpoint(user, self.config.profile, self._clock, self.rng, cache=self._cache)
+
+    def start(self) -> None:
+        """Sign every signed-out endpoint in, at the configured ramp rate."""
+        if self._loop is None:
+            raise RuntimeError("ClientRunner.open() has not been called")
+        if self._ramp_task is not None and not self._ramp_task.done():
+            return
+        self.running = True
+        self.started_at = time.time()
+        self._ramp_task = self._loop.create_task(self._ramp())
+
+    async def stop(self) -> None:
+        """Sign every endpoint out (REGISTER Expires 0 where registered); keep them."""
+        self.running = False
+        if self._ramp_task is not None:
+            self._ramp_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ramp_task
+            self._ramp_task = None
+        for index, ep in enumerate(self.endpoints):
+            if ep.mode is not Mode.SIGNED_OUT:
+                self._call(index, Endpoint.sign_out)
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._transport is not None:
+            await self._transport.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self.events.flush()
+
+    async def __aenter__(self) -> ClientRunner:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _ramp(self) -> None:
+        assert self._loop is not None
+        rate = self.config.ramp
+        start = self._loop.time()
+        for index in range(len(self.endpoints)):
+            if rate > 0:
+                delay = start + index / rate - self._loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif index % 64 == 0:
+                    await asyncio.sleep(0)  # let I/O in between
+            elif index % 64 == 0:
+                await asyncio.sleep(0)
+            if self.endpoints[index].mode is Mode.SIGNED_OUT:
+                self._call(index, Endpoint.sign_in)
+
+    async def _flush_events(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.events.flush()
+            except (OSError, ValueError):
+                log.exception("cannot write events")
+
+    # ------------------------------------------------------------------ counts
+
+    def _mode_counts(self) -> list[tuple[str, str, int]]:
+        counts: Counter[tuple[str, str]] = Counter(
+            (ep.mode.value, ep.pool or "") for ep in self.endpoints
+        )
+        return [(mode, pool, n) for (mode, pool), n in sorted(counts.items())]
+
+    def counts(self) -> dict[str, Any]:
+        """Endpoints by mode, by registrar pool and mode, and by home pool and mode."""
+        by_mode: Counter[str] = Counter()
+        by_pool: dict[str, Counter[str]] = {}
+        by_home: dict[str, Counter[str]] = {}
+        for ep in self.endpoints:
+            mode = ep.mode.value
+            by_mode[mode] += 1
+            if ep.pool is not None:
+                by_pool.setdefault(ep.pool, Counter())[mode] += 1
+            by_home.setdefault(ep.user.home_pool or "", Counter())[mode] += 1
+        return {
+            "total": len(self.endpoints),
+            "by_mode": {m.value: by_mode.get(m.value, 0) for m in Mode},
+            "by_pool": {p: dict(c) for p, c in sorted(by_pool.items())},
+            "by_home_pool": {p: dict(c) for p, c in sorted(by_home.items())},
+        }
+
+    # ------------------------------------------------------------------ driving endpoints
+
+    def _call(self, index: int, fn: Callable[[Endpoint], list[Output]]) -> None:
+        ep = self.endpoints[index]
+        try:
+            outputs = fn(ep)
+        except Exception as exc:
+            self._fault(index, exc)
+            return
+        self._apply(index, outputs)
+
+    def _fault(self, index: int, exc: Exception) -> None:
+        log.exception("endpoint %s failed; replacing it", self.endpoints[index].user.uri)
+        self.faults += 1
+        old = self.endpoints[index]
+        assert self._clock is not None
+        self.events.append(
+            EndpointFault(
+                user=old.user.uri,
+                wall=self._clock.wall(),
+                monotonic=self._clock.monotonic(),
+                pool=old.target.host if old.target else None,
+                address=old.target.where if old.target else None,
+                reason=type(exc).__name__,
+                detail=str(exc)[:500],
+            )
+        )
+        self._drop_flow(index)
+        self._deadline[index] = None
+        fresh = self._new_endpoint(old.user)
+        self.endpoints[index] = fresh
+        if self.running and self._loop is not None:
+            pause = self.config.fault_pause * self.rng.uniform(0.5, 1.0)
+            self._loop.call_later(pause, self._resume, index, fresh)
+
+    def _resume(self, index: int, ep: Endpoint) -> None:
+        if self.running and self.endpoints[index] is ep and ep.mode is Mode.SIGNED_OUT:
+            self._call(index, Endpoint.sign_in)
+
+    def _apply(self, index: int, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, ClientEvent):
+                self._emit(out)
+            elif isinstance(out, Send):
+                self._send(index, out)
+            elif isinstance(out, Schedule):
+                self._schedule(index, out.at)
+            elif isinstance(out, Ping):
+                flow = self._current(index, out.conn)
+                if flow is not None and not self.transport.ping(flow):
+                    self._lost(index, out.conn, "ping failed: the flow is closed")
+            elif isinstance(out, Resolve):
+                self._spawn(self._resolve(index, out))
+            elif isinstance(out, Connect):
+                self._spawn(self._connect(index, out.conn, out.target))
+            elif isinstance(out, Close) and self._fconn[index] == out.conn:
+                self._drop_flow(index)
+
+    def _emit(self, event: ClientEvent) -> None:
+        try:
+            self.events.append(event)
+            self.metrics.observe(event)
+        except Exception:
+            log.exception("event sink failed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ timers
+
+    def _schedule(self, index: int, at: float | None) -> None:
+        self._deadline[index] = at
+        if at is None:
+            return
+        heapq.heappush(self._heap, (at, index))
+        if self._timer_at is None or at < self._timer_at:
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        self._timer_at = None
+        now = self._loop.time()
+        heap = self._heap
+        fired = 0
+        while heap and heap[0][0] <= now and fired < 2000:
+            at, index = heapq.heappop(heap)
+            if self._deadline[index] != at:
+                continue  # stale: the endpoint's deadline moved
+            self._deadline[index] = None
+            fired += 1
+            self._call(index, Endpoint.handle_timer)
+            if self._deadline[index] is None:
+                # The endpoint announces only changes: make sure it is woken again.
+                nxt = self.endpoints[index].next_deadline()
+                if nxt is not None:
+                    self._schedule(index, nxt)
+        if heap:
+            # Yield after a batch, so a burst of timers does not starve I/O.
+            self._arm(heap[0][0] if fired < 2000 else now)
+
+    # ------------------------------------------------------------------ flows
+
+    def _current(self, index: int, conn: int) -> Flow | None:
+        if self._fconn[index] != conn:
+            return None
+        return self._flow[index]
+
+    def _drop_flow(self, index: int) -> None:
+        flow = self._flow[index]
+        self._flow[index] = None
+        self._fconn[index] = 0
+        if flow is not None:
+            if flow.kind is not Kind.UDP:
+                self._by_serial.pop(flow.conn, None)
+            self.transport.close_flow(flow)
+
+    def _lost(self, index: int, conn: int, detail: str) -> None:
+        flow = self._flow[index]
+        if flow is not None and self._fconn[index] == conn:
+            if flow.kind is not Kind.UDP:
+                self._by_serial.pop(flow.conn, None)
+            self._flow[index] = None
+            self._fconn[index] = 0
+            self.transport.close_flow(flow)
+        self._call(index, lambda ep: ep.flow_closed(conn, Failure.RESET, detail))
+
+    def _send(self, index: int, out: Send) -> None:
+        flow = self._current(index, out.conn)
+        if flow is None:
+            return
+        if not self.transport.send(flow, out.data):
+            self._lost(index, out.conn, "send failed: the flow is closed")
+
+    async def _resolve(self, index: int, query: Resolve) -> None:
+        ep = self.endpoints[index]
+        if self._resolver is None:
+            answer = DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail="no nameserver")
+        else:
+            try:
+                answer = await self._resolver.resolve(query.qname, query.rtype)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a resolver bug must not lose the endpoint
+                log.exception("resolving %s %s", query.qname, query.rtype)
+                answer = DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail=str(exc))
+        if self.endpoints[index] is ep:
+            self._call(index, lambda e: e.dns_result(answer))
+
+    async def _connect(self, index: int, conn: int, target: Target) -> None:
+        ep = self.endpoints[index]
+        try:
+            if self._connect_sem is not None:
+                async with self._connect_sem:
+                    flow, local = await self._open_flow(target)
+            else:
+                flow, local = await self._open_flow(target)
+        except asyncio.CancelledError:
+            raise
+        except (TransportError, OSError, ssl.SSLError, ValueError) as exc:
+            if self.endpoints[index] is ep:
+                failure = classify_connect_error(exc)
+                detail = str(exc)[:300]
+                self._call(index, lambda e: e.connect_failed(conn, failure, detail))
+            return
+        if self.endpoints[index] is not ep or ep.conn != conn or not self.transport.is_open(flow):
+            if self.transport.is_open(flow):
+                self.transport.close_flow(flow)
+            elif self.endpoints[index] is ep and ep.conn == conn:
+                self._call(index, lambda e: e.connect_failed(conn, Failure.RESET, "closed at once"))
+            return
+        self._drop_flow(index)
+        self._flow[index] = flow
+        self._fconn[index] = conn
+        if flow.kind is not Kind.UDP:
+            self._by_serial[flow.conn] = index
+        self._call(index, lambda e: e.connected(conn, local))
+
+    async def _open_flow(self, target: Target) -> tuple[Flow, Addr]:
+        assert target.address is not None
+        kind = target.transport
+        bind = self.config.bind
+        if kind is Kind.UDP:
+            flow = await self.transport.open_flow(Kind.UDP, target.address, target.port)
+            host = flow.local[0]
+            if host in ("0.0.0.0", "::", ""):
+                host = bind or ("127.0.0.1" if target.address.startswith("127.") else host)
+            return flow, (host, flow.local[1])
+        ctx = self.config.ssl_context if kind is Kind.TLS else None
+        if kind is Kind.TLS and ctx is None:
+            raise TransportError(kind, target.where, "no TLS context (--ca) for a TLS target")
+        if bind:
+            flow = await self._open_bound(kind, target, ctx, bind)
+        else:
+            flow = await self.transport.open_flow(
+                kind,
+                target.address,
+                target.port,
+                ssl_context=ctx,
+                server_hostname=target.host,
+                reuse=False,
+            )
+        return flow, flow.local
+
+    async def _open_bound(
+        self, kind: Kind, target: Target, ctx: ssl.SSLContext | None, bind: str
+    ) -> Flow:
+        """A new stream flow from ``bind``.
+
+        SipTransport.open_flow has no source address yet, so this opens the
+        connection with the transport's own stream protocol (a private hook:
+        see the report to the SIP core). The flow is the transport's like
+        any other: framing, pongs and close callbacks all work.
+        """
+        transport = self.transport
+        assert target.address is not None
+        limits = transport.limits
+        remote = (target.address, target.port)
+        try:
+            async with asyncio.timeout(limits.connect_timeout):
+                _, proto = await transport.loop.create_connection(
+                    lambda: transport._new_stream(kind, outbound=True),
+                    remote[0],
+                    remote[1],
+                    ssl=ctx,
+                    server_hostname=target.host if ctx is not None else None,
+                    ssl_handshake_timeout=limits.tls_handshake_timeout if ctx else None,
+                    local_addr=(bind, 0),
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise TransportError(kind, target.where, str(exc) or "timeout") from exc
+        if proto.flow is None or proto.transport is None or proto.transport.is_closing():
+            raise TransportError(kind, target.where, "connection refused locally")
+        return proto.flow
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def _on_message(self, rx: Received) -> None:
+        index = self._by_serial.get(rx.flow.conn) if rx.kind is not Kind.UDP else None
+        if index is None and rx.kind is Kind.UDP:
+            index = self._by_aor(rx.message)
+        if index is None:
+            return
+        conn = self._fconn[index]
+        if not conn:
+            return
+        message = rx.message
+        self._call(index, lambda ep: ep.receive(conn, message))
+
+    def _by_aor(self, message: Request | Response) -> int | None:
+        """UDP: many endpoints share one socket; responses carry our From, requests our user."""
+        try:
+            if isinstance(message, Response):
+                user = Address.parse(message.headers.get("From") or "").uri.user
+            else:
+                user = message.uri.user
+        except ValueError:
+            return None
+        return self._by_user.get(user or "")
+
+    def _on_pong(self, flow: Flow) -> None:
+        index = self._by_serial.get(flow.conn)
+        if index is not None and self._flow[index] == flow:
+            conn = self._fconn[index]
+            self._call(index, lambda ep: ep.pong(conn))
+
+    def _on_flow_closed(self, flow: Flow) -> None:
+        index = self._by_serial.pop(flow.conn, None)
+        if index is None or self._flow[index] != flow:
+            return
+        conn = self._fconn[index]
+        self._flow[index] = None
+        self._fconn[index] = 0
+        self._call(index, lambda ep: ep.flow_closed(conn, Failure.RESET, "closed by the peer"))

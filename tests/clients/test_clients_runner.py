@@ -1,0 +1,213 @@
+"""The runner on loopback: real TLS flows to fake pools, the real lab DNS server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from clients_lab import HOST, FakePool, free_port, lab_dns, write_topology
+
+from sipdrill.clients.endpoint import WorkloadKind
+from sipdrill.clients.events import Failure, Mode
+from sipdrill.clients.metrics import EventLog
+from sipdrill.clients.population import profile_for, select_users
+from sipdrill.clients.runner import ClientRunner, RunnerConfig
+from sipdrill.dns.zone import RecordChange
+from sipdrill.sip.tls import LabCA, client_context
+from sipdrill.topology import Topology
+
+
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > within:
+            raise AssertionError(f"{what}: not within {within} s")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+class Lab:
+    def __init__(self, tmp: Path, **topo: float) -> None:
+        self.port1, self.port2 = free_port(), free_port()
+        self.tls = tmp / "tls"
+        self.topology: Topology = write_topology(tmp / "lab.yaml", self.port1, self.port2, **topo)  # type: ignore[arg-type]
+        self.pool1 = FakePool("pool1.lab.local", self.port1, self.tls, self.topology)
+        self.pool2 = FakePool("pool2.lab.local", self.port2, self.tls, self.topology)
+        self.dns_port = 0
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    lab = Lab(tmp_path)
+    async with lab_dns(lab.topology) as (port, _store):
+        lab.dns_port = port
+        await lab.pool1.start()
+        await lab.pool2.start()
+        try:
+            yield lab
+        finally:
+            await lab.pool1.stop()
+            await lab.pool2.stop()
+
+
+def runner_for(
+    lab: Lab, patterns: list[str], stream: io.StringIO | None = None, **kw: object
+) -> ClientRunner:
+    users = select_users(lab.topology, patterns)
+    config = RunnerConfig(
+        profile=profile_for(lab.topology),
+        users=users,
+        nameservers=[(HOST, lab.dns_port)],
+        ssl_context=client_context(lab.tls / "ca.pem"),
+        ramp=200,
+        seed=7,
+        **kw,  # type: ignore[arg-type]
+    )
+    return ClientRunner(config, events=EventLog(stream=stream))
+
+
+def modes(runner: ClientRunner) -> dict[str, int]:
+    return {m: n for m, n in runner.counts()["by_mode"].items() if n}
+
+
+async def test_endpoints_register_fail_over_and_come_back(lab: Lab) -> None:
+    stream = io.StringIO()
+    runner = runner_for(lab, ["pool1.lab.local:*"], stream)
+    n = len(runner.config.users)
+    assert n == 7  # alice and the p1u group
+    async with runner:
+        runner.start()
+        await wait_for(
+            lambda: runner.counts()["by_pool"].get("pool1.lab.local", {}).get("FullService") == n,
+            10,
+            "all in full service on pool1",
+        )
+        assert lab.pool1.registers == n
+
+        # Site 1 is lost: the backup takes pool1's users in resiliency mode.
+        lab.pool2.partner_users = "resiliency"
+        await lab.pool1.stop()
+        took = await wait_for(
+            lambda: (
+                runner.counts()["by_pool"].get("pool2.lab.local", {}).get("ResiliencyMode") == n
+            ),
+            10,
+            "all in resiliency mode on pool2",
+        )
+        assert took < 5
+
+        # Site 1 is back; the backup sends its partner's users home.
+        await lab.pool1.start()
+        lab.pool2.partner_users = "redirect"
+        lab.pool2.kick()
+        await wait_for(
+            lambda: runner.counts()["by_pool"].get("pool1.lab.local", {}).get("FullService") == n,
+            10,
+            "all back in full service on pool1",
+        )
+        metrics = runner.metrics.render().decode()
+    assert runner.faults == 0
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"ModeChanged", "Registered", "TargetFailed", "DnsLookup"} <= kinds
+    alice = [e for e in events if e["user"] == "sip:alice@lab.local"]
+    registered = [e for e in alice if e["event"] == "Registered" and not e["refresh"]]
+    assert [(r["pool"], r["mode"]) for r in registered] == [
+        ("pool1.lab.local", "FullService"),
+        ("pool2.lab.local", "ResiliencyMode"),
+        ("pool1.lab.local", "FullService"),
+    ]
+    assert registered[1]["outage"] is not None and registered[1]["outage"] < 5
+    assert registered[1]["previous_pool"] == "pool1.lab.local"
+    failures = {e["failure"] for e in alice if e["event"] == "TargetFailed"}
+    assert {Failure.RESET.value, Failure.REFUSED.value} <= failures
+    for e in events:
+        assert e["wall"] > 1.6e9 and e["monotonic"] > 0 and e["seq"] > 0
+    assert (
+        'sipdrill_client_failovers_total{from_pool="pool1.lab.local",to_pool="pool2.lab.local"} 7.0'
+        in metrics
+    )
+    assert "sipdrill_client_time_to_reconnect_seconds_count 14.0" in metrics
+    assert all(ep.mode is Mode.SIGNED_OUT for ep in runner.endpoints)  # close() signs out
+
+
+async def test_a_user_homed_elsewhere_is_redirected_home(lab: Lab) -> None:
+    runner = runner_for(lab, ["pool2.lab.local:bob"])
+    async with runner:
+        runner.start()
+        await wait_for(
+            lambda: runner.counts()["by_pool"].get("pool2.lab.local", {}).get("FullService") == 1,
+            10,
+            "bob on his home pool",
+        )
+        assert lab.pool1.registers == 1 and lab.pool2.registers == 1
+    kinds = [e["event"] for e in runner.events.query(user="sip:bob@lab.local")]
+    assert "Redirected" in kinds
+    assert lab.pool2.registers == 2  # the REGISTER with Expires 0 when signing out
+
+
+async def test_workload_over_real_flows(lab: Lab) -> None:
+    runner = runner_for(lab, ["pool1.lab.local:alice"])
+    runner.config.profile = profile_for(
+        lab.topology,
+        workload=tuple(WorkloadKind),
+        workload_interval=0.2,
+    )
+    async with runner:
+        runner.start()
+        await wait_for(
+            lambda: len({e["kind"] for e in runner.events.query(kind="WorkloadResult")}) == 3,
+            10,
+            "one of each workload",
+        )
+        results = runner.events.query(kind="WorkloadResult")
+    assert all(r["status_code"] == 200 and r["ok"] for r in results)
+    assert {r["kind"] for r in results} == {"im", "presence", "conference"}
+
+
+async def test_a_certificate_from_another_ca_is_refused(lab: Lab, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca"
+    LabCA.ensure(other)
+    runner = runner_for(lab, ["pool1.lab.local:alice"])
+    runner.config.ssl_context = client_context(other / "ca.pem")  # trusts another CA
+    async with runner:
+        runner.start()
+        await wait_for(lambda: runner.endpoints[0].mode is Mode.BACKING_OFF, 10, "backing off")
+    failed = {(e["pool"], e["failure"]) for e in runner.events.query(kind="TargetFailed")}
+    assert ("pool1.lab.local", "tls") in failed and ("pool2.lab.local", "tls") in failed
+    # The A-record names of the lookup order point at port 5061, where nothing listens.
+    assert {f for _, f in failed} <= {"tls", "refused"}
+
+
+async def test_a_certificate_without_the_name_is_refused(tmp_path: Path) -> None:
+    """Seed 003's fix: the certificate must carry the name the client connects to."""
+    lab = Lab(tmp_path)
+    async with lab_dns(lab.topology) as (port, store):
+        lab.dns_port = port
+        store.apply(
+            [
+                RecordChange(
+                    op="replace",
+                    name="_sipinternaltls._tcp",
+                    rtype="SRV",
+                    data=(f"0 10 {lab.port1} fe9.lab.local.",),
+                ),
+                RecordChange(op="add", name="fe9", rtype="A", data=(HOST,)),
+            ]
+        )
+        await lab.pool1.start()
+        try:
+            runner = runner_for(lab, ["pool1.lab.local:alice"])
+            async with runner:
+                runner.start()
+                await wait_for(lambda: runner.endpoints[0].mode is Mode.BACKING_OFF, 10, "backoff")
+        finally:
+            await lab.pool1.stop()
+    failed = [e for e in runner.events.query(kind="TargetFailed") if e["pool"] == "fe9.lab.local"]
+    assert failed and failed[0]["failure"] == "tls"
+    assert "fe9.lab.local" in failed[0]["reason"] or "match" in failed[0]["reason"]
