@@ -4,12 +4,11 @@ store with a fixed serial, a sans-IO core with one TSIG key, and ``ask``."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import dns.message
 import pytest
-from dns_testlib import DEFAULT_SRC, KEY_SPEC, LAB, SERIAL
+from dns_testlib import DEFAULT_SRC, KEY_SPEC, LAB, SERIAL, Ask
 
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.tsig import keyring
@@ -31,8 +30,6 @@ def store(topology: Topology) -> ZoneStore:
 def core(store: ZoneStore) -> DnsCore:
     return DnsCore(store, keyring=keyring([KEY_SPEC]))
 
-
-Ask = Callable[..., dns.message.Message]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ name: tests/*/conftest.py files would shadow each other on import)."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import dns.message
@@ -19,6 +20,8 @@ KEY_NAME = "ddns-key"
 KEY_SPEC = f"{KEY_NAME}:{SECRET}"
 WRONG_SECRET = base64.b64encode(b"not-the-key-of-the-server-000000").decode()
 SERIAL = 1000
+#: The type of the ``ask`` fixture: ask(qname, qtype, **options) -> the parsed answer.
+Ask = Callable[..., dns.message.Message]
 #: Sources in each view of dns-lab.yaml.
 DEFAULT_SRC = ("127.0.0.1", 40000)
 SITE1_SRC = ("10.1.2.3", 40000)

@@ -14,8 +14,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import pytest
-from conftest import Ask
-from dns_testlib import DEFAULT_SRC, SERIAL, SITE1_SRC, SITE2_SRC, rdatas
+from dns_testlib import DEFAULT_SRC, SERIAL, SITE1_SRC, SITE2_SRC, Ask, rdatas
 
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.zone import RecordChange, ZoneStore
