@@ -160,6 +160,16 @@ class PoolFailoverStates:
     def snapshot(self) -> dict[str, FailoverState]:
         return dict(self._state)
 
+    def restore(self, states: Mapping[str, FailoverState]) -> None:
+        """Take back a :meth:`snapshot` (a pool process that restarts in the
+        middle of a failover must not forget it). Pools this object does not
+        pair are refused and nothing changes."""
+        wanted = {pool.lower(): state for pool, state in states.items()}
+        unknown = sorted(set(wanted) - set(self._state))
+        if unknown:
+            raise ValueError(f"not paired here: {', '.join(unknown)}")
+        self._state.update(wanted)
+
     def handle(self, home_pool: str, event: FailoverEvent) -> FailoverState:
         """Apply ``event`` to the relationship of ``home_pool`` (the pool
         that homes the users, the PoolFqdn of both cmdlets); the new state."""

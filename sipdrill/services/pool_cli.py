@@ -1,0 +1,284 @@
+"""``sipdrill serve pool`` and the pool's administrator commands.
+
+``serve_pool`` runs one Front End pool in the foreground (the orchestrator's
+plan starts it as ``sipdrill serve pool --topology FILE [--loopback] --pool
+FQDN --state-dir DIR --ca DIR`` with ``SIPDRILL_CONTROL_TOKEN`` set).
+
+``user_app`` (``sipdrill admin user ...``) and ``pool_app`` (``sipdrill admin
+pool ...``) talk to a pool's control API over HTTP; the pool's URL comes from
+the topology (first front end, ``control_port``; ``--loopback`` for the local
+runtime's addresses), the token from ``--token`` or ``SIPDRILL_CONTROL_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from pydantic import SecretStr
+
+from sipdrill.errors import OperationError
+from sipdrill.topology import Topology
+
+TOKEN_ENV = "SIPDRILL_CONTROL_TOKEN"
+TOPOLOGY_ENV = "SIPDRILL_TOPOLOGY"
+
+
+def serve_pool(
+    topology: Path = typer.Option(
+        ..., "--topology", "-t", exists=True, dir_okay=False, help="The topology YAML file."
+    ),
+    pool: str = typer.Option(..., "--pool", help="FQDN of the pool to run."),
+    state_dir: Path = typer.Option(
+        ..., "--state-dir", help="Where the pool keeps its user store and failover state."
+    ),
+    ca: Path = typer.Option(..., "--ca", help="The lab CA directory (created if missing)."),
+    loopback: bool = typer.Option(
+        False, "--loopback", help="Listen on the topology's 127.x stand-in addresses."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar=TOKEN_ENV, help="Bearer token of the control API."
+    ),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run a Front End pool: registrar (home and backup), presence, IM and
+    conferences on SIP TLS 5061 / TCP+UDP 5060, and the control API."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    from sipdrill.services.pool import PoolService, PoolSettings
+    from sipdrill.topology_cli import load_or_exit
+
+    loaded = load_or_exit(topology)
+    settings = PoolSettings(
+        pool=pool,
+        state_dir=state_dir,
+        ca_dir=ca,
+        loopback=loopback,
+        token=SecretStr(token) if token else None,
+    )
+    try:
+        service = PoolService(loaded.topology, settings)
+        asyncio.run(_run(service))
+    except OperationError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+async def _run(service: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with service:
+        sip = ", ".join(f"{k}:{h}:{p}" for k, (h, p) in service.sip_addresses)
+        print(f"sipdrill pool {service.fqdn}: sip {sip}, control {service.control_url}",
+              flush=True)
+        await stop.wait()
+
+
+# --- administrator commands -------------------------------------------------------------
+
+user_app = typer.Typer(
+    help="Users: Move-CsUser, Export/Import-CsUserData (dbimpexp).", no_args_is_help=True
+)
+pool_app = typer.Typer(help="Pool operations: status, failover, failback.", no_args_is_help=True)
+
+_TopologyOpt = typer.Option(
+    ..., "--topology", "-t", envvar=TOPOLOGY_ENV, exists=True, dir_okay=False,
+    help="The lab's topology (to find the pools' control APIs).",
+)
+_LoopbackOpt = typer.Option(
+    False, "--loopback", envvar="SIPDRILL_LOOPBACK",
+    help="The lab runs on the local runtime's 127.x addresses.",
+)
+_TokenOpt = typer.Option(None, "--token", envvar=TOKEN_ENV, help="Control API bearer token.")
+_JsonOpt = typer.Option(False, "--json", help="Print the answer as JSON.")
+
+
+def control_url(topology: Topology, pool_fqdn: str, *, loopback: bool) -> str:
+    """The control API of ``pool_fqdn``, as the lab plan places it."""
+    pool = topology.pool(pool_fqdn)
+    address = pool.front_ends[0].address
+    host = topology.loopback_address(address) if loopback else address
+    return f"http://{host}:{pool.control_port}"
+
+
+def _load(path: Path) -> Topology:
+    from sipdrill.topology_cli import load_or_exit
+
+    return load_or_exit(path).topology
+
+
+def _call(
+    topology: Path,
+    pool: str,
+    loopback: bool,
+    token: str | None,
+    method: str,
+    path: str,
+    **kwargs: Any,
+) -> httpx.Response:
+    topo = _load(topology)
+    try:
+        url = control_url(topo, pool, loopback=loopback)
+    except KeyError:
+        _fail(f"{pool} is not a pool of {topology}; pools: "
+              + ", ".join(p.fqdn for p in topo.pools))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with httpx.Client(timeout=60.0, headers=headers) as client:
+            response = client.request(method, url + path, **kwargs)
+    except httpx.HTTPError as exc:
+        _fail(f"pool {pool} does not answer at {url}: {exc}")
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+            message = f"{body['code']}: {body['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {response.status_code}: {response.text[:300]}"
+        _fail(message)
+    return response
+
+
+def _fail(message: str) -> Any:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _print(doc: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+@user_app.command("move")
+def user_move(
+    user: str = typer.Argument(..., help="The user's SIP URI, e.g. sip:alice@lab.local."),
+    to: str = typer.Option(..., "--to", help="The target pool's FQDN."),
+    force: bool = typer.Option(
+        False, "--force", help="Move without the source pool: contacts and meetings are lost."
+    ),
+    topology: Path = _TopologyOpt,
+    loopback: bool = _LoopbackOpt,
+    token: str | None = _TokenOpt,
+    as_json: bool = _JsonOpt,
+) -> None:
+    """Move-CsUser -Identity USER -Target POOL [-Force] (run by the target pool)."""
+    r = _call(topology, to, loopback, token, "POST", "/admin/users/move",
+              json={"user": user, "to": to, "force": force})
+    d = r.json()
+    lines = [f"moved {d['user']} from {d['source_pool']} to {d['target_pool']}"]
+    if d["force"]:
+        lines.append(f"lost (not recoverable): {d['contacts_lost']} contacts, "
+                     f"{d['conferences_lost']} meetings (counted from {d['counted_from']})")
+    else:
+        lines.append(f"moved along: {d['contacts_moved']} contacts, "
+                     f"{d['conferences_moved']} meetings")
+    if not d.get("source_cleaned", True):
+        lines.append(f"{d['source_pool']} is down: its stale account is removed when it returns")
+    _print(d, as_json, lines)
+
+
+@user_app.command("export")
+def user_export(
+    pool: str = typer.Option(..., "--pool", help="The pool whose users to export."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="xml (dbimpexp's) or json; default from the file suffix."
+    ),
+    topology: Path = _TopologyOpt,
+    loopback: bool = _LoopbackOpt,
+    token: str | None = _TokenOpt,
+) -> None:
+    """Export-CsUserData: the accounts and contact lists of the pool's users."""
+    fmt = fmt or ("json" if out.suffix.lower() == ".json" else "xml")
+    if fmt not in ("xml", "json"):
+        _fail("--format is xml or json")
+    r = _call(topology, pool, loopback, token, "GET", "/admin/users/export",
+              params={"format": fmt})
+    _write_atomically(out, r.content)
+    users = r.headers.get("X-Sipdrill-Export-Users", "?")
+    contacts = r.headers.get("X-Sipdrill-Export-Contacts", "?")
+    typer.echo(f"exported {users} users and {contacts} contacts of {pool} to {out}")
+
+
+@user_app.command("import")
+def user_import(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="An export file."),
+    pool: str = typer.Option(..., "--pool", help="The pool to restore into."),
+    topology: Path = _TopologyOpt,
+    loopback: bool = _LoopbackOpt,
+    token: str | None = _TokenOpt,
+    as_json: bool = _JsonOpt,
+) -> None:
+    """Import-CsUserData: restore contact lists of users with an account on the pool."""
+    r = _call(topology, pool, loopback, token, "POST", "/admin/users/import",
+              content=file.read_bytes())
+    d = r.json()
+    lines = [f"restored {d['users_restored']} users, {d['contacts_restored']} contacts"]
+    if d["skipped"]:
+        lines.append(f"skipped {len(d['skipped'])} users without an account on {pool}")
+    _print(d, as_json, lines)
+
+
+@pool_app.command("status")
+def pool_status(
+    pool: str = typer.Option(..., "--pool", help="The pool's FQDN."),
+    topology: Path = _TopologyOpt,
+    loopback: bool = _LoopbackOpt,
+    token: str | None = _TokenOpt,
+    as_json: bool = _JsonOpt,
+) -> None:
+    """Get-CsPoolFabricState / Get-CsRegistrarStatus: failover states, partner,
+    registrations by mode, store."""
+    d = _call(topology, pool, loopback, token, "GET", "/status").json()
+    regs = d["registrations"]
+    lines = [
+        f"pool {d['pool']} (site {d['site']}, {d['address']}), backup pool "
+        f"{d['backup_pool'] or '-'}, CMS {d['cms_role'] or '-'}",
+        f"store: {d['store']['users']} users ({d['store']['homed_users']} homed), "
+        f"{d['store']['contacts']} contacts, seq {d['store']['high_water_mark']}"
+        + (", READ-ONLY" if d["read_only"] else ""),
+        f"registrations: {regs['full']} full, {regs['resiliency']} resiliency "
+        f"({regs['bindings']} bindings)",
+    ]
+    for home, state in sorted(d["failover"].items()):
+        lines.append(f"failover {home}: {state}")
+    partner = d.get("partner")
+    if partner:
+        lines.append(
+            f"partner {partner['pool']}: {partner['state']}, last heartbeat "
+            f"{partner['last_heartbeat_age']}s ago"
+        )
+    if d.get("reregistration"):
+        rr = d["reregistration"]
+        lines.append(
+            f"re-registration after {rr['reason']}: {rr['reregistered']}/{rr['users']} "
+            f"(p50 {rr['p50']}s, max {rr['max']}s)"
+        )
+    _print(d, as_json, lines)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path = path.resolve()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
