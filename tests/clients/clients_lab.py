@@ -11,22 +11,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import socket
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sipmessage import Request, Response
 
+from sipdrill.clients.metrics import EventLog
+from sipdrill.clients.population import profile_for, select_users
+from sipdrill.clients.runner import ClientRunner, RunnerConfig
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.server import DnsServer
 from sipdrill.dns.zone import ZoneStore
 from sipdrill.sip.message import make_response
 from sipdrill.sip.registrar import Accept, Decision, Redirect, Registrar
 from sipdrill.sip.server import ListenSpec, SipService
-from sipdrill.sip.tls import ensure_server_cert, server_context
+from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
 from sipdrill.sip.transport import Flow, Kind, Received
 from sipdrill.topology import Topology, load_topology
 
@@ -177,3 +182,39 @@ class FakePool:
         for flow in list(self.flows):
             self.service.transport.close_flow(flow)
         self.flows.clear()
+
+
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > within:
+            raise AssertionError(f"{what}: not within {within} s")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+class Lab:
+    def __init__(self, tmp: Path, **topo: float) -> None:
+        self.port1, self.port2 = free_port(), free_port()
+        self.tls = tmp / "tls"
+        self.topology: Topology = write_topology(tmp / "lab.yaml", self.port1, self.port2, **topo)  # type: ignore[arg-type]
+        self.pool1 = FakePool("pool1.lab.local", self.port1, self.tls, self.topology)
+        self.pool2 = FakePool("pool2.lab.local", self.port2, self.tls, self.topology)
+        self.dns_port = 0
+
+
+def runner_for(
+    lab: Lab, patterns: list[str], stream: io.StringIO | None = None, **kw: object
+) -> ClientRunner:
+    users = select_users(lab.topology, patterns)
+    config = RunnerConfig(
+        profile=profile_for(lab.topology),
+        users=users,
+        nameservers=[(HOST, lab.dns_port)],
+        ssl_context=client_context(lab.tls / "ca.pem"),
+        ramp=200,
+        seed=7,
+        **kw,  # type: ignore[arg-type]
+    )
+    return ClientRunner(config, events=EventLog(stream=stream))

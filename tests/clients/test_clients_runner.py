@@ -2,77 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import pytest
-from clients_lab import HOST, FakePool, free_port, lab_dns, write_topology
+from clients_lab import HOST, Lab, lab_dns, runner_for, wait_for
 
 from sipdrill.clients.endpoint import WorkloadKind
 from sipdrill.clients.events import Failure, Mode
-from sipdrill.clients.metrics import EventLog
-from sipdrill.clients.population import profile_for, select_users
-from sipdrill.clients.runner import ClientRunner, RunnerConfig
+from sipdrill.clients.population import profile_for
 from sipdrill.dns.zone import RecordChange
 from sipdrill.sip.tls import LabCA, client_context
-from sipdrill.topology import Topology
-
-
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        if loop.time() - start > within:
-            raise AssertionError(f"{what}: not within {within} s")
-        await asyncio.sleep(0.05)
-    return loop.time() - start
-
-
-class Lab:
-    def __init__(self, tmp: Path, **topo: float) -> None:
-        self.port1, self.port2 = free_port(), free_port()
-        self.tls = tmp / "tls"
-        self.topology: Topology = write_topology(tmp / "lab.yaml", self.port1, self.port2, **topo)  # type: ignore[arg-type]
-        self.pool1 = FakePool("pool1.lab.local", self.port1, self.tls, self.topology)
-        self.pool2 = FakePool("pool2.lab.local", self.port2, self.tls, self.topology)
-        self.dns_port = 0
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
-    lab = Lab(tmp_path)
-    async with lab_dns(lab.topology) as (port, _store):
-        lab.dns_port = port
-        await lab.pool1.start()
-        await lab.pool2.start()
-        try:
-            yield lab
-        finally:
-            await lab.pool1.stop()
-            await lab.pool2.stop()
-
-
-def runner_for(
-    lab: Lab, patterns: list[str], stream: io.StringIO | None = None, **kw: object
-) -> ClientRunner:
-    users = select_users(lab.topology, patterns)
-    config = RunnerConfig(
-        profile=profile_for(lab.topology),
-        users=users,
-        nameservers=[(HOST, lab.dns_port)],
-        ssl_context=client_context(lab.tls / "ca.pem"),
-        ramp=200,
-        seed=7,
-        **kw,  # type: ignore[arg-type]
-    )
-    return ClientRunner(config, events=EventLog(stream=stream))
-
-
-def modes(runner: ClientRunner) -> dict[str, int]:
-    return {m: n for m, n in runner.counts()["by_mode"].items() if n}
 
 
 async def test_endpoints_register_fail_over_and_come_back(lab: Lab) -> None:

@@ -1,0 +1,113 @@
+"""The control API of a client runner (FastAPI; routes stay thin).
+
+=========================  =====================================================
+``GET /health``            liveness and a one-line summary
+``GET /counts``            endpoints by mode, by registrar pool and by home pool
+``POST /start``            sign every signed-out endpoint in (at the ramp rate)
+``POST /stop``             sign every endpoint out (REGISTER Expires 0)
+``GET /events``            events, oldest first: ``since`` (wall-clock seconds),
+                           ``after`` (a ``seq`` already seen), ``limit``,
+                           ``user``, ``kind``; page with ``next_after``
+``GET /metrics``           Prometheus: endpoints by mode and pool,
+                           registrations, failovers, time to reconnect...
+=========================  =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from sipdrill.clients.runner import ClientRunner
+
+__all__ = ["Counts", "EventsPage", "Health", "RunState", "create_app"]
+
+
+class Health(BaseModel):
+    status: str
+    running: bool
+    endpoints: int
+    registered: int
+    faults: int
+    events: int
+    started_at: float | None
+
+
+class Counts(BaseModel):
+    total: int
+    running: bool
+    by_mode: dict[str, int]
+    by_pool: dict[str, dict[str, int]]
+    by_home_pool: dict[str, dict[str, int]]
+
+
+class RunState(BaseModel):
+    running: bool
+    message: str
+
+
+class EventsPage(BaseModel):
+    events: list[dict[str, Any]]
+    #: Pass as ``after`` to get the next page (None: no event returned).
+    next_after: int | None
+    #: The sequence number of the newest event so far.
+    latest: int
+
+
+def create_app(runner: ClientRunner) -> FastAPI:
+    app = FastAPI(
+        title="sipdrill clients",
+        description="Simulated Lync 2013 clients: counts, events, start/stop, metrics.",
+    )
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        by_mode = runner.counts()["by_mode"]
+        return Health(
+            status="ok",
+            running=runner.running,
+            endpoints=len(runner.endpoints),
+            registered=by_mode["FullService"] + by_mode["ResiliencyMode"],
+            faults=runner.faults,
+            events=runner.events.seq,
+            started_at=runner.started_at,
+        )
+
+    @app.get("/counts", response_model=Counts)
+    def counts() -> Counts:
+        return Counts(running=runner.running, **runner.counts())
+
+    @app.post("/start", response_model=RunState)
+    def start() -> RunState:
+        runner.start()
+        return RunState(running=True, message=f"signing in {len(runner.endpoints)} endpoints")
+
+    @app.post("/stop", response_model=RunState)
+    async def stop() -> RunState:
+        await runner.stop()
+        return RunState(running=False, message="every endpoint signed out")
+
+    @app.get("/events", response_model=EventsPage)
+    def events(
+        since: float | None = Query(None, description="Wall-clock seconds (Unix time)."),
+        after: int | None = Query(None, ge=0, description="Only events with a larger seq."),
+        limit: int = Query(1000, ge=1, le=100_000),
+        user: str | None = Query(None, description="A SIP URI."),
+        kind: str | None = Query(None, description="ModeChanged, Registered, TargetFailed..."),
+    ) -> EventsPage:
+        found = runner.events.query(since=since, after=after, limit=limit, user=user, kind=kind)
+        return EventsPage(
+            events=found,
+            next_after=found[-1]["seq"] if found else after,
+            latest=runner.events.seq,
+        )
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(runner.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
