@@ -1,0 +1,116 @@
+"""The local runtime with a real `sipdrill serve dns` process on 127.77.0.53:
+start, health, faults (cut, crash, dns-outage), undo, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from sipdrill.errors import FaultError, OperationError
+from sipdrill.orchestrator.local_runtime import LocalRuntime, _alive
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, lab_plan
+from sipdrill.topology import load_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPOLOGY = ROOT / "topologies/paired-pools.yaml"
+SRV = "_sipinternaltls._tcp.lab.local"
+
+pytestmark = pytest.mark.slow
+
+
+def dns_spec(tmp_path: Path) -> ServiceSpec:
+    t = load_topology(TOPOLOGY).topology
+    specs = lab_plan(t, RuntimeKind.LOCAL, topology_path=str(TOPOLOGY), state_dir=str(tmp_path))
+    (spec,) = [s for s in specs if s.role is Role.DNS]
+    return spec
+
+
+def ask(timeout: float = 1.0) -> int:
+    q = dns.message.make_query(SRV, "SRV")
+    return dns.query.udp(q, "127.77.0.53", port=5353, timeout=timeout).rcode()
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    runtime = LocalRuntime("t", tmp_path / "state")
+    yield runtime
+    runtime.down()
+
+
+def test_up_fault_undo_down(lab: LocalRuntime, tmp_path: Path) -> None:
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    assert [r["health"] for r in lab.status()] == ["healthy"]
+    assert ask() == dns.rcode.NOERROR
+
+    cut = lab.inject("cut", "dns")
+    with pytest.raises(dns.exception.Timeout):
+        ask(timeout=0.5)
+    assert lab.status()[0]["health"] == "cut (SIGSTOP)"
+    lab.undo(cut["id"])
+    assert ask() == dns.rcode.NOERROR
+
+    outage = lab.inject("dns-outage", "dns", mode="servfail")
+    assert ask() == dns.rcode.SERVFAIL
+    lab.undo(outage["id"])
+    assert ask() == dns.rcode.NOERROR
+
+    pid = lab.status()[0]["pid"]
+    crash = lab.inject("crash", "dns")
+    lab.undo(crash["id"])  # starts it again
+    new_pid = lab.status()[0]["pid"]
+    assert new_pid != pid and not _alive(pid)
+
+    stopped = lab.down()
+    assert stopped == ["dns"] and not _alive(new_pid)
+    assert lab.down() == []  # idempotent
+    assert lab.status() == []
+
+
+def test_heal_all_after_orchestrator_loss(tmp_path: Path) -> None:
+    """A second runtime object (a new orchestrator after a crash) heals and stops
+    what the first one left from the journal alone."""
+    first = LocalRuntime("t", tmp_path / "state")
+    first.up([dns_spec(tmp_path)], timeout=30)
+    first.inject("cut", "dns")
+    pid = first.status()[0]["pid"]
+    second = LocalRuntime("t", tmp_path / "state")
+    assert second.down() == ["dns"]
+    assert not _alive(pid)
+
+
+def test_unsupported_fault_is_refused(lab: LocalRuntime, tmp_path: Path) -> None:
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    with pytest.raises(FaultError) as exc_info:
+        lab.inject("partition", "site1")
+    assert exc_info.value.runtime == "local" and "docker" in exc_info.value.message
+    with pytest.raises(FaultError):
+        lab.inject("cut", "nowhere")
+
+
+def test_second_up_is_refused(lab: LocalRuntime, tmp_path: Path) -> None:
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    with pytest.raises(OperationError) as exc_info:
+        lab.up([dns_spec(tmp_path)], timeout=30)
+    assert exc_info.value.code == "lab-already-up"
+
+
+def test_failed_start_leaves_nothing(lab: LocalRuntime, tmp_path: Path) -> None:
+    spec = dns_spec(tmp_path)
+    broken = ServiceSpec(
+        name="dns",
+        role=Role.DNS,
+        network="core",
+        address=spec.address,
+        args=("serve", "dns", "--topology", str(tmp_path / "missing.yaml")),
+    )
+    with pytest.raises(OperationError) as exc_info:
+        lab.up([broken], timeout=20)
+    assert exc_info.value.code == "start-failed"
+    assert "missing.yaml" in exc_info.value.message
+    assert lab.status() == []
+    assert os.listdir(tmp_path / "state" / "logs") == ["dns.log"]
