@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -179,3 +182,78 @@ def test_listen_spec_parse(text: str, spec: ListenSpec) -> None:
 def test_listen_spec_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         ListenSpec.parse(text)
+
+
+# -- `sipdrill sip registrar` as a process -------------------------------------------------
+
+
+async def _run_cli(*args: str, within: float = 20.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sipdrill",
+        "sip",
+        "registrar",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "sctp:127.0.0.1:5070"], "udp, tcp or tls"),
+        (["--listen", "udp:127.0.0.1:0", "--workers", "2"], "fixed ports"),
+        (["--auth", "alice"], "USER:PASSWORD"),
+        (["--expires-min", "900", "--expires-max", "300"], "--expires-min"),
+    ],
+)
+async def test_cli_rejects_bad_options(args: list[str], message: str) -> None:
+    rc, out = await _run_cli("--domain", "lab.local", *args)
+    assert rc == 2 and message in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_cli_prints_where_it_listens_and_stops_cleanly(tmp_path, sig) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sipdrill",
+        "sip",
+        "registrar",
+        "--domain",
+        "lab.local",
+        "--listen",
+        "udp:127.0.0.1:0",
+        "--listen",
+        "tls:127.0.0.1:0",
+        "--tls-dir",
+        str(tmp_path),
+        "--tls-name",
+        "pool1.lab.local",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    try:
+        first = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert "listening on udp:127.0.0.1:" in first and " tls:127.0.0.1:" in first
+        second = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
+        assert str(tmp_path / "ca.pem") in second and "pool1.lab.local" in second
+        proc.send_signal(sig)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
