@@ -64,8 +64,13 @@ from sipdrill.sip.transport import (
 __all__ = [
     "KNOWN_METHODS",
     "ListenSpec",
+    "RegistrarConfig",
     "RequestHandler",
     "SipService",
+    "build_registrar_service",
+    "make_authenticator",
+    "registrar_handler",
+    "registrar_service",
 ]
 
 log = logging.getLogger("sipdrill.sip.server")
@@ -376,7 +381,23 @@ def build_registrar_service(
     registrar = Registrar(
         config.domain, config.expires_default, config.expires_min, config.expires_max, auth
     )
-    service = SipService(registrar_handler(registrar), methods=("REGISTER",), limits=limits)
+    return registrar_service(registrar, limits=limits)
+
+
+def registrar_service(
+    registrar: Registrar,
+    *,
+    limits: TransportLimits | None = None,
+    timers: TimerConfig | None = None,
+) -> SipService:
+    """A :class:`SipService` around any :class:`Registrar` (with its policy/auth hooks).
+
+    Binding expiry is driven by the service; ``service.registrar`` is the
+    registrar, whose bindings carry the :class:`Flow` they came in on.
+    """
+    service = SipService(
+        registrar_handler(registrar), methods=("REGISTER",), limits=limits, timers=timers
+    )
     service.add_timer_core(_ExpiryTimers(registrar))
     service.registrar = registrar
     return service

@@ -268,11 +268,17 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
 
 
 class _Stream(asyncio.Protocol, _Endpoint):
-    def __init__(self, owner: SipTransport, serial: int, kind: Kind, outbound: bool) -> None:
+    def __init__(
+        self, owner: SipTransport, serial: int, kind: Kind, outbound: bool, sni: str | None = None
+    ) -> None:
         self.owner = owner
         self.serial = serial
         self.kind = kind
         self.outbound = outbound
+        # For a TLS connection we opened: the name the certificate was checked
+        # against. Reuse is only for that name (RFC 5923 3: a connection
+        # serves the names its certificate was verified for).
+        self.sni = sni
         self.local: Addr = ("", 0)
         self.remote: Addr = ("", 0)
         self.transport: asyncio.Transport | None = None
@@ -468,7 +474,7 @@ class SipTransport:
         self._servers: list[tuple[Kind, asyncio.Server]] = []
         self._udp: list[_Udp] = []
         self._streams: dict[int, _Stream] = {}
-        self._by_remote: dict[tuple[Kind, Addr], int] = {}
+        self._by_remote: dict[tuple[Kind, Addr, str | None], int] = {}
         self._connecting: dict[tuple[Kind, Addr, str | None], asyncio.Future[Flow]] = {}
         self._closing = False
 
@@ -547,7 +553,9 @@ class SipTransport:
                 assert udp is not None
             return Flow(Kind.UDP, udp.local, remote, udp.serial)
         if reuse:
-            serial = self._by_remote.get((kind, remote))
+            serial = self._by_remote.get(self._reuse_key(kind, remote, server_hostname))
+            if serial is None and kind is Kind.TLS and server_hostname is None:
+                serial = self._by_remote.get((kind, remote, remote[0]))
             stream = self._streams.get(serial) if serial is not None else None
             if stream is not None and stream.flow is not None:
                 return stream.flow
@@ -580,14 +588,15 @@ class SipTransport:
     ) -> Flow:
         if kind is Kind.TLS and ssl_context is None:
             raise TransportError(kind, f"{remote[0]}:{remote[1]}", "TLS needs ssl_context")
+        sni = (server_hostname or remote[0]) if kind is Kind.TLS else None
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
                 _, proto = await self.loop.create_connection(
-                    lambda: self._new_stream(kind, outbound=True),
+                    lambda: self._new_stream(kind, outbound=True, sni=sni),
                     remote[0],
                     remote[1],
                     ssl=ssl_context if kind is Kind.TLS else None,
-                    server_hostname=(server_hostname or remote[0]) if kind is Kind.TLS else None,
+                    server_hostname=sni,
                     ssl_handshake_timeout=(
                         self.limits.tls_handshake_timeout if kind is Kind.TLS else None
                     ),
@@ -672,8 +681,12 @@ class SipTransport:
         return len(self._streams)
 
     # -- internals -------------------------------------------------------------
-    def _new_stream(self, kind: Kind, *, outbound: bool) -> _Stream:
-        return _Stream(self, next(self._serials), kind, outbound)
+    @staticmethod
+    def _reuse_key(kind: Kind, remote: Addr, sni: str | None) -> tuple[Kind, Addr, str | None]:
+        return (kind, remote, sni if kind is Kind.TLS else None)
+
+    def _new_stream(self, kind: Kind, *, outbound: bool, sni: str | None = None) -> _Stream:
+        return _Stream(self, next(self._serials), kind, outbound, sni)
 
     def _admit(self, stream: _Stream) -> bool:
         if self._closing:
@@ -682,15 +695,16 @@ class SipTransport:
             return False
         self._streams[stream.serial] = stream
         self._endpoints[stream.serial] = stream
-        self._by_remote[(stream.kind, stream.remote)] = stream.serial
+        self._by_remote[self._reuse_key(stream.kind, stream.remote, stream.sni)] = stream.serial
         return True
 
     def _stream_gone(self, stream: _Stream) -> None:
         if self._streams.pop(stream.serial, None) is None:
             return
         self._endpoints.pop(stream.serial, None)
-        if self._by_remote.get((stream.kind, stream.remote)) == stream.serial:
-            del self._by_remote[(stream.kind, stream.remote)]
+        key = self._reuse_key(stream.kind, stream.remote, stream.sni)
+        if self._by_remote.get(key) == stream.serial:
+            del self._by_remote[key]
         if self.on_flow_closed is not None and stream.flow is not None:
             try:
                 self.on_flow_closed(stream.flow)

@@ -389,3 +389,31 @@ async def test_timer_driver_calls_the_core_at_its_deadlines() -> None:
     await asyncio.sleep(0.15)
     assert len(core.fired) == 3
     driver.stop()
+
+
+async def test_tls_reuse_only_for_the_name_the_certificate_was_checked_for(
+    server, tmp_path: Path
+) -> None:
+    _, _, ports = server
+    client = SipTransport(lambda rx: None)
+    try:
+        ctx = client_context(tmp_path / "ca.pem")
+        port = ports[Kind.TLS]
+        pool = await client.open_flow(
+            Kind.TLS, HOST, port, ssl_context=ctx, server_hostname="pool1.lab.local"
+        )
+        fe = await client.open_flow(
+            Kind.TLS, HOST, port, ssl_context=ctx, server_hostname="fe1.lab.local"
+        )
+        assert pool != fe and client.connection_count == 2
+        again = await client.open_flow(
+            Kind.TLS, HOST, port, ssl_context=ctx, server_hostname="fe1.lab.local"
+        )
+        assert again == fe
+        # An open connection to the same address does not vouch for another name.
+        with pytest.raises(TransportError, match="certificate rejected"):
+            await client.open_flow(
+                Kind.TLS, HOST, port, ssl_context=ctx, server_hostname="sip.lab.local"
+            )
+    finally:
+        await client.close()
