@@ -37,12 +37,20 @@ class Health(BaseModel):
     started_at: float | None
 
 
+class CountRow(BaseModel):
+    home_pool: str
+    pool: str | None
+    mode: str
+    count: int
+
+
 class Counts(BaseModel):
     total: int
     running: bool
     by_mode: dict[str, int]
     by_pool: dict[str, dict[str, int]]
     by_home_pool: dict[str, dict[str, int]]
+    by: list[CountRow] = []
 
 
 class RunState(BaseModel):

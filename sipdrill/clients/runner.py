@@ -305,9 +305,13 @@ class ClientRunner:
         by_mode: Counter[str] = Counter()
         by_pool: dict[str, Counter[str]] = {}
         by_home: dict[str, Counter[str]] = {}
+        # (home pool, serving pool, mode): what a drill waits on ("pool1's users
+        # in resiliency mode on pool2") cannot be read from the two margins.
+        cross: Counter[tuple[str, str | None, str]] = Counter()
         for ep in self.endpoints:
             mode = ep.mode.value
             by_mode[mode] += 1
+            cross[(ep.user.home_pool or "", ep.pool, mode)] += 1
             if ep.pool is not None:
                 by_pool.setdefault(ep.pool, Counter())[mode] += 1
             by_home.setdefault(ep.user.home_pool or "", Counter())[mode] += 1
@@ -316,6 +320,12 @@ class ClientRunner:
             "by_mode": {m.value: by_mode.get(m.value, 0) for m in Mode},
             "by_pool": {p: dict(c) for p, c in sorted(by_pool.items())},
             "by_home_pool": {p: dict(c) for p, c in sorted(by_home.items())},
+            "by": [
+                {"home_pool": h, "pool": p, "mode": m, "count": n}
+                for (h, p, m), n in sorted(
+                    cross.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2])
+                )
+            ],
         }
 
     # ------------------------------------------------------------------ driving endpoints

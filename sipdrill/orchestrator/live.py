@@ -16,6 +16,16 @@ from sipdrill.orchestrator.engine import ClientCount
 from sipdrill.orchestrator.plan import Role, ServiceSpec
 from sipdrill.topology import Topology
 
+#: The clients' mode names (sipdrill.clients.endpoint.Mode) in the drill file's words.
+CLIENT_MODES = {
+    "FullService": "full",
+    "ResiliencyMode": "resiliency",
+    "SignedOut": "signed-out",
+    "Discovering": "signing-in",
+    "SigningIn": "signing-in",
+    "BackingOff": "backing-off",
+}
+
 
 class Runtime(Protocol):
     """What both runtimes (local, docker) offer the drill engine."""
@@ -71,9 +81,8 @@ class LiveLab:
             except httpx.HTTPError:
                 continue  # a clients process that does not answer counts for nothing
             for row in r.json().get("by", []):
-                out.append(
-                    ClientCount(row["home_pool"], row["mode"], row.get("pool"), int(row["count"]))
-                )
+                mode = CLIENT_MODES.get(row["mode"], row["mode"])
+                out.append(ClientCount(row["home_pool"], mode, row.get("pool"), int(row["count"])))
         return out
 
     # --- faults -------------------------------------------------------------
