@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import multiprocessing
@@ -28,7 +27,13 @@ from types import FrameType
 
 import typer
 
-from sipdrill.sip.server import ListenSpec, RegistrarConfig, SipService, build_registrar_service
+from sipdrill.sip.server import (
+    ListenSpec,
+    RegistrarConfig,
+    SipService,
+    build_registrar_service,
+    tune_gc,
+)
 from sipdrill.sip.tls import ServiceCert, TlsSetupError, ensure_server_cert, server_context
 from sipdrill.sip.transport import TransportError
 
@@ -93,7 +98,7 @@ async def _serve(plan: _Plan, ready: multiprocessing.connection.Connection | Non
         else:
             typer.echo(f"sipdrill sip registrar: {exc}", err=True)
         return 1
-    _tune_gc()
+    tune_gc()
     where = " ".join(f"{kind}:{_fmt(addr)}" for kind, addr in bound)
     if ready is not None:
         ready.send(("ok", where))
@@ -110,21 +115,6 @@ async def _serve(plan: _Plan, ready: multiprocessing.connection.Connection | Non
     finally:
         await service.close()
     return 0
-
-
-def _tune_gc() -> None:
-    """Fewer, not longer, collector pauses for a server holding many live transactions.
-
-    A UDP server transaction lives 32 s (Timer J) after its answer, so at a
-    few thousand REGISTER/s tens of thousands of messages are alive; with the
-    default thresholds (700, 10, 10) full collections walking all of them ran
-    every few thousand requests and stalled the loop for hundreds of ms, long
-    enough for clients to retransmit (measured with bench/register_throughput).
-    Start-up objects are frozen out of collection altogether.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 100)
 
 
 def _fmt(addr: tuple[str, int]) -> str:
