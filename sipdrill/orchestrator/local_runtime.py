@@ -260,9 +260,18 @@ class LocalRuntime:
                 f"{', '.join(LOCAL_FAULTS)} (use --runtime docker for network faults)",
             )
         state = self._state()
+        members = [n for n, r in state.processes.items() if r.spec["network"] == target]
+        if target not in state.processes and members and kind in ("cut", "crash"):
+            # A site: the fault hits every process in it, one journal entry each.
+            faults = [self.inject(kind, name, **params) for name in members]
+            return {"id": ",".join(f["id"] for f in faults), "kind": kind, "target": target}
         if target not in state.processes:
+            sites = sorted({r.spec["network"] for r in state.processes.values()} - {"core"})
             raise FaultError(
-                kind, "local", f"unknown target {target!r}; targets: {', '.join(state.processes)}"
+                kind,
+                "local",
+                f"unknown target {target!r}; services: {', '.join(state.processes)}; "
+                f"sites (cut, crash): {', '.join(sites)}",
             )
         record = state.processes[target]
         fault = {"id": secrets.token_hex(4), "kind": kind, "target": target, "params": params}

@@ -114,3 +114,16 @@ def test_failed_start_leaves_nothing(lab: LocalRuntime, tmp_path: Path) -> None:
     assert "missing.yaml" in exc_info.value.message
     assert lab.status() == []
     assert os.listdir(tmp_path / "state" / "logs") == ["dns.log"]
+
+
+def test_site_fault_hits_every_member(lab: LocalRuntime, tmp_path: Path) -> None:
+    spec = dns_spec(tmp_path)
+    lab.up([spec], timeout=30)
+    fault = lab.inject("cut", "core")  # the DNS server is the core network's only member
+    with pytest.raises(dns.exception.Timeout):
+        ask(timeout=0.5)
+    lab.undo(fault["id"])
+    assert ask() == dns.rcode.NOERROR
+    with pytest.raises(FaultError) as exc_info:
+        lab.inject("dns-outage", "core")
+    assert "sites (cut, crash)" in exc_info.value.message
