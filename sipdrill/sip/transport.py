@@ -34,6 +34,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import re
 import socket
 import ssl
@@ -339,7 +340,9 @@ class _Stream(asyncio.Protocol, _Endpoint):
         owner = self.owner
         now = owner.loop.time()
         self.last_activity = now
-        for event in self.framer.feed(data):
+        events = self.framer.feed(data)
+        progressed = bool(events)
+        for event in events:
             if self.transport is None or self.transport.is_closing():
                 return
             if isinstance(event, MessageBytes):
@@ -368,11 +371,12 @@ class _Stream(asyncio.Protocol, _Endpoint):
                         self.write(answer, self.remote)
                 self.close()
                 return
-        if self.framer.buffered:
-            if self.partial_since is None:
-                self.partial_since = now
-        else:
+        if not self.framer.buffered:
             self.partial_since = None
+        elif self.partial_since is None or progressed:
+            # The clock runs from the first byte of the message now pending,
+            # so a busy pipelined stream whose reads end mid-message is fine.
+            self.partial_since = now
 
     def _flow(self) -> Flow:
         assert self.flow is not None
@@ -380,11 +384,11 @@ class _Stream(asyncio.Protocol, _Endpoint):
 
     def _arm(self) -> None:
         limits = self.owner.limits
-        deadline = self.last_activity + limits.idle_timeout
+        deadline = self.last_activity + limits.idle_timeout if not self.outbound else math.inf
         if self.partial_since is not None:
             deadline = min(deadline, self.partial_since + limits.partial_timeout)
-        # Check at least every partial_timeout so a stall that starts later
-        # is still caught on time.
+        # Check at least every partial_timeout, so a stall that starts later
+        # is caught within twice the timeout.
         now = self.owner.loop.time()
         deadline = min(deadline, now + limits.partial_timeout)
         self.timer = self.owner.loop.call_at(max(deadline, now), self._check)
@@ -407,7 +411,9 @@ class _Stream(asyncio.Protocol, _Endpoint):
             self.owner.stats["stalled"] += 1
             self.close()
             return
-        if now - self.last_activity >= limits.idle_timeout:
+        # Idle flows we opened are the owner's business (it keeps them alive
+        # with pings or lets them go); idle flows we accepted cost us a slot.
+        if not self.outbound and now - self.last_activity >= limits.idle_timeout:
             log.info("%s %s: %s idle; closing", self.kind, self.local, self.remote)
             self.owner.stats["idle_closed"] += 1
             self.close()

@@ -417,3 +417,37 @@ async def test_tls_reuse_only_for_the_name_the_certificate_was_checked_for(
             )
     finally:
         await client.close()
+
+
+async def test_busy_stream_whose_reads_end_mid_message_is_not_a_stall() -> None:
+    limits = TransportLimits(partial_timeout=0.3, idle_timeout=30)
+    transport, _echo, ports = await make_server(limits)
+    reader, writer = await asyncio.open_connection(HOST, ports[Kind.TCP])
+    try:
+        loop = asyncio.get_running_loop()
+        stream = b"".join(request(100 + n, transport="TCP") for n in range(40))
+        # Always a partial message in flight, for 4x the partial timeout,
+        # but every write completes the previous message.
+        chunk = len(stream) // 40 + 7
+        started = loop.time()
+        for offset in range(0, len(stream), chunk):
+            writer.write(stream[offset : offset + chunk])
+            await asyncio.sleep(0.03)
+        assert loop.time() - started > 4 * limits.partial_timeout
+        for _ in range(40):
+            assert (await read_message(reader)).code == 200
+        assert transport.stats["stalled"] == 0
+    finally:
+        await close(writer)
+        await transport.close()
+
+
+async def test_idle_timeout_applies_to_accepted_flows_only(server) -> None:
+    _, _, ports = server
+    client = SipTransport(lambda rx: None, limits=TransportLimits(idle_timeout=0.2))
+    try:
+        flow = await client.open_flow(Kind.TCP, HOST, ports[Kind.TCP])
+        await asyncio.sleep(0.6)
+        assert client.is_open(flow)
+    finally:
+        await client.close()
