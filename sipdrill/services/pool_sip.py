@@ -535,6 +535,7 @@ class PoolSip:
         else:
             closed = self.force_reregister(affected, reason)
         self._end_orphaned_conferences()
+        self.refresh_presence()
         summary: dict[str, object] = {
             "reason": reason,
             "mode_changed": len(back_here),
@@ -617,6 +618,7 @@ class PoolSip:
         loop = asyncio.get_running_loop()
         partner = self.svc.partner
         assert partner is not None
+        failures = 0
         while True:
             started = loop.time()
             flow: Flow | None = None
@@ -629,19 +631,22 @@ class PoolSip:
                 response = await self.endpoint.request(
                     self._heartbeat_request(flow), flow, give_up_after=timeout
                 )
-                if 200 <= response.code < 300:
-                    self.heartbeats["answered"] += 1
-                    metrics.labels("answered").inc()
-                    self._heartbeat(loop.time())
-                else:
+                if not 200 <= response.code < 300:
                     raise RequestFailed("status", str(response.code))
+                failures = 0
+                self.heartbeats["answered"] += 1
+                metrics.labels("answered").inc()
+                self._heartbeat(loop.time())
             except (RequestFailed, TimeoutError) as exc:
+                failures += 1
                 self.heartbeats["failed"] += 1
                 metrics.labels("failed").inc()
                 log.debug("heartbeat to %s failed: %s", partner, exc)
                 # A half-dead connection (the peer stopped, the path cut)
-                # would swallow every later heartbeat: start afresh.
-                if flow is not None:
+                # would swallow every later heartbeat: start afresh. Not at
+                # the first miss, though: on a loaded host a reconnect (a TLS
+                # handshake) costs more than waiting for one late answer.
+                if flow is not None and failures >= 2:
                     self.endpoint.transport.close_flow(flow)
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
@@ -658,6 +663,8 @@ class PoolSip:
         return None
 
     def _partner_events(self, events: list[PartnerEvent]) -> None:
+        if events:
+            self.endpoint.loop.call_soon(self.refresh_presence)
         for ev in events:
             self.last_partner_event = {"event": type(ev).__name__, "at": time.time()}
             if isinstance(ev, PartnerDown):
@@ -990,7 +997,13 @@ class PoolSip:
     def _set_remote_view(self, presentity: str, state: PresenceState) -> None:
         previous = self.remote_views.get(presentity)
         self.remote_views[presentity] = state
-        if previous != state and self.presence_of(presentity) is None:
+        if previous != state:
+            self._presence_changed(presentity)
+
+    def refresh_presence(self) -> None:
+        """Tell watchers whatever changed: after a partner or failover event
+        this pool's own view of many users changes at once."""
+        for presentity in self.subs.presentities():
             self._presence_changed(presentity)
 
     def _remote_pool_down(self, pool: str) -> None:

@@ -306,6 +306,10 @@ class SipEndpoint:
                     self._deliver(event, rx)
             elif isinstance(event, Send):
                 flow = self._server_flows.get(event.key) or self._client_flows.get(event.key)
+                if flow is None and rx is not None and isinstance(rx.message, Request):
+                    # A server INVITE transaction sends its 100 Trying before
+                    # it delivers the request: answer on the flow it came in on.
+                    flow = self._server_flows[event.key] = rx.flow
                 if flow is None or not self.transport.send(flow, event.data):
                     pending += self.transactions.transport_error(
                         event.key, "flow closed", self.loop.time()

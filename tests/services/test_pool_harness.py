@@ -3,7 +3,8 @@
 Pools run in the test's event loop (``PoolService``) on addresses of a
 random 127.x.0.0/16 (the topology's ``lab.loopback_network``), so two test
 runs on one machine do not collide. Timers are short: failover detection
-and failback 1 s, heartbeats every 0.25 s. Clients are
+1.5 s and failback 1 s, heartbeats every 0.375 s (2 cores shared with other
+test runs: a shorter detection interval sees false outages). Clients are
 :class:`sipdrill.services.sip_ua.UserAgent` s over TLS, verified against the
 lab CA like real clients.
 """
@@ -41,7 +42,7 @@ ERIN = "sip:erin@lab.local"
 LOOPBACK_NET = f"127.{random.randint(100, 250)}.0.0/16"
 
 
-def make_topology(*, detection: float = 1.0, failback: float = 1.0) -> Topology:
+def make_topology(*, detection: float = 1.5, failback: float = 1.0) -> Topology:
     def pool(name: str, site: int, backup: str) -> dict[str, Any]:
         return {
             "fqdn": name,
