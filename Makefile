@@ -3,9 +3,12 @@ PYTHON ?= python3
 PYTEST_ARGS ?=
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install test pytest lint fmt clean
+SCENARIO ?= scenarios/registrar-failover.yaml
+
+.PHONY: help install drill test pytest lint fmt clean
 
 help:
+	@echo "make drill     install, then run a drill (SCENARIO=$(SCENARIO)) on the local runtime"
 	@echo "make install   install sipdrill and its test tools (editable)"
 	@echo "make test      lint, then the whole test suite (unit, loopback, interop, docker)"
 	@echo "make lint      ruff and mypy"
@@ -13,6 +16,9 @@ help:
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
+
+drill: install
+	sipdrill drill run $(SCENARIO)
 
 test: lint pytest
 

@@ -1,0 +1,91 @@
+"""A whole drill on the local runtime: real DNS, pools, Backup Services and
+clients as processes on 127.77.x.y; site1 cut with SIGSTOP, registrar failover
+to pool2 in resiliency mode, failback home. Short timers keep it under a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+DRILL = """\
+name: quick-failover
+topology: {topology}
+runtime: local
+timers:
+  failover_detection_interval: 6
+  failback_interval: 6
+  keepalive_interval: 5
+  keepalive_pong_timeout: 3
+  sync_interval: 5
+clients: {{count: 12}}
+steps:
+  - wait: {{mode: full}}
+    timeout: 60
+  - fault: {{kind: cut, target: site1, id: loss}}
+  - wait: {{mode: resiliency, users: "pool1.lab.local:*", pool: pool2.lab.local}}
+    timeout: 90
+    measure: time_to_resiliency
+  - wait: {{mode: full, users: "pool2.lab.local:*", pool: pool2.lab.local}}
+    timeout: 5
+  - heal: loss
+  - wait: {{mode: full, users: "pool1.lab.local:*", pool: pool1.lab.local}}
+    timeout: 90
+    measure: time_to_failback
+expect:
+  time_to_resiliency: {{max: 60}}
+"""
+
+
+def _lab_processes(state: Path) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sipdrill" in cmd and str(state).encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_registrar_failover_drill(tmp_path: Path) -> None:
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(DRILL.format(topology=ROOT / "topologies/paired-pools.yaml"))
+    state, reports = tmp_path / "state", tmp_path / "reports"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sipdrill",
+            "drill",
+            "run",
+            str(drill),
+            "--state-dir",
+            str(state),
+            "--report-dir",
+            str(reports),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    (report_dir,) = reports.iterdir()
+    report = json.loads((report_dir / "report.json").read_text())
+    assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
+    assert report["status"] == "passed" and report["healed"]
+    # Detection needs the pong timeout (3 s) and the backup's detection interval (6 s).
+    assert 3 <= report["metrics"]["time_to_resiliency"] <= 60
+    assert report["metrics"]["time_to_failback"] <= 90
+    assert [s["status"] for s in report["steps"]] == ["passed"] * 6
+    assert _lab_processes(state) == [], "the drill left lab processes behind"
