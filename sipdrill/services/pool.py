@@ -169,11 +169,7 @@ class PoolService:
                 "(SIPDRILL_CONTROL_TOKEN or --token)", 400,
             )
         self.token = token
-        detection = topology.timers.failover_detection_interval
-        self.heartbeat_interval = settings.heartbeat_interval or min(5.0, detection / 4)
-        self.heartbeat_timeout = settings.heartbeat_timeout or min(
-            detection / 2, max(2 * self.heartbeat_interval, 1.0)
-        )
+        self._set_heartbeat(topology.timers.failover_detection_interval)
         self.metrics = PoolMetrics()
         self.failover = PoolFailoverStates.from_topology(topology)
         self.monitor: PartnerMonitor | None = None
@@ -187,6 +183,12 @@ class PoolService:
         #: Accounts a moved user left on a pool that was down: deleted when it answers.
         self.pending_deletes: dict[str, dict[str, str]] = {}
         self.last_failover_event: dict[str, Any] | None = None
+        #: The CMS (sipdrill.services.cms, when that part is installed): this
+        #: pool's replica, and its user homing cached per document version.
+        self._cms: Any = None
+        self.cms_store: Any = None
+        self._cms_homing: dict[str, str] = {}
+        self._cms_version: tuple[int, int] | None = None
         self.started_at = time.time()
         self._store: UserStore | None = None
         self._state_lock = asyncio.Lock()
@@ -199,6 +201,13 @@ class PoolService:
         self.control_address: tuple[str, int] | None = None
         self._uvicorn: _Uvicorn | None = None
         self._uvicorn_task: asyncio.Task[None] | None = None
+
+    def _set_heartbeat(self, detection: float) -> None:
+        settings = self.settings
+        self.heartbeat_interval = settings.heartbeat_interval or min(5.0, detection / 4)
+        self.heartbeat_timeout = settings.heartbeat_timeout or min(
+            detection / 2, max(2 * self.heartbeat_interval, 1.0)
+        )
 
     # -- addresses ----------------------------------------------------------------------
     def address_of(self, pool: Pool) -> str:
@@ -229,10 +238,12 @@ class PoolService:
 
     # -- directory and decisions ------------------------------------------------------------
     def home_of(self, aor: str) -> str | None:
-        """The user's home pool: a Move-CsUser this pool knows of, else the
-        topology, else the store (a user only a move created)."""
+        """The user's home pool: the CMS's user homing (Move-CsUser records
+        it there, and every pool holds a replica), else a move this pool
+        took part in, else the topology, else the store (a user only a move
+        created)."""
         key = aor.lower()
-        home = self.moves.get(key) or self._topo_home.get(key)
+        home = self._cms_homing.get(key) or self.moves.get(key) or self._topo_home.get(key)
         if home is not None:
             return home
         if self._store is None:
@@ -311,8 +322,11 @@ class PoolService:
         self.server_ssl = server_context(cert)
         self.client_ssl = client_context(cert.ca_path)
         loop = asyncio.get_running_loop()
+        self._cms = self._cms_module()
+        app_router = self._cms_router()
         if self.partner is not None:
-            timers = self.topology.timers
+            timers = self.timers()
+            self._set_heartbeat(timers.failover_detection_interval)
             self.monitor = PartnerMonitor(
                 self.partner,
                 failover_detection_interval=timers.failover_detection_interval,
@@ -331,7 +345,7 @@ class PoolService:
         self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self.http = httpx.AsyncClient(timeout=PEER_HTTP_TIMEOUT, headers=headers)
-        await self._start_control()
+        await self._start_control(app_router)
         log.info(
             "pool %s: sip %s, control %s, partner %s (detection %gs, failback %gs, "
             "heartbeat every %gs)",
@@ -339,15 +353,15 @@ class PoolService:
             ", ".join(f"{k}:{h}:{p}" for k, (h, p) in self.sip_addresses),
             self.control_url,
             self.partner or "none",
-            self.topology.timers.failover_detection_interval,
-            self.topology.timers.failback_interval,
+            self.monitor.failover_detection_interval if self.monitor else 0,
+            self.monitor.failback_interval if self.monitor else 0,
             self.heartbeat_interval,
         )
 
-    async def _start_control(self) -> None:
+    async def _start_control(self, cms_router: Any) -> None:
         from sipdrill.services.pool_api import create_pool_app
 
-        app = create_pool_app(self, cms_router=self._cms_router())
+        app = create_pool_app(self, cms_router=cms_router)
         host, port = self.address, self.pool.control_port
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -372,14 +386,51 @@ class PoolService:
 
     def _cms_router(self) -> Any:
         # The CMS is another engineer's module; mount it when it is there.
+        if self._cms is None:
+            return None
+        router = self._cms.cms_router(self.settings.state_dir / "cms", self.fqdn, self.topology)
+        self.cms_store = getattr(router, "cms_store", None)
+        self.refresh_cms()
+        return router
+
+    @staticmethod
+    def _cms_module() -> Any:
         try:
             found = importlib.util.find_spec("sipdrill.services.cms") is not None
         except ModuleNotFoundError:
             found = False
-        if not found:
+        return importlib.import_module("sipdrill.services.cms") if found else None
+
+    def refresh_cms(self) -> None:
+        """Pick up the CMS replica's user homing when its document changed
+        (replication from the master arrives through the CMS routes)."""
+        if self.cms_store is None:
+            return
+        doc = self.cms_store.state().document
+        version = (doc.generation, doc.version)
+        if version != self._cms_version:
+            self._cms_version = version
+            self._cms_homing = {
+                uri.lower(): pool.lower() for uri, pool in doc.config.user_homing.items()
+            }
+
+    def timers(self) -> Any:
+        """The topology's timers with the CMS's overrides."""
+        if self.cms_store is not None:
+            return self.cms_store.effective_timers()
+        return self.topology.timers
+
+    async def _cms_call(self, fn: str, *args: Any) -> Any:
+        """``sipdrill.services.cms.<fn>(topology, clients, *args)``, or None
+        without a CMS part."""
+        if self._cms is None:
             return None
-        cms = importlib.import_module("sipdrill.services.cms")
-        return cms.cms_router(self.settings.state_dir / "cms", self.fqdn, self.topology)
+        from sipdrill.services.backup_client import LabClients
+
+        async with LabClients(
+            self.topology, token=self.token, loopback=self.settings.loopback
+        ) as clients:
+            return await getattr(self._cms, fn)(self.topology, clients, *args)
 
     async def close(self) -> None:
         if self._uvicorn is not None and self._uvicorn_task is not None:
@@ -584,8 +635,23 @@ class PoolService:
         key = user.lower()
         uri = self.store_uri(user)
         local = self.store.get_user(uri)
+        # Lync: "if the CMS is unavailable, you lose the ability to conduct
+        # moves" (seed 001). Checked before anything is written.
+        await self._cms_call("require_cms")
         if local is not None and local.home_pool == self.fqdn:
-            raise OperationError("same-pool", f"{user} is already homed on {self.fqdn}", 409)
+            recorded = (
+                self._cms_homing.get(key) if self._cms is not None else self.moves.get(key)
+            ) or self._topo_home.get(key)
+            if recorded == self.fqdn and key not in self.pending_deletes:
+                raise OperationError("same-pool", f"{user} is already homed on {self.fqdn}", 409)
+            # An interrupted move: the account is here, the CMS or the old
+            # pool do not know yet. Finish it.
+            pending = self.pending_deletes.get(key, {}).get("pool")
+            previous = pending or recorded or self.fqdn
+            await self._finish_move(key, uri, previous)
+            return asdict(MoveResult(uri, previous, self.fqdn, force, 0, 0, 0, 0)) | {
+                "source_cleaned": key not in self.pending_deletes, "counted_from": "nothing",
+            }
         source = local.home_pool if local is not None else self.home_of(key)
         if source is None or source == self.fqdn:
             raise OperationError("unknown-user", f"no pool has an account for {user}", 404)
@@ -643,15 +709,8 @@ class PoolService:
                         store.schedule_conference(uri, conf_id, subject=subject, content=content)
 
         await asyncio.to_thread(write_target)
-        await self._record_move(key, self.fqdn)
-        deleted = await self._delete_at_source(uri, source)
-        if not deleted:
-            async with self._state_lock:
-                self.pending_deletes[key] = {"uri": uri, "pool": source, "moved_to": self.fqdn}
-                await self._save_state()
-        # Clients of the user registered here (e.g. in resiliency mode) must
-        # register again to get full service from their new home.
-        self.sip.reevaluate(f"move {key}")
+        await self._finish_move(key, uri, source)
+        deleted = key not in self.pending_deletes
         n_contacts, n_confs = len(contacts), len(conferences)
         result_obj = MoveResult(
             user=uri,
@@ -670,6 +729,27 @@ class PoolService:
         )
         log.info("moved %s from %s to %s%s", uri, source, self.fqdn, " (forced)" if force else "")
         return out
+
+    async def _finish_move(self, key: str, uri: str, source: str) -> None:
+        """After the target holds the account: the CMS's user homing, this
+        pool's own record, the source's stale account (now, or when it
+        answers again), and the user's registrations here."""
+        home = None if self._topo_home.get(key) == self.fqdn else self.fqdn
+        if self._cms is not None:
+            await self._cms_call("cms_update", self._cms.CmsConfigPatch(user_homing={key: home}))
+            self.refresh_cms()
+        await self._record_move(key, self.fqdn)
+        if source != self.fqdn and not await self._delete_at_source(uri, source):
+            async with self._state_lock:
+                self.pending_deletes[key] = {"uri": uri, "pool": source, "moved_to": self.fqdn}
+                await self._save_state()
+        elif key in self.pending_deletes:
+            async with self._state_lock:
+                self.pending_deletes.pop(key, None)
+                await self._save_state()
+        # Clients of the user registered here (e.g. in resiliency mode) must
+        # register again to get full service from their new home.
+        self.sip.reevaluate(f"move {key}")
 
     async def _delete_at_source(self, uri: str, source: str) -> bool:
         response = await self._peer(
@@ -774,6 +854,9 @@ class PoolService:
 
     # -- status ---------------------------------------------------------------------------
     def cms_role(self) -> str | None:
+        if self.cms_store is not None:
+            role: str = self.cms_store.state().role.value
+            return role
         if self.topology.cms.active == self.fqdn:
             return "active"
         if self.topology.cms_standby == self.fqdn:

@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 from typer.testing import CliRunner
 
+from sipdrill.services.backup_client import LabClients
+from sipdrill.services.cms import cms_failover
 from sipdrill.services.pool_cli import control_url, pool_app, user_app
 
 from .test_pool_harness import (
@@ -75,6 +77,12 @@ async def test_forced_move_loses_contacts_and_cleans_up_later(tmp_path: Path) ->
     async with two_pools(tmp_path) as lab:
         assert await lab.replicate(P1, P2) > 0  # P2 holds a replica of dave
         await lab.stop(P1)
+        # P1 hosted the CMS master: no move until the CMS is failed over.
+        r = await lab.post(P2, "/admin/users/move", json={"user": DAVE, "to": P2, "force": True})
+        assert (r.status_code, r.json()["code"]) == (503, "cms-unavailable")
+        async with LabClients(lab.topology, token=TOKEN, loopback=True) as clients:
+            report = await cms_failover(lab.topology, True, clients)
+        assert report.target == P2
         r = await lab.post(P2, "/admin/users/move", json={"user": DAVE, "to": P2})
         assert (r.status_code, r.json()["code"]) == (503, "pool-down")
         r = await lab.post(P2, "/admin/users/move", json={"user": DAVE, "to": P2, "force": True})
@@ -87,6 +95,8 @@ async def test_forced_move_loses_contacts_and_cleans_up_later(tmp_path: Path) ->
         assert (data["home_pool"], data["contacts"]) == (P2, [])
         r = await (await lab.agent(DAVE, P2)).register()
         assert (r.code, r.headers.get("X-Sipdrill-Mode")) == (200, "full")
+        cms = (await lab.get(P2, "/cms")).json()
+        assert cms["document"]["config"]["user_homing"] == {DAVE: P2}
         # P1 comes back with dave's stale account: P2 removes it.
         await lab.start(P1)
 
