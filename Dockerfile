@@ -33,6 +33,17 @@ ENV PATH=/opt/sipdrill/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LANG=C.UTF-8
 
+# Metadata before the wheels: on this engine's legacy builder every instruction
+# costs a container, so what changes on each build comes last.
+ARG BASE_IMAGE
+LABEL org.opencontainers.image.title="sipdrill" \
+      org.opencontainers.image.description="One image for every sipdrill lab role" \
+      sipdrill.image="1" \
+      sipdrill.base="${BASE_IMAGE}"
+WORKDIR /var/lib/sipdrill
+ENTRYPOINT ["sipdrill"]
+CMD ["--help"]
+
 # Dependencies first: this layer stays cached while only sipdrill changes.
 COPY wheelhouse/deps/ /tmp/wheelhouse/deps/
 RUN pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse/deps \
@@ -44,11 +55,3 @@ RUN pip install --no-cache-dir --no-index --no-deps /tmp/wheelhouse/self/sipdril
     && rm -rf /tmp/wheelhouse \
     && pip check \
     && sipdrill --version
-
-LABEL org.opencontainers.image.title="sipdrill" \
-      org.opencontainers.image.description="One image for every sipdrill lab role" \
-      sipdrill.image="1"
-
-WORKDIR /var/lib/sipdrill
-ENTRYPOINT ["sipdrill"]
-CMD ["--help"]

@@ -208,13 +208,20 @@ trap - EXIT
 # --- 3. the image --------------------------------------------------------------
 
 say "docker build $IMAGE from $base"
+previous=$("$DOCKER" image inspect -f '{{ .Id }}' "$IMAGE" 2>/dev/null || true)
 log=$(mktemp)
 if ! "$DOCKER" build --build-arg BASE_IMAGE="$base" --build-arg NET_TOOLS="$NET_TOOLS" \
-        --label sipdrill.base="$base" -t "$IMAGE" . >"$log" 2>&1; then
+        -t "$IMAGE" . >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     rm -f "$log"
     die "docker build failed"
 fi
 rm -f "$log"
+# The image this build replaced, now untagged: remove it (and its layers) unless
+# a container still uses it.
+current=$("$DOCKER" image inspect -f '{{ .Id }}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    "$DOCKER" image rm "$previous" >/dev/null 2>&1 || true
+fi
 size=$("$DOCKER" image inspect -f '{{ .Size }}' "$IMAGE")
 say "built $IMAGE from $base: $(( size / 1000000 )) MB in $(( $(now) - t_start )) s"
