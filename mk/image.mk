@@ -1,13 +1,14 @@
 # The lab image (included by the Makefile).
 #   make image          build sipdrill:latest (cached: a few seconds when nothing changed)
 #   make image-clean    remove the image, its debootstrap base and the wheelhouse
+PYTHON ?= python3
 SIPDRILL_IMAGE ?= sipdrill:latest
 BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE ?= sipdrill-base:bookworm
 
 .PHONY: image image-clean
 image:
-	IMAGE=$(SIPDRILL_IMAGE) BASE_IMAGE=$(BASE_IMAGE) LOCAL_BASE_IMAGE=$(LOCAL_BASE_IMAGE) \
+	PYTHON=$(PYTHON) IMAGE=$(SIPDRILL_IMAGE) BASE_IMAGE=$(BASE_IMAGE) LOCAL_BASE_IMAGE=$(LOCAL_BASE_IMAGE) \
 		bash scripts/build-image.sh
 
 image-clean:
