@@ -781,6 +781,7 @@ class BackupService:
         self.last_result = result
         if result.outcome == "held" and not self.direction.record.source_read_only:
             await self._fence()
+        await self.reconcile()
         self.metrics.update(self.direction.status(), result)
         log.info(
             "sync %s->%s: %s, %d applied, position %d/%d in %.3fs%s",
@@ -807,6 +808,27 @@ class BackupService:
         self._persist(self.direction)
         log.warning("%s is failed over to %s but was writable: made it read-only",
                     self.pool, self.partner)
+        # It was down when its users were failed over: tell it, so that it
+        # sends them to the backup pool rather than serving them itself.
+        try:
+            own = await self.source.failover_states(time_limit=PROBE_TIMEOUT)
+            if own.get(self.pool, FailoverState.ACTIVE) not in SERVED_BY_BACKUP:
+                await self.source.failover_event(self.pool, "failover_started", True)
+                await self.source.failover_event(self.pool, "failover_completed", True)
+                log.warning("%s had missed its failover to %s: told it", self.pool, self.partner)
+        except (OperationError, OSError) as exc:
+            log.warning("could not tell %s about its failover: %s", self.pool, exc)
+
+    async def reconcile(self) -> None:
+        """Tell this pool what it missed while it was down (a disaster-mode
+        failback of the partner's users)."""
+        from sipdrill.services.failover import reconcile_failover_states
+
+        try:
+            for sent in await reconcile_failover_states(self.topology, self.clients, self.partner):
+                log.warning("reconciled failover states: %s", sent)
+        except (OperationError, OSError) as exc:
+            log.debug("reconciling failover states: %s", exc)
 
     async def refresh_interval(self) -> None:
         """Take SyncInterval from the CMS replica on the pool (global setting)."""
