@@ -443,6 +443,21 @@ class DockerRuntime:
         return found
 
 
+def compose_command() -> list[str] | None:
+    """The Compose CLI of this machine: ``docker compose`` (the v2 plugin) if
+    it answers, else the v1 ``docker-compose`` tool, else None."""
+    docker_cli = shutil.which("docker")
+    if docker_cli is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            probe = subprocess.run(
+                [docker_cli, "compose", "version"], capture_output=True, timeout=30, check=False
+            )
+            if probe.returncode == 0:
+                return [docker_cli, "compose"]
+    v1 = shutil.which("docker-compose")
+    return [v1] if v1 is not None else None
+
+
 def _kill_host_process(pid: int, tag: str, grace: float = 5.0) -> None:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

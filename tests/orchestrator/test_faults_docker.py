@@ -26,7 +26,7 @@ from docker_labkit import (
 )
 
 from sipdrill.errors import FaultError
-from sipdrill.orchestrator.docker_runtime import DockerRuntime
+from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
 from sipdrill.orchestrator.faults import (
     Crash,
     Cut,
@@ -104,6 +104,16 @@ def test_the_image_runs_sipdrill_and_has_the_fault_tools(lab: ProbeLab) -> None:
     assert result.exit_code == 0, out
     assert "sipdrill " in out
     assert "(3, 11)" in out
+
+
+def test_a_compose_cli_is_found_v2_plugin_or_v1_tool() -> None:
+    command = compose_command()
+    assert command is not None
+    assert command[-1] == "compose" or command[-1].endswith("docker-compose")
+    version = subprocess.run([*command, "version"], capture_output=True, text=True, check=True)
+    assert (
+        "ompose" in version.stdout
+    )  # "Docker Compose version v2..." or "docker-compose version 1..."
 
 
 def test_every_container_reaches_every_other_before_any_fault(lab: ProbeLab) -> None:
@@ -330,16 +340,14 @@ def test_what_the_runtime_cannot_do_raises_fault_error(
     assert faults.journal.records() == []  # type: ignore[union-attr]
 
 
-def test_a_crashed_orchestrator_is_healed_from_its_journal(
-    lab: ProbeLab, tmp_path: Path
-) -> None:
+def test_a_crashed_orchestrator_is_healed_from_its_journal(lab: ProbeLab, tmp_path: Path) -> None:
     journal = tmp_path / "faults.json"
     a, b, c = (lab.container(s) for s in "abc")
     degraded = c if os.geteuid() == 0 else a
     program = textwrap.dedent(
         f"""
         import os
-        from sipdrill.orchestrator.docker_runtime import DockerRuntime
+        from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
         from sipdrill.orchestrator.faults import Cut, Degrade, FaultRegistry, Pause
         rt = DockerRuntime.from_env()
         registry = FaultRegistry(rt, {str(journal)!r})
@@ -377,7 +385,7 @@ def test_a_lab_is_removed_when_the_block_raises() -> None:
     assert leftovers_of(name) == set()
 
 
-INNER_TEST = '''
+INNER_TEST = """
 import pytest
 from docker_labkit import ProbeLab
 from sipdrill.orchestrator.faults import Cut, FaultRegistry
@@ -395,7 +403,7 @@ def test_fails_on_purpose(lab, tmp_path):
     assert lab.runtime.labs(lab.name) == {lab.name}
     print("made", lab.name)
     assert False, "this test fails on purpose"
-'''
+"""
 
 
 def test_a_failing_test_leaves_no_container_or_network(tmp_path: Path) -> None:
