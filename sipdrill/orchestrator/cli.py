@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sipdrill.errors import ConfigFileError, FaultError, OperationError
 from sipdrill.orchestrator.drill import LoadedDrill, load_drill
-from sipdrill.orchestrator.engine import DrillEngine, DrillInterrupted, signals_interrupt
+from sipdrill.orchestrator.engine import DrillEngine, DrillInterrupted, Report, signals_interrupt
 from sipdrill.orchestrator.local_runtime import LOCAL_FAULTS, LocalRuntime
 from sipdrill.orchestrator.plan import RuntimeKind, lab_plan
 from sipdrill.topology_cli import load_or_exit
@@ -194,11 +194,24 @@ def drill_run(
         clients_processes=d.clients.processes,
     )
     out_dir = report_dir / f"{d.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = None
+    report: Report | None = None
     with signals_interrupt():
         try:
             _progress(f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)")
-            rt.up(specs)
+            try:
+                rt.up(specs)
+            except OperationError as exc:
+                # No lab, no drill: still leave a report that says why.
+                report = Report(
+                    d.name,
+                    loaded.topology_path,
+                    kind.value,
+                    time.time(),
+                    status="failed",
+                    error=f"the lab did not start: {exc.message}",
+                    healed=True,
+                )
+                raise
             live = LiveLab(
                 rt,
                 t,

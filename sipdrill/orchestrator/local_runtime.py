@@ -217,6 +217,8 @@ class LocalRuntime:
             if record.pid is not None and _alive(record.pid):
                 _terminate(record.pid)
                 stopped.append(name)
+            elif record.pid is not None:
+                _reap(record.pid)  # it exited by itself: collect it
         self.state_path.unlink(missing_ok=True)
         return stopped
 

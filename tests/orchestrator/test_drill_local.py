@@ -80,6 +80,7 @@ def test_registrar_failover_drill(tmp_path: Path) -> None:
         text=True,
         timeout=400,
     )
+    assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
     assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
@@ -89,3 +90,38 @@ def test_registrar_failover_drill(tmp_path: Path) -> None:
     assert report["metrics"]["time_to_failback"] <= 90
     assert [s["status"] for s in report["steps"]] == ["passed"] * 6
     assert _lab_processes(state) == [], "the drill left lab processes behind"
+
+
+def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
+    """The DNS server's address is taken: the lab cannot start, the drill exits
+    1, says why in a report, and leaves no process behind."""
+    import socket
+
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(DRILL.format(topology=ROOT / "topologies/paired-pools.yaml"))
+    state, reports = tmp_path / "state", tmp_path / "reports"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.77.0.53", 5353))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sipdrill",
+                "drill",
+                "run",
+                str(drill),
+                "--state-dir",
+                str(state),
+                "--report-dir",
+                str(reports),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+    assert proc.returncode == 1
+    (report_dir,) = reports.iterdir()
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert "the lab did not start" in report["error"] and "dns" in report["error"]
+    assert _lab_processes(state) == []
