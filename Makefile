@@ -5,6 +5,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 SCENARIO ?= scenarios/registrar-failover.yaml
 
+include mk/image.mk
+
 .PHONY: help install drill test pytest lint fmt clean
 
 help:
@@ -12,6 +14,7 @@ help:
 	@echo "make install   install sipdrill and its test tools (editable)"
 	@echo "make test      lint, then the whole test suite (unit, loopback, interop, docker)"
 	@echo "make lint      ruff and mypy"
+	@echo "make image     build the lab image sipdrill:latest (debootstrap base when no registry)"
 	@echo "make fmt       ruff format"
 
 install:
