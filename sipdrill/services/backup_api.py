@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from sipdrill.errors import OperationError
-from sipdrill.services.backup import BackupService
+from sipdrill.services.backup import DEFAULT_PAGE_SIZE, BackupService
 from sipdrill.services.backup_client import LabClients
 from sipdrill.topology import Topology
 
@@ -103,11 +103,12 @@ async def run_backup_process(
     pool_urls: dict[str, str] | None = None,
     stop: asyncio.Event,
     ready: Any = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
 ) -> None:
     """The Backup Service process: control API on ``listen``, the sync loop,
     until ``stop`` is set. ``ready(url)`` is called once it listens."""
     async with LabClients(topology, token=token, loopback=loopback, pool_urls=pool_urls) as clients:
-        service = BackupService(topology, pool, state_dir, clients)
+        service = BackupService(topology, pool, state_dir, clients, page_size=page_size)
         app = create_backup_app(service, token)
         host, port = listen
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
