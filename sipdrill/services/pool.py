@@ -105,6 +105,9 @@ class PoolSettings(BaseModel):
         description="How long a client asked to register again (NOTIFY x-sipdrill-reregister) "
         "has before its flow is closed; 0 closes flows at once.",
     )
+    nudge_rate: float = Field(
+        default=1000.0, gt=0, description="Nudges sent per second after a mass change."
+    )
     housekeeping_interval: float = Field(default=1.0, gt=0)
     pending_retry_interval: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=60_000, ge=16)
@@ -538,14 +541,22 @@ class PoolService:
         }
 
     # -- users ---------------------------------------------------------------------------
-    def user_data(self, aor: str) -> dict[str, Any]:
+    async def user_data(self, aor: str) -> dict[str, Any]:
+        data = await asyncio.to_thread(self._user_data, aor)
+        key = aor.lower()
+        mode = self.sip.modes.get(key)
+        data["registration"] = {
+            "mode": mode.value if mode else None,
+            "bindings": len(self.sip.registered(key)),
+        }
+        return data
+
+    def _user_data(self, aor: str) -> dict[str, Any]:
         uri = self.store_uri(aor)
         rec = self.store.get_user(uri)
         if rec is None:
             raise OperationError("unknown-user", f"{aor} has no account on {self.fqdn}", 404)
         key = aor.lower()
-        bindings = self.sip.registered(key)
-        mode = self.sip.modes.get(key)
         return {
             "uri": rec.uri,
             "home_pool": rec.home_pool,
@@ -563,10 +574,6 @@ class PoolService:
             ],
             "pool": self.fqdn,
             "read_only": self.store.read_only,
-            "registration": {
-                "mode": mode.value if mode else None,
-                "bindings": len(bindings),
-            },
         }
 
     async def add_contact(self, aor: str, contact: str) -> int:
@@ -771,7 +778,10 @@ class PoolService:
                     await self._save_state()
 
     # -- replication ----------------------------------------------------------------------
-    def changes(self, since: int, limit: int) -> dict[str, Any]:
+    async def changes(self, since: int, limit: int) -> dict[str, Any]:
+        return await asyncio.to_thread(self._changes, since, limit)
+
+    def _changes(self, since: int, limit: int) -> dict[str, Any]:
         changes = self.store.changes_since(since, limit)
         return {
             "pool": self.fqdn,
@@ -863,8 +873,22 @@ class PoolService:
             return "standby"
         return None
 
-    def status(self) -> dict[str, Any]:
+    def _store_status(self) -> dict[str, Any]:
         counts = self.store.counts()
+        return {
+            "users": counts.users,
+            "homed_users": counts.homed_users,
+            "served_users": counts.served_users,
+            "contacts": counts.contacts,
+            "conferences": counts.conferences,
+            "high_water_mark": self.store.high_water_mark(),
+            "replicated_from": self.store.replication_positions(),
+        }
+
+    async def status(self) -> dict[str, Any]:
+        # Store reads in a thread: a big write (a failover re-assigning ten
+        # thousand users) holds the store's lock, and must not stall SIP.
+        store = await asyncio.to_thread(self._store_status)
         return {
             "pool": self.fqdn,
             "site": self.pool.site,
@@ -875,15 +899,7 @@ class PoolService:
             "failover": {h: s.value for h, s in self.failover.snapshot().items()},
             "last_failover_event": self.last_failover_event,
             **self.sip.status(),
-            "store": {
-                "users": counts.users,
-                "homed_users": counts.homed_users,
-                "served_users": counts.served_users,
-                "contacts": counts.contacts,
-                "conferences": counts.conferences,
-                "high_water_mark": self.store.high_water_mark(),
-                "replicated_from": self.store.replication_positions(),
-            },
+            "store": store,
             "moves": len(self.moves),
             "pending_deletes": len(self.pending_deletes),
             "uptime": round(time.time() - self.started_at, 3),

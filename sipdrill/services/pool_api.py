@@ -158,14 +158,14 @@ def create_pool_app(pool: PoolService, *, cms_router: APIRouter | None = None) -
 
     @api.get("/status")
     async def status() -> dict[str, Any]:
-        return pool.status()
+        return await pool.status()
 
     # -- replication (the Backup Service) --
     @api.get("/replication/changes")
     async def changes(
         since: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10000)] = 1000
     ) -> ChangesOut:
-        return ChangesOut.model_validate(pool.changes(since, limit))
+        return ChangesOut.model_validate(await pool.changes(since, limit))
 
     @api.post("/replication/apply")
     async def apply(body: ApplyIn) -> ApplyOut:
@@ -194,7 +194,7 @@ def create_pool_app(pool: PoolService, *, cms_router: APIRouter | None = None) -
     # -- users --
     @api.get("/users/{uri}")
     async def user(uri: str) -> dict[str, Any]:
-        return pool.user_data(uri)
+        return await pool.user_data(uri)
 
     @api.delete("/users/{uri}")
     async def delete_user(uri: str, moved_to: str | None = None) -> SeqOut:

@@ -36,6 +36,7 @@ conference focus URI (:mod:`sipdrill.services.conference`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import statistics
@@ -131,6 +132,8 @@ class BackendSub:
     pool: str | None = None
     cseq: int = 0
     refresh_at: float = 0.0
+    #: When the last NOTIFY arrived: a refresh's 200 sent before it is older.
+    notified_at: float = float("-inf")
 
 
 @dataclass
@@ -206,6 +209,8 @@ class PoolSip:
         self._decision: RegistrarDecision | None = None
         #: Users asked to register again: (deadline for a REGISTER, reason).
         self._nudged: dict[str, tuple[float, str]] = {}
+        self._nudge_queue: collections.deque[tuple[str, str]] = collections.deque()
+        self._nudge_task: asyncio.Task[None] | None = None
         self._internal = False
         self.subs = SubscriptionTable()
         self.backend: dict[str, BackendSub] = {}
@@ -530,8 +535,11 @@ class PoolSip:
         closed = 0
         if grace > 0:
             for aor in affected:
-                self._nudged[aor] = (now + grace, reason)
-                self._nudge(aor, reason)
+                # No deadline until the nudge is sent: they go out paced.
+                self._nudged[aor] = (float("inf"), reason)
+                self._nudge_queue.append((aor, reason))
+            if affected and self._nudge_task is None:
+                self._nudge_task = self.endpoint.spawn(self._nudge_pacer(), name="nudges")
         else:
             closed = self.force_reregister(affected, reason)
         self._end_orphaned_conferences()
@@ -560,10 +568,33 @@ class PoolSip:
             flows |= self.unbind_aor(aor)
         return self.close_flows(flows, reason.split(" ", 1)[0])
 
+    async def _nudge_pacer(self) -> None:
+        """Send queued nudges at ``nudge_rate``: ten thousand NOTIFYs (and
+        the REGISTERs they bring back) at once would stall both ends."""
+        tick = 0.05
+        per_tick = max(1, int(self.svc.settings.nudge_rate * tick))
+        try:
+            while self._nudge_queue:
+                for _ in range(min(per_tick, len(self._nudge_queue))):
+                    aor, reason = self._nudge_queue.popleft()
+                    if aor in self._nudged:  # not registered again meanwhile
+                        self._nudge(aor, reason)
+                await asyncio.sleep(tick)
+        finally:
+            self._nudge_task = None
+
     def _nudge(self, aor: str, reason: str) -> None:
+        settings = self.svc.settings
+        now = self._now()
+        sent = False
         for b in self.registrar.lookup(aor):
             if isinstance(b.source, Flow) and self.endpoint.transport.is_open(b.source):
                 self.endpoint.spawn(self._send_nudge(b, b.source, reason), name="nudge")
+                sent = True
+        if sent:
+            self._nudged[aor] = (now + settings.nudge_grace + settings.forward_timeout, reason)
+        else:
+            self.force_reregister([aor], reason)
 
     async def _send_nudge(self, b: Binding, flow: Flow, reason: str) -> None:
         req = self._pool_request(
@@ -582,8 +613,14 @@ class PoolSip:
             log.info("nudge to %s failed (%s): closing its flow", b.aor, exc)
             self.force_reregister([b.aor], reason)
             return
-        if response.code >= 300 and b.aor in self._nudged:
+        if b.aor not in self._nudged:
+            return
+        if response.code >= 300:
             self.force_reregister([b.aor], reason)
+        else:
+            # The client is there and heard us: its REGISTER is due within
+            # the grace period from now.
+            self._nudged[b.aor] = (self._now() + self.svc.settings.nudge_grace, reason)
 
     def _nudges_due(self, now: float) -> None:
         due = [aor for aor, (deadline, _) in self._nudged.items() if deadline <= now]
@@ -824,10 +861,11 @@ class PoolSip:
                 return PresenceState(aor, Availability.UNKNOWN)
             return self.published.get(aor) or PresenceState(aor, Availability.AVAILABLE)
         decision = self.svc.decide(aor)
-        if isinstance(decision, Serve):
-            if decision.mode is ServiceMode.FULL:
-                return PresenceState(aor, Availability.OFFLINE)
-            return PresenceState(aor, Availability.UNKNOWN)
+        if isinstance(decision, Serve) and decision.mode is ServiceMode.FULL:
+            return PresenceState(aor, Availability.OFFLINE)
+        # A partner's user this backup registrar would take in resiliency
+        # mode, but who is not here: the home pool knows (or, unreachable,
+        # makes the back-end subscription say unknown).
         return None
 
     def view_of(self, aor: str) -> PresenceState:
@@ -961,6 +999,7 @@ class PoolSip:
             pools.insert(0, sub.pool)
         refresh = self.svc.settings.presence_refresh
         state: PresenceState | None = None
+        asked_at = self._now()
         for pool in pools:
             try:
                 flow = await self.pool_flow(pool)
@@ -992,6 +1031,8 @@ class PoolSip:
             sub.refresh_at = self._now() + min(refresh, 5.0)
         else:
             sub.refresh_at = self._now() + refresh
+            if sub.notified_at > asked_at:
+                return  # a NOTIFY overtook this answer: it is newer
         self._set_remote_view(presentity, state)
 
     def _set_remote_view(self, presentity: str, state: PresenceState) -> None:
@@ -1027,6 +1068,7 @@ class PoolSip:
             state = parse_pidf(request.body)
         except ValueError:
             return make_response(request, 400, "Bad Request: not PIDF")
+        sub.notified_at = self._now()
         self._set_remote_view(presentity, state)
         return make_response(request, 200)
 
@@ -1343,6 +1385,7 @@ class PoolSip:
         while True:
             await asyncio.sleep(interval)
             now = self._now()
+            self.svc.refresh_cms()
             self._nudges_due(now)
             self.subs.expire(now)
             watched = {s.presentity for s in self.subs if s.pool is None}

@@ -126,6 +126,8 @@ class SipEndpoint:
         self._driver = TimerDriver(self.transactions, self._on_timer_output)
         self._server_flows: dict[TransactionKey, Flow] = {}
         self._client_flows: dict[TransactionKey, Flow] = {}
+        #: Client transactions per flow, so a closing flow fails its own in O(1).
+        self._by_flow: dict[Flow, set[TransactionKey]] = {}
         self._waiters: dict[TransactionKey, asyncio.Future[Response]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -157,6 +159,7 @@ class SipEndpoint:
         await self.transport.close()
         self._server_flows.clear()
         self._client_flows.clear()
+        self._by_flow.clear()
 
     def spawn(self, coro: Awaitable[None], name: str | None = None) -> asyncio.Task[None]:
         """Run ``coro`` as a task the endpoint cancels on close; errors are logged."""
@@ -226,6 +229,7 @@ class SipEndpoint:
         fut: asyncio.Future[Response] = self.loop.create_future()
         self._waiters[key] = fut
         self._client_flows[key] = flow
+        self._by_flow.setdefault(flow, set()).add(key)
         self._run(events, None)
         self._driver.poke()
         try:
@@ -324,7 +328,13 @@ class SipEndpoint:
                 self._fail(event.key, RequestFailed("transport", event.reason))
             elif isinstance(event, TransactionTerminated):
                 self._server_flows.pop(event.key, None)
-                self._client_flows.pop(event.key, None)
+                flow = self._client_flows.pop(event.key, None)
+                if flow is not None:
+                    keys = self._by_flow.get(flow)
+                    if keys is not None:
+                        keys.discard(event.key)
+                        if not keys:
+                            del self._by_flow[flow]
 
     def _resolve(self, key: TransactionKey, response: Response) -> None:
         fut = self._waiters.get(key)
@@ -389,9 +399,8 @@ class SipEndpoint:
     def _flow_closed(self, flow: Flow) -> None:
         # A request waiting on a stream that has gone will never be answered:
         # fail it now rather than at Timer F.
-        for key, f in list(self._client_flows.items()):
-            if f == flow:
-                self._fail(key, RequestFailed("flow-closed", f"{flow.remote}"))
+        for key in list(self._by_flow.pop(flow, ())):
+            self._fail(key, RequestFailed("flow-closed", f"{flow.remote}"))
         if self.on_flow_closed is not None:
             try:
                 self.on_flow_closed(flow)
