@@ -153,7 +153,7 @@ def serve_clients(
         "1.2", "--tls-max", help="Highest TLS version: 1.2 (Lync 2013 era; less memory) or 1.3."
     ),
     tls_read_buffer: int = typer.Option(
-        16384,
+        1024,
         "--tls-read-buffer",
         min=1024,
         help="asyncio's per-connection TLS read buffer in bytes (its default 256 KiB costs "
@@ -212,6 +212,7 @@ def serve_clients(
         seed=seed,
         connect_concurrency=connect_concurrency,
         negative_ttl=float(topo.dns.negative_ttl),
+        tune_gc=True,
         transport_limits=TransportLimits(
             idle_timeout=max(300.0, 3 * topo.timers.keepalive_interval)
         ),

@@ -43,6 +43,7 @@ raises :class:`IllegalTransition` and changes nothing.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import random
 import time
@@ -151,6 +152,7 @@ class LookupName:
     autodiscover: bool = False
 
 
+@functools.cache
 def lync_lookup_order(*, allow_tcp: bool = False) -> tuple[LookupName, ...]:
     """The Lync 2013 client's order (REFERENCE.md, "DNS"); _sipinternal._tcp only with TCP."""
     order = [

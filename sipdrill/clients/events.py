@@ -196,6 +196,9 @@ class EndpointFault(ClientEvent):
     detail: str
 
 
+_ATOMS = frozenset({str, int, float, bool})
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -204,13 +207,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def event_to_dict(event: ClientEvent, seq: int | None = None) -> dict[str, Any]:
     """The JSON-ready form: ``{"event": kind, "seq": n, ...fields}``."""
     out: dict[str, Any] = {"event": event.KIND}
     if seq is not None:
         out["seq"] = seq
-    for f in fields(event):
-        out[f.name] = _plain(getattr(event, f.name))
+    names = _FIELDS.get(type(event))
+    if names is None:
+        names = _FIELDS[type(event)] = tuple(f.name for f in fields(event))
+    for name in names:
+        value = getattr(event, name)
+        out[name] = value if value is None or type(value) in _ATOMS else _plain(value)
     return out
 
 

@@ -9,6 +9,7 @@ cannot drift from the truth.
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -21,7 +22,6 @@ from sipdrill.clients.events import (
     Registered,
     TargetFailed,
     WorkloadResult,
-    event_to_dict,
     event_to_json,
 )
 
@@ -134,13 +134,18 @@ class ClientMetrics:
 
 
 class EventLog:
-    """The last ``capacity`` events (for ``GET /events``) and an optional JSONL stream."""
+    """The last ``capacity`` events (for ``GET /events``) and an optional JSONL stream.
+
+    Events are kept as their JSON line with the few fields queries filter on:
+    tuples of strings and numbers, which the cyclic GC stops tracking, so
+    100,000 buffered events cost no GC time (10,000 endpoints churn a lot).
+    """
 
     def __init__(self, capacity: int = 100_000, stream: IO[str] | None = None) -> None:
         self.capacity = capacity
         self.stream = stream
         self.seq = 0
-        self._events: collections.deque[tuple[int, ClientEvent]] = collections.deque(
+        self._events: collections.deque[tuple[int, float, str, str, str]] = collections.deque(
             maxlen=capacity
         )
         self.listeners: list[Callable[[int, ClientEvent], None]] = []
@@ -151,9 +156,10 @@ class EventLog:
     def append(self, event: ClientEvent) -> int:
         self.seq += 1
         seq = self.seq
-        self._events.append((seq, event))
+        line = event_to_json(event, seq)
+        self._events.append((seq, event.wall, event.user, event.KIND, line))
         if self.stream is not None:
-            self.stream.write(event_to_json(event, seq) + "\n")
+            self.stream.write(line + "\n")
         for listener in self.listeners:
             listener(seq, event)
         return seq
@@ -173,16 +179,22 @@ class EventLog:
     ) -> list[dict[str, Any]]:
         """Events with ``wall >= since`` and ``seq > after``, oldest first, at most ``limit``."""
         out: list[dict[str, Any]] = []
-        for seq, event in self._events:
+        events = self._events
+        start = 0
+        if after is not None and events:
+            # seq grows by one per event: jump straight to the first one after ``after``.
+            start = max(0, min(len(events), after - events[0][0] + 1))
+        for i in range(start, len(events)):
+            seq, wall, who, what, line = events[i]
             if after is not None and seq <= after:
                 continue
-            if since is not None and event.wall < since:
+            if since is not None and wall < since:
                 continue
-            if user is not None and event.user != user:
+            if user is not None and who != user:
                 continue
-            if kind is not None and kind != event.KIND:
+            if kind is not None and kind != what:
                 continue
-            out.append(event_to_dict(event, seq))
+            out.append(json.loads(line))
             if len(out) >= limit:
                 break
         return out

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import logging
 import random
 import ssl
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -72,6 +74,9 @@ __all__ = [
 
 log = logging.getLogger("sipdrill.clients.runner")
 
+#: gen0 every 20,000 net allocations (a pause of a few ms), full collections rare.
+GC_THRESHOLDS = (20_000, 20, 100)
+
 
 class LoopClock:
     """The event loop's clock for timers, the system clock for event timestamps."""
@@ -108,6 +113,10 @@ class RunnerConfig:
     negative_ttl: float = 60.0
     #: Seconds before a faulty endpoint's replacement signs in (jittered).
     fault_pause: float = 30.0
+    #: Raise the cyclic GC's thresholds while the runner is open (process-wide):
+    #: with 10,000 endpoints the default ones spend most of a failover storm's
+    #: CPU re-scanning a million long-lived objects. The CLI turns it on.
+    tune_gc: bool = False
     transport_limits: TransportLimits | None = None
 
 
@@ -163,6 +172,9 @@ class ClientRunner:
         self._flow: list[Flow | None] = []
         self._fconn: list[int] = []
         self._by_serial: dict[int, int] = {}
+        # (mode, registrar pool, home pool) per endpoint, and how many share each.
+        self._key: list[tuple[Mode, str, str]] = []
+        self._tally: Counter[tuple[Mode, str, str]] = Counter()
         self._by_user: dict[str, int] = {}
         # Timer heap of (deadline, index); _deadline[index] says which entry is live.
         self._deadline: list[float | None] = []
@@ -174,6 +186,7 @@ class ClientRunner:
         self._flusher: asyncio.Task[None] | None = None
         self._connect_sem: asyncio.Semaphore | None = None
         self.faults = 0
+        self._gc_thresholds: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,7 +228,12 @@ class ClientRunner:
         self._fconn = [0] * n
         self._deadline = [None] * n
         self._by_user = {u.user_part: i for i, u in enumerate(cfg.users)}
+        self._key = [(Mode.SIGNED_OUT, "", u.home_pool or "") for u in cfg.users]
+        self._tally = Counter(self._key)
         self._flusher = loop.create_task(self._flush_events())
+        if cfg.tune_gc and self._gc_thresholds is None:
+            self._gc_thresholds = gc.get_threshold()
+            gc.set_threshold(*GC_THRESHOLDS)
 
     def _new_endpoint(self, user: UserSpec) -> Endpoint:
         assert self._clock is not None
@@ -260,6 +278,9 @@ class ClientRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         self.events.flush()
+        if self._gc_thresholds is not None:
+            gc.set_threshold(*self._gc_thresholds)
+            self._gc_thresholds = None
 
     async def __aenter__(self) -> ClientRunner:
         await self.open()
@@ -295,38 +316,41 @@ class ClientRunner:
     # ------------------------------------------------------------------ counts
 
     def _mode_counts(self) -> list[tuple[str, str, int]]:
-        counts: Counter[tuple[str, str]] = Counter(
-            (ep.mode.value, ep.pool or "") for ep in self.endpoints
-        )
-        return [(mode, pool, n) for (mode, pool), n in sorted(counts.items())]
+        counts: Counter[tuple[str, str]] = Counter()
+        for (mode, pool, _home), n in self._tally.items():
+            counts[(mode.value, pool)] += n
+        return [(mode, pool, n) for (mode, pool), n in sorted(counts.items()) if n]
 
     def counts(self) -> dict[str, Any]:
-        """Endpoints by mode, by registrar pool and mode, and by home pool and mode."""
+        """Endpoints by mode, by registrar pool and mode, and by home pool and mode.
+
+        Kept up to date as endpoints change, so asking is cheap even for 10,000."""
         by_mode: Counter[str] = Counter()
         by_pool: dict[str, Counter[str]] = {}
         by_home: dict[str, Counter[str]] = {}
-        # (home pool, serving pool, mode): what a drill waits on ("pool1's users
-        # in resiliency mode on pool2") cannot be read from the two margins.
-        cross: Counter[tuple[str, str | None, str]] = Counter()
-        for ep in self.endpoints:
-            mode = ep.mode.value
-            by_mode[mode] += 1
-            cross[(ep.user.home_pool or "", ep.pool, mode)] += 1
-            if ep.pool is not None:
-                by_pool.setdefault(ep.pool, Counter())[mode] += 1
-            by_home.setdefault(ep.user.home_pool or "", Counter())[mode] += 1
+        for (mode, pool, home), n in self._tally.items():
+            if not n:
+                continue
+            by_mode[mode.value] += n
+            if pool:
+                by_pool.setdefault(pool, Counter())[mode.value] += n
+            by_home.setdefault(home, Counter())[mode.value] += n
         return {
             "total": len(self.endpoints),
             "by_mode": {m.value: by_mode.get(m.value, 0) for m in Mode},
             "by_pool": {p: dict(c) for p, c in sorted(by_pool.items())},
             "by_home_pool": {p: dict(c) for p, c in sorted(by_home.items())},
-            "by": [
-                {"home_pool": h, "pool": p, "mode": m, "count": n}
-                for (h, p, m), n in sorted(
-                    cross.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2])
-                )
-            ],
         }
+
+    def _recount(self, index: int) -> None:
+        ep = self.endpoints[index]
+        mode = ep.mode
+        key = (mode, (ep.pool or "") if mode.registered else "", ep.user.home_pool or "")
+        old = self._key[index]
+        if key != old:
+            self._key[index] = key
+            self._tally[old] -= 1
+            self._tally[key] += 1
 
     # ------------------------------------------------------------------ driving endpoints
 
@@ -338,6 +362,7 @@ class ClientRunner:
             self._fault(index, exc)
             return
         self._apply(index, outputs)
+        self._recount(index)
 
     def _fault(self, index: int, exc: Exception) -> None:
         log.exception("endpoint %s failed; replacing it", self.endpoints[index].user.uri)
@@ -359,6 +384,7 @@ class ClientRunner:
         self._deadline[index] = None
         fresh = self._new_endpoint(old.user)
         self.endpoints[index] = fresh
+        self._recount(index)
         if self.running and self._loop is not None:
             pause = self.config.fault_pause * self.rng.uniform(0.5, 1.0)
             self._loop.call_later(pause, self._resume, index, fresh)
@@ -498,9 +524,10 @@ class ClientRunner:
         except asyncio.CancelledError:
             raise
         except (TransportError, OSError, ssl.SSLError, ValueError) as exc:
+            failure = classify_connect_error(exc)
+            detail = str(exc)[:300]
+            _drop_traceback(exc)
             if self.endpoints[index] is ep:
-                failure = classify_connect_error(exc)
-                detail = str(exc)[:300]
                 self._call(index, lambda e: e.connect_failed(conn, failure, detail))
             return
         if self.endpoints[index] is not ep or ep.conn != conn or not self.transport.is_open(flow):
@@ -612,6 +639,27 @@ class ClientRunner:
         self._flow[index] = None
         self._fconn[index] = 0
         self._call(index, lambda ep: ep.flow_closed(conn, Failure.RESET, "closed by the peer"))
+
+
+def _drop_traceback(exc: BaseException) -> None:
+    """Break the cycles a failed connect leaves (exception -> traceback -> frames ->
+    the future that holds the exception, in SipTransport.open_flow).
+
+    Without this, every refused connection is garbage that only the cyclic
+    GC frees (with its socket): in a failover storm of 10,000 endpoints that
+    was most of the simulator's CPU.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+            e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
 
 
 def set_tls_read_buffer(size: int) -> int:

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Processes bench/clients_scale runs beside the simulator, each on 127.0.0.1 only.
+
+    clients_infra.py registrar --port P --tls-dir DIR --name pool1.lab.local
+        sipdrill's generic RFC 3261 registrar (sipdrill.sip.server.build_registrar_service,
+        the code behind `sipdrill sip registrar`) on TLS, with the connection limit
+        raised to 60,000 and RLIMIT_NOFILE raised to the hard limit: the CLI keeps the
+        transport's default of 1,024 connections per worker.
+    clients_infra.py dns --topology FILE
+        the lab DNS server (sipdrill.dns) for the topology, every front end at 127.0.0.1.
+
+Each prints ``ready <port>`` on stdout once it serves, and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import signal
+import sys
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1_048_576
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def registrar(port: int, tls_dir: str, name: str, flow_timer: int | None) -> None:
+    import asyncio.sslproto
+
+    from sipdrill.sip.server import ListenSpec, RegistrarConfig, build_registrar_service
+    from sipdrill.sip.tls import ensure_server_cert, server_context
+    from sipdrill.sip.transport import Kind, TransportLimits
+
+    # asyncio allocates 256 KiB per TLS connection for reads: 2.5 GB for 10,000.
+    asyncio.sslproto.SSLProtocol.max_size = 16 * 1024
+    listen = ListenSpec(Kind.TLS, "127.0.0.1", port)
+    config = RegistrarConfig(domain="lab.local", listens=[listen])
+    service = build_registrar_service(
+        config, limits=TransportLimits(max_connections=60_000, idle_timeout=600.0)
+    )
+    if flow_timer is not None and service.registrar is not None:
+        service.registrar.flow_timer = flow_timer
+    short = name.split(".")[0]
+    cert = ensure_server_cert(
+        tls_dir, short, dns_names=[name, f"fe1.{name}"], ip_addresses=["127.0.0.1"]
+    )
+    bound = await service.start([listen], ssl_context=server_context(cert))
+    print(f"ready {bound[0][1][1]}", flush=True)
+    try:
+        await _until_stopped()
+    finally:
+        await service.close()
+
+
+async def dns(topology_path: str) -> None:
+    from sipdrill.dns.core import DnsCore
+    from sipdrill.dns.server import DnsServer
+    from sipdrill.dns.zone import ZoneStore
+    from sipdrill.topology import load_topology
+
+    topology = load_topology(topology_path).topology
+    amap = {str(a): "127.0.0.1" for a in [topology.dns.address]} | {
+        str(fe.address): "127.0.0.1" for p in topology.pools for fe in p.front_ends
+    }
+    store = ZoneStore(topology, address_map=amap)
+    async with DnsServer(DnsCore(store), [("127.0.0.1", 0)]) as server:
+        print(f"ready {server.addresses[0][1]}", flush=True)
+        await _until_stopped()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    reg = sub.add_parser("registrar")
+    reg.add_argument("--port", type=int, required=True)
+    reg.add_argument("--tls-dir", required=True)
+    reg.add_argument("--name", required=True)
+    reg.add_argument("--flow-timer", type=int, default=None)
+    d = sub.add_parser("dns")
+    d.add_argument("--topology", required=True)
+    args = parser.parse_args()
+    _raise_nofile()
+    if args.what == "registrar":
+        asyncio.run(registrar(args.port, args.tls_dir, args.name, args.flow_timer))
+    else:
+        asyncio.run(dns(args.topology))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
