@@ -355,12 +355,19 @@ async def pool_failback(
             "cannot come home; run the failback with --disaster-mode (they are then lost)",
             503,
         )
+    cms = await require_cms(topology, clients)
+    record: PoolFailoverRecord | None = None
+    raw = ((cms.document or {}).get("config") or {}).get("pool_failover", {}).get(home)
+    if raw is not None:
+        record = PoolFailoverRecord.model_validate(raw)
     authority = backup_states if backup_states is not None else home_states
     state = authority.get(home, FailoverState.ACTIVE)
     if (
         state is FailoverState.FAILED_OVER
         and home_states.get(home) is FailoverState.FAILED_BACK
+        and (record is None or record.state == FailoverState.FAILED_BACK.value)
     ):
+        # Both pools disagree; the CMS says the users went home last.
         raise OperationError(
             "not-failed-over",
             f"{home} was failed back in disaster mode while {backup} was down, and {backup} "
@@ -375,11 +382,6 @@ async def pool_failback(
             "there is nothing to fail back",
             409,
         )
-    cms = await require_cms(topology, clients)
-    record: PoolFailoverRecord | None = None
-    raw = ((cms.document or {}).get("config") or {}).get("pool_failover", {}).get(home)
-    if raw is not None:
-        record = PoolFailoverRecord.model_validate(raw)
     timer.step("checks")
 
     if home_states.get(home, FailoverState.ACTIVE) not in SERVED_BY_BACKUP:

@@ -366,3 +366,29 @@ async def test_disaster_failback_with_the_backup_answering_syncs_first(lab: Fake
     lab.store(P2).add_contact(ALICE, "sip:b@example.com")
     report = await pool_failback(lab.topology, P1, True, lab.clients)
     assert report.lost_writes == 0 and "sip:b@example.com" in contacts(lab.store(P1), ALICE)
+
+
+async def test_a_home_pool_that_missed_its_second_failover_is_caught_up(
+    lab: FakeLab, clock: FakeClock
+) -> None:
+    """Found by bench/backup_sync: after one failover and failback, P1 says
+    FailedBack; it misses a second (disaster-mode) failover; the CMS record,
+    not P1's stale view, decides that its users are failed over."""
+    s1 = lab.store(P1)
+    await pool_failover(lab.topology, P1, False, lab.clients)
+    await pool_failback(lab.topology, P1, False, lab.clients)
+    await lab.backups[P1].sync()
+    s1.add_contact(ALICE, "sip:tail@example.com")
+    lab.cut(P1)
+    await cms_failover(lab.topology, True, lab.clients)
+    clock.advance(10)
+    await pool_failover(lab.topology, P1, True, lab.clients, wall_clock=clock)
+    clock.advance(10)
+    lab.heal(P1)  # no Backup Service cycle yet: P1 still says FailedBack
+    assert state(lab, P1, P1) is FailoverState.FAILED_BACK
+
+    back = await pool_failback(lab.topology, P1, False, lab.clients, wall_clock=clock)
+
+    assert back.failover_lost_writes == 1 and any("missed" in n for n in back.notes)
+    assert state(lab, P1, P1) is FailoverState.FAILED_BACK
+    assert state(lab, P2, P1) is FailoverState.FAILED_BACK
