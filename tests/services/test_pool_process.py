@@ -79,3 +79,36 @@ async def test_acknowledged_writes_survive_a_kill(tmp_path: Path) -> None:
             assert await asyncio.wait_for(proc.wait(), 10) == 0
     text = log.read_text()
     assert f"sipdrill pool {P2}: sip tls:" in text
+
+
+async def test_a_frozen_partner_is_detected_by_heartbeats(tmp_path: Path) -> None:
+    """The local runtime's `cut`: SIGSTOP. Connections to the frozen pool
+    are accepted by the kernel and then nothing happens; the heartbeats
+    must notice all the same, and notice its return."""
+    from sipdrill.services.pool import PoolService
+
+    from .test_pool_harness import P1, Lab
+
+    topology = make_topology()
+    topo = tmp_path / "topology.yaml"
+    topo.write_text(yaml.safe_dump(json.loads(topology.model_dump_json())))
+    lab = Lab(tmp_path, topology)
+    try:
+        p1: PoolService = await lab.start(P1)
+        async with pool_process(topo, tmp_path / "pool2", tmp_path / "ca",
+                                tmp_path / "pool2.log") as proc:
+
+            async def partner(state: str) -> bool:
+                return (await lab.status(P1))["partner"]["state"] == state
+
+            await wait_for(lambda: p1.sip.heartbeats["answered"] > 0, 30)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                took = await wait_for(lambda: partner("down"), 10)
+                assert took <= 4.0, took
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: partner("up"), 10)
+            assert p1.sip.heartbeats["failed"] > 0
+    finally:
+        await lab.close()
