@@ -86,6 +86,22 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 @contextmanager
+def _read_locked(directory: Path) -> Iterator[None]:
+    """The directory lock if it can be taken; a read-only directory is read unlocked."""
+    try:
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -288,8 +304,14 @@ class LabCA:
         cert = builder.sign(self._key, hashes.SHA256())
         cert_path = self.directory / f"{service}.pem"
         key_path = self.directory / f"{service}-key.pem"
-        _write_atomic(key_path, _key_pem(key), 0o600)
-        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        # Under the lock: a process loading this pair (server_context) never
+        # sees the new key with the old certificate.
+        try:
+            with _locked(self.directory):
+                _write_atomic(key_path, _key_pem(key), 0o600)
+                _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        except OSError as exc:
+            raise TlsSetupError(str(cert_path), f"cannot write the certificate: {exc}") from exc
         return ServiceCert(service, cert_path, key_path, self.ca_path, names, ips)
 
     def issue_server(
@@ -338,7 +360,8 @@ def server_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(cert_file, key_file)
+        with _read_locked(cert_file.parent):
+            ctx.load_cert_chain(cert_file, key_file)
         if client_ca is not None:
             ctx.load_verify_locations(cafile=os.fspath(client_ca))
             ctx.verify_mode = ssl.CERT_REQUIRED

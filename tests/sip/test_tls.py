@@ -12,6 +12,7 @@ import pytest
 
 from sipdrill.sip.tls import (
     LabCA,
+    ServiceCert,
     TlsSetupError,
     cert_names,
     client_context,
@@ -114,3 +115,30 @@ async def test_client_refuses_another_ca(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_concurrent_issuers_never_leave_a_mismatched_pair(tmp_path: Path) -> None:
+    import multiprocessing
+
+    LabCA.ensure(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_issue_many, args=(tmp_path,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            cert = ServiceCert(
+                "fe", tmp_path / "fe.pem", tmp_path / "fe-key.pem", tmp_path / "ca.pem", (), ()
+            )
+            if cert.cert_path.exists():
+                server_context(cert)  # raises on a key/cert mismatch
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+
+
+def _issue_many(directory: Path) -> None:
+    ca = LabCA.ensure(directory)
+    for _ in range(15):
+        ca.issue("fe", dns_names=["fe1.lab.local"])
