@@ -340,6 +340,15 @@ class ClientRunner:
             "by_mode": {m.value: by_mode.get(m.value, 0) for m in Mode},
             "by_pool": {p: dict(c) for p, c in sorted(by_pool.items())},
             "by_home_pool": {p: dict(c) for p, c in sorted(by_home.items())},
+            # (home pool, serving pool, mode): what a drill waits on ("pool1's
+            # users in resiliency mode on pool2") cannot be read from the margins.
+            "by": [
+                {"home_pool": home, "pool": pool or None, "mode": mode.value, "count": n}
+                for (mode, pool, home), n in sorted(
+                    self._tally.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0].value)
+                )
+                if n
+            ],
         }
 
     def _recount(self, index: int) -> None:
