@@ -557,6 +557,30 @@ async def run_cycle(
         return result()
 
 
+async def probe(direction: SyncDirection, source: ReplicationPeer, target: ReplicationPeer) -> None:
+    """Refresh what the direction knows without shipping anything (for
+    status between cycles): positions, backlog, the source's read-only flag,
+    and FinalState when the source's users have been failed over since.
+    A pool that does not answer leaves the last observation in place."""
+    try:
+        position = await target.position_of(direction.source)
+        page = await source.changes(position, 1)
+    except (OperationError, OSError):
+        return
+    direction.on_observed(
+        position=position,
+        high_water_mark=page.high_water_mark,
+        read_only=page.read_only,
+        oldest_pending=_oldest(page),
+    )
+    if direction.export_state is ExportState.FINAL:
+        return
+    if await source_failed_over(direction, source, target):
+        direction.on_final(direction.clock(), held=True)
+    elif page.read_only and position >= page.high_water_mark:
+        direction.on_final(direction.clock(), held=False)
+
+
 # --- persistence ---------------------------------------------------------------
 
 
@@ -855,6 +879,10 @@ class BackupService:
     async def status(self) -> dict[str, Any]:
         """Both directions: this pool's export (driven here) and the
         partner's (observed on the pools)."""
+        if not self._lock.locked():
+            # Not during a cycle (it knows better); a cycle waits for the probe.
+            async with self._lock:
+                await probe(self.direction, self.source, self.target)
         now = self.clock()
         mine = self.direction.status(now)
         theirs = await observe_direction(

@@ -304,12 +304,27 @@ def backup_status(
         raise _refuse("--category is UserData or CMS", 2)
 
     async def action(clients: LabClients) -> dict[str, Any]:
+        from sipdrill.services.failover import count_losses
+
+        status = await _service_status(clients)
+        assert partner is not None
+        losses = []
+        for home in (fqdn, partner.fqdn):
+            try:
+                report = await count_losses(topo, home, clients)
+            except (OperationError, OSError) as exc:
+                status.setdefault("notes", []).append(f"RPO of {home}: {exc}")
+                continue
+            if report.state is not None:
+                losses.append(report.to_json())
+        status["losses"] = losses
+        return status
+
+    async def _service_status(clients: LabClients) -> dict[str, Any]:
         from sipdrill.services.backup import observe_direction
 
-        partner = topo.backup_of(fqdn)
         service = clients.backup(fqdn)
-        if partner is None or service is None:
-            raise OperationError("no-backup-pool", f"pool {fqdn} has no backup pool", 409)
+        assert partner is not None and service is not None
         try:
             return await service.status()
         except OperationError as exc:
@@ -331,6 +346,9 @@ def backup_status(
                 ],
             }
 
+    partner = topo.backup_of(fqdn)
+    if partner is None:
+        raise _refuse(f"no-backup-pool: pool {fqdn} has no backup pool")
     status = _run(
         topo, action, token=token, loopback=loopback, pool_urls=pool_url, backup_urls=backup_url
     )
@@ -346,6 +364,22 @@ def backup_status(
         )
     title = f"Backup Service of {fqdn} (SyncInterval {status.get('sync_interval', '?')}s)"
     out.print(_direction_table(title, list(status.get("directions", []))))
+    for loss in status.get("losses", []):
+        parts = []
+        if loss.get("failover_lost_writes") is not None:
+            parts.append(
+                f"its last disaster-mode failover lost {loss['failover_lost_writes']} write(s)"
+            )
+        if loss.get("failback_lost_writes") is not None:
+            parts.append(
+                f"its last disaster-mode failback lost {loss['failback_lost_writes']} write(s) "
+                f"made on {loss['backup_pool']}"
+            )
+        if parts:
+            out.print(f"RPO of {loss['home_pool']} ({loss['state']}): " + "; ".join(parts),
+                      highlight=False)
+    for note in status.get("notes", []):
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 # --- sipdrill admin cms failover|status ------------------------------------------------

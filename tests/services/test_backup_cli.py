@@ -160,3 +160,19 @@ def test_cms_status_and_failover(served: ServedLab) -> None:
     assert f"active master {P1} -> {P2}" in out
     code, out = invoke(served, "cms", "status", "--json")
     assert json.loads(out)["ActiveMasterFqdn"] == P2
+
+
+def test_disaster_failover_and_the_rpo_in_backup_status(served: ServedLab) -> None:
+    code, out = invoke(served, "backup", "sync", "--pool", P1)
+    assert code == 0, out
+    for i in range(2):
+        served.pools[P1].store.add_contact("sip:bob@lab.local", f"sip:tail{i}@example.com")
+    code, out = invoke(served, "pool", "failover", "--pool", P1, "--disaster-mode")
+    assert code == 0, out
+    assert "lost writes (RPO): 2" in out and "(disaster mode)" in out
+    code, out = invoke(served, "backup", "status", "--pool", P1)
+    assert code == 0, out
+    assert "FinalState" in out and "held: 2 change(s)" in out
+    assert f"RPO of {P1} (FailedOver): its last disaster-mode failover lost 2 write(s)" in out
+    code, out = invoke(served, "backup", "status", "--pool", P2, "--json")
+    assert [loss["failover_lost_writes"] for loss in json.loads(out)["losses"]] == [2]
