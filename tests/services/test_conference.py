@@ -14,7 +14,7 @@ from sipdrill.services.conference import (
     parse_conference_uri,
 )
 
-from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, two_pools, wait_for
+from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, two_pools, wait_for
 
 WEEKLY = conference_uri(ALICE, "weekly")
 
@@ -93,7 +93,7 @@ async def test_adhoc_conference_by_its_organiser(tmp_path: Path) -> None:
 
 
 async def test_organiser_in_resiliency_mode_has_no_conferences(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         carol = await lab.registered(CAROL, P2)
         await lab.registered(ALICE, P1)
         _, ok = await carol.invite(WEEKLY)

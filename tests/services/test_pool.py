@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, contacts_q, two_pools, wait_for
+from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, contacts_q, two_pools, wait_for
 
 
 async def test_home_pool_registers_with_full_service(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ async def test_other_pool_redirects_home_and_backup(tmp_path: Path) -> None:
 
 
 async def test_backup_takes_over_then_sends_users_home(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         await wait_for(lambda: lab.pools[P2].sip.heartbeats["answered"] > 0, 5)
         loop = asyncio.get_running_loop()
         await lab.stop(P1)
@@ -74,7 +74,7 @@ async def test_backup_takes_over_then_sends_users_home(tmp_path: Path) -> None:
 
 
 async def test_ignored_nudge_closes_the_flow(tmp_path: Path) -> None:
-    async with two_pools(tmp_path, nudge_grace=0.5) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER, nudge_grace=0.5) as lab:
         await lab.stop(P1)
         ua = await lab.agent(BOB, P2)
 
@@ -90,7 +90,7 @@ async def test_ignored_nudge_closes_the_flow(tmp_path: Path) -> None:
 
 
 async def test_failover_state_gives_full_service_on_the_backup(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         # The Backup Service's part, done by hand: P1's data on P2.
         assert await lab.replicate(P1, P2) > 0
         await lab.stop(P1)

@@ -22,6 +22,7 @@ from .test_pool_harness import (
     DAVE,
     P1,
     P2,
+    TAKEOVER,
     TOKEN,
     Lab,
     contacts_q,
@@ -74,7 +75,7 @@ async def test_move_without_force_takes_contacts_along(tmp_path: Path) -> None:
 
 
 async def test_forced_move_loses_contacts_and_cleans_up_later(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         assert await lab.replicate(P1, P2) > 0  # P2 holds a replica of dave
         await lab.stop(P1)
         # P1 hosted the CMS master: no move until the CMS is failed over.

@@ -3,8 +3,9 @@
 Pools run in the test's event loop (``PoolService``) on addresses of a
 random 127.x.0.0/16 (the topology's ``lab.loopback_network``), so two test
 runs on one machine do not collide. Timers are short: failover detection
-1.5 s and failback 1 s, heartbeats every 0.375 s (2 cores shared with other
-test runs: a shorter detection interval sees false outages). Clients are
+3 s (1.5 s where a test takes a pool down and waits for the backup; shorter
+sees false outages on 2 busy cores), failback 1 s, heartbeats every
+detection / 4. Clients are
 :class:`sipdrill.services.sip_ua.UserAgent` s over TLS, verified against the
 lab CA like real clients.
 """
@@ -31,6 +32,8 @@ P1 = "pool1.lab.local"
 P2 = "pool2.lab.local"
 TOKEN = "pool-test-token"
 DOMAIN = "lab.local"
+#: The detection interval of tests that wait for a backup to take over.
+TAKEOVER = 1.5
 
 ALICE = "sip:alice@lab.local"
 BOB = "sip:bob@lab.local"
@@ -202,7 +205,11 @@ class Lab:
 
 @contextlib.asynccontextmanager
 async def two_pools(tmp: Path, **settings: Any) -> AsyncIterator[Lab]:
+    """Both pools started. ``detection`` (default 3 s) and ``failback``
+    (1 s) set the topology's timers; tests that take a pool down pass
+    ``detection=1.5`` (TAKEOVER). Everything else is a PoolSettings field."""
     topo_kw = {k: settings.pop(k) for k in ("detection", "failback") if k in settings}
+    topo_kw.setdefault("detection", 3.0)
     lab = Lab(tmp, make_topology(**topo_kw), **settings)
     try:
         await lab.start(P1)

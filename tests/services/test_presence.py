@@ -19,7 +19,7 @@ from sipdrill.services.presence import (
 )
 from sipdrill.services.sip_ua import UserAgent
 
-from .test_pool_harness import ALICE, BOB, CAROL, ERIN, P1, P2, two_pools, wait_for
+from .test_pool_harness import ALICE, BOB, CAROL, ERIN, P1, P2, TAKEOVER, two_pools, wait_for
 
 # --- sans-IO ---------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ async def test_presence_across_pools(tmp_path: Path) -> None:
 
 
 async def test_presence_unknown_when_the_pool_is_down_or_in_resiliency(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         carol = await lab.registered(CAROL, P2)
         await lab.registered(BOB, P1)
         await carol.subscribe(BOB)
@@ -144,7 +144,7 @@ async def test_im_across_pools(tmp_path: Path) -> None:
 
 
 async def test_resiliency_mode_refusals(tmp_path: Path) -> None:
-    async with two_pools(tmp_path) as lab:
+    async with two_pools(tmp_path, detection=TAKEOVER) as lab:
         carol = await lab.registered(CAROL, P2)
         await lab.stop(P1)
         alice = await lab.agent(ALICE, P2)
