@@ -178,10 +178,18 @@ async def _sync(
             direction = SyncDirection(
                 source, target, sync_interval=topology.timers.sync_interval
             )
-            res = await run_cycle(direction, src, dst, final=final, budget=float("inf"))
-            if res.outcome == "error":
+            try:
+                res = await run_cycle(direction, src, dst, final=final, budget=float("inf"))
+            except (OperationError, OSError) as exc:
+                res = None
+                error = str(exc)
+            if res is None or res.outcome == "error":
                 raise OperationError(
-                    "sync-failed", f"replication {source} -> {target} failed: {res.error}", 503
+                    "sync-failed",
+                    f"replication {source} -> {target} failed: "
+                    f"{res.error if res is not None else error}; what was applied stays "
+                    "applied: run the same operation again to finish it",
+                    503,
                 )
             applied += res.applied
         else:

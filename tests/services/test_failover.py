@@ -392,3 +392,34 @@ async def test_a_home_pool_that_missed_its_second_failover_is_caught_up(
     assert back.failover_lost_writes == 1 and any("missed" in n for n in back.notes)
     assert state(lab, P1, P1) is FailoverState.FAILED_BACK
     assert state(lab, P2, P1) is FailoverState.FAILED_BACK
+
+
+async def test_a_failover_cut_mid_final_sync_is_finished_by_running_it_again(
+    lab: FakeLab,
+) -> None:
+    s1, s2 = lab.store(P1), lab.store(P2)
+    for i in range(40):  # 8 pages of 5
+        s1.add_contact(ALICE, f"sip:late{i}@example.com")
+    applies = 0
+
+    def cut_after_three_applies(request: object) -> None:
+        nonlocal applies
+        if getattr(request, "url", None) and request.url.path == "/replication/apply":  # type: ignore[attr-defined]
+            applies += 1
+            if applies == 3:
+                lab.pool_transport[P2].down = True
+
+    lab.pool_transport[P2].on_request = cut_after_three_applies
+    with pytest.raises(OperationError) as exc:
+        await pool_failover(lab.topology, P1, False, lab.clients)
+    assert exc.value.code == "sync-failed"
+    assert state(lab, P2, P1) is FailoverState.FAILING_OVER and s1.read_only
+    assert 0 < s2.last_applied(P1) < s1.high_water_mark()
+
+    lab.pool_transport[P2].on_request = None
+    lab.pool_transport[P2].down = False
+    report = await pool_failover(lab.topology, P1, False, lab.clients)
+
+    assert report.lost_writes == 0 and s2.last_applied(P1) == s1.high_water_mark()
+    assert lab.pools[P2].applied[P1] == s1.high_water_mark()  # nothing applied twice
+    assert state(lab, P2, P1) is FailoverState.FAILED_OVER
