@@ -430,7 +430,8 @@ def test_no_mode_header_means_full_service() -> None:
     assert w.mode is Mode.FULL_SERVICE
 
 
-def test_a_notify_nudge_re_registers_at_once() -> None:
+@pytest.mark.parametrize("event", ["registration", "x-sipdrill-reregister"])
+def test_a_notify_nudge_re_registers_at_once(event: str) -> None:
     w = World()
     w.down[POOL1] = Failure.REFUSED
     w.registrars[POOL2].mode = "resiliency"
@@ -443,7 +444,8 @@ def test_a_notify_nudge_re_registers_at_once() -> None:
         ("To", "<sip:alice@lab.local>"),
         ("Call-ID", "nudge-1"),
         ("CSeq", "1 NOTIFY"),
-        ("Event", "registration"),
+        ("Event", event),
+        ("Subscription-State", "terminated;reason=pool-failover"),
     ):
         notify.headers.add(name, value)
     before = len(w.registrars[POOL2].registers)

@@ -151,3 +151,18 @@ async def test_a_certificate_without_the_name_is_refused(tmp_path: Path) -> None
     failed = [e for e in runner.events.query(kind="TargetFailed") if e["pool"] == "fe9.lab.local"]
     assert failed and failed[0]["failure"] == "tls"
     assert "fe9.lab.local" in failed[0]["reason"] or "match" in failed[0]["reason"]
+
+
+async def test_bind_sets_the_source_address_of_dns_and_sip(lab: Lab) -> None:
+    runner = runner_for(lab, ["pool1.lab.local:*"], bind=HOST)
+    n = len(runner.config.users)
+    async with runner:
+        runner.start()
+        await wait_for(
+            lambda: runner.counts()["by_pool"].get("pool1.lab.local", {}).get("FullService") == n,
+            10,
+            "all registered from the bound address",
+        )
+        flows = list(lab.pool1.flows)
+    assert len(flows) == n and all(f.remote[0] == HOST for f in flows)
+    assert runner.faults == 0

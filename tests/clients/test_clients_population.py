@@ -1,0 +1,60 @@
+"""Users and settings from a topology: --users patterns, --count, conferences, workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sipdrill.clients.endpoint import WorkloadKind
+from sipdrill.clients.population import (
+    PopulationError,
+    parse_workload,
+    profile_for,
+    select_users,
+)
+from sipdrill.topology import load_topology
+
+PAIRED = Path(__file__).resolve().parents[2] / "topologies" / "paired-pools.yaml"
+
+
+@pytest.fixture(scope="module")
+def topology():  # type: ignore[no-untyped-def]
+    return load_topology(PAIRED).topology
+
+
+def test_patterns_pick_users_by_pool_and_name(topology) -> None:  # type: ignore[no-untyped-def]
+    pool1 = select_users(topology, ["pool1.lab.local:*"])
+    assert len(pool1) == 151 and all(u.home_pool == "pool1.lab.local" for u in pool1)
+    assert pool1[0].uri == "sip:alice@lab.local"
+    some = select_users(topology, ["*:p2u00*", "pool2.lab.local:bob"])
+    assert [u.uri for u in some][:2] == ["sip:bob@lab.local", "sip:p2u001@lab.local"]
+    assert len(select_users(topology, ["*:*"], count=10)) == 10
+
+
+def test_alice_joins_her_conference_and_her_contacts(topology) -> None:  # type: ignore[no-untyped-def]
+    (alice,) = select_users(topology, ["*:alice"])
+    assert alice.contacts == ("sip:bob@lab.local", "sip:carol@lab.local")
+    assert alice.conferences[0] == "sip:alice@lab.local;gruu;opaque=app:conf:focus:id:alice-weekly"
+
+
+def test_errors_name_the_fix(topology) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PopulationError, match="only 151 users match"):
+        select_users(topology, ["pool1.lab.local:*"], count=1000)
+    with pytest.raises(PopulationError, match="no such pool"):
+        select_users(topology, ["pool9.lab.local:*"])
+    with pytest.raises(PopulationError, match="POOL:GLOB"):
+        select_users(topology, ["alice"])
+    with pytest.raises(PopulationError, match="use some of"):
+        parse_workload("im,video")
+
+
+def test_workload_and_profile(topology) -> None:  # type: ignore[no-untyped-def]
+    assert parse_workload("im, presence,im") == (WorkloadKind.IM, WorkloadKind.PRESENCE)
+    assert parse_workload(None) == ()
+    profile = profile_for(topology)
+    assert profile.domain == "lab.local"
+    assert profile.expires == 600
+    assert profile.keepalive.default_interval == (96.0, 120.0)
+    assert profile.keepalive.pong_timeout == 10.0
+    assert [n.label for n in profile.order()][2] == "_sipinternaltls._tcp"
