@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,9 @@ class DigestAuthenticator:
 
     def new_nonce(self, now: float) -> str:
         # Milliseconds as an integer so the stamp survives text round trips exactly.
-        stamp = f"{round(now * 1000):x}"
+        # floor, not round: a stamp must never read as issued after `now`, or
+        # an answer within the same half millisecond is judged stale.
+        stamp = f"{math.floor(now * 1000):x}"
         salt = f"{self._rng.getrandbits(64):016x}"
         return f"{stamp}.{salt}.{self._mac(stamp, salt)}"
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import random
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +37,7 @@ from sipmessage import Request, Response
 from sipdrill.errors import SipError
 from sipdrill.sip.digest import DigestAuthenticator
 from sipdrill.sip.message import make_response
-from sipdrill.sip.registrar import Authenticator, AuthOk, AuthRequired, Registrar
+from sipdrill.sip.registrar import Authenticator, Registrar
 from sipdrill.sip.transaction import (
     DeliverRequest,
     DeliverResponse,
@@ -351,24 +350,7 @@ def make_authenticator(
     MD5 is offered first by default: SIPp and many deployed UAs only know
     MD5 and answer the first challenge they see; SHA-256 is offered too.
     """
-    inner = DigestAuthenticator(realm, users.get, random.SystemRandom(), algorithms=algorithms)
-    return _MillisecondClock(inner)
-
-
-class _MillisecondClock:
-    """Hand the authenticator times rounded up to the millisecond.
-
-    Work-around: DigestAuthenticator stamps nonces with round(now * 1000), so
-    a nonce issued at t can read as issued up to 0.5 ms after t, and an
-    answer arriving within that half millisecond (SIPp on loopback) is
-    judged stale. On a millisecond grid issue and check times agree exactly.
-    """
-
-    def __init__(self, inner: Authenticator) -> None:
-        self.inner = inner
-
-    def check(self, request: Request, now: float) -> AuthOk | AuthRequired:
-        return self.inner.check(request, math.ceil(now * 1000) / 1000)
+    return DigestAuthenticator(realm, users.get, random.SystemRandom(), algorithms=algorithms)
 
 
 def build_registrar_service(

@@ -108,6 +108,21 @@ class TestServer:
         assert f"algorithm={algorithm}" in creds
         assert auth.check(register(authz=creds), 10.0) == AuthOk("alice")
 
+    def test_answer_within_the_same_millisecond_is_not_stale(self) -> None:
+        # A nonce issued at 1.0006 s must not read as issued at 1.001 s: an
+        # answer at 1.0007 s (SIPp on loopback) is accepted, not re-challenged.
+        auth = authenticator()
+        challenge = challenges(auth.check(register(), 1.0006))["MD5"]
+        creds = authorization(
+            challenge,
+            method="REGISTER",
+            uri=f"sip:{REALM}",
+            username="alice",
+            password="wonderland",
+            rng=random.Random(5),
+        )
+        assert auth.check(register(authz=creds), 1.0007) == AuthOk("alice")
+
     def test_wrong_password_is_challenged_again(self) -> None:
         auth = authenticator()
         challenge = challenges(auth.check(register(), 0.0))["SHA-256"]
