@@ -80,6 +80,7 @@ from sipdrill.sip.transaction import (
     TransactionEvent,
     TransactionKey,
     TransactionManager,
+    TransactionTerminated,
     TransactionTimeout,
 )
 from sipdrill.sip.transaction import (
@@ -439,6 +440,7 @@ class Endpoint:
         "_conn_seq",
         "_contact_rr",
         "_cycle_started",
+        "_dead",
         "_expires",
         "_instance",
         "_interval_retries",
@@ -523,6 +525,9 @@ class Endpoint:
         self._lost_at: float | None = None
         self._backoff_until: float | None = None
         self._work: dict[TransactionKey, _Work] = {}
+        # Client transactions given up with their flow: their retransmissions
+        # (UDP) must not go out on the next flow.
+        self._dead: set[TransactionKey] | None = None
         self._work_at: float | None = None
         self._work_index = 0
         self._contact_rr = 0
@@ -589,6 +594,7 @@ class Endpoint:
         self._reg_key = None
         self._work.clear()
         self.transactions = TransactionManager(self.rng, self.profile.timers)
+        self._dead = None
         self._lost_at = None
         self._transition(Trigger.SIGN_OUT, "user signed out")
         return self._flush()
@@ -842,7 +848,7 @@ class Endpoint:
                     now,
                 )
                 continue
-            self._srv_ports.setdefault(host, rec.port)
+            self._srv_ports[host] = rec.port
             targets.append(Target(host, rec.port, kind, None, normalise_name(answer.qname)))
         self._queue[:0] = targets
 
@@ -912,6 +918,11 @@ class Endpoint:
     def _drop_flow(self) -> None:
         if self.keepalive is not None:
             self.keepalive = None
+        abandoned = [k for k in (self._reg_key, *self._work) if k is not None]
+        if abandoned:
+            if self._dead is None:
+                self._dead = set()
+            self._dead.update(abandoned)
         if self._conn:
             self._out.append(Close(self._conn))
         self._conn = 0
@@ -1055,8 +1066,13 @@ class Endpoint:
     def _run_tx(self, events: list[TransactionEvent], now: float) -> None:
         for ev in events:
             if isinstance(ev, TxSend):
-                if self._conn_open:
+                if self._conn_open and (self._dead is None or ev.key not in self._dead):
                     self._out.append(Send(self._conn, ev.data))
+            elif isinstance(ev, TransactionTerminated):
+                if self._dead is not None:
+                    self._dead.discard(ev.key)
+                    if not self._dead:
+                        self._dead = None
             elif isinstance(ev, DeliverResponse):
                 if ev.key is None:
                     continue  # stray (RFC 3261 18.1.2)
