@@ -1,0 +1,44 @@
+"""The event log behind GET /events and the JSONL stream."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from sipdrill.clients.events import Failure, Mode, ModeChanged, TargetFailed, event_to_dict
+from sipdrill.clients.metrics import EventLog
+
+
+def _changed(i: int, user: str = "sip:a@lab.local") -> ModeChanged:
+    return ModeChanged(
+        user=user,
+        wall=1000.0 + i,
+        monotonic=float(i),
+        reason=f"step {i}",
+        old=Mode.SIGNED_OUT,
+        new=Mode.DISCOVERING,
+        trigger="sign-in",
+    )
+
+
+def test_paging_since_and_filters_over_a_bounded_buffer() -> None:
+    stream = io.StringIO()
+    log = EventLog(capacity=5, stream=stream)
+    for i in range(8):
+        log.append(_changed(i, "sip:a@lab.local" if i % 2 else "sip:b@lab.local"))
+    log.append(
+        TargetFailed(user="sip:a@lab.local", wall=1008.0, monotonic=8.0, failure=Failure.REFUSED)
+    )
+    assert len(log) == 5 and log.seq == 9
+    assert [e["seq"] for e in log.query()] == [5, 6, 7, 8, 9]  # the oldest were dropped
+    assert [e["seq"] for e in log.query(after=6)] == [7, 8, 9]
+    assert [e["seq"] for e in log.query(after=1)] == [5, 6, 7, 8, 9]
+    assert log.query(after=9) == []
+    assert [e["seq"] for e in log.query(since=1006.0)] == [7, 8, 9]
+    assert [e["seq"] for e in log.query(since=1006.0, after=7, limit=1)] == [8]
+    assert [e["seq"] for e in log.query(user="sip:a@lab.local")] == [6, 8, 9]
+    assert [e["event"] for e in log.query(kind="TargetFailed")] == ["TargetFailed"]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 9 and lines[-1]["failure"] == "refused"
+    assert lines[0] == event_to_dict(_changed(0, "sip:b@lab.local"), 1)
+    assert lines[0]["old"] == "SignedOut" and lines[0]["pool"] is None
