@@ -147,7 +147,11 @@ def serve_clients(
         None, "--duration", min=0.1, help="Sign out and exit after this many seconds."
     ),
     connect_concurrency: int = typer.Option(
-        0, "--connect-concurrency", min=0, help="Connects in progress at once (0: no limit)."
+        256,
+        "--connect-concurrency",
+        min=0,
+        help="Connects (TCP + TLS handshake) in progress at once; 0: no limit (a 10,000-endpoint "
+        "storm then times out in the simulator's own event loop).",
     ),
     tls_max: str = typer.Option(
         "1.2", "--tls-max", help="Highest TLS version: 1.2 (Lync 2013 era; less memory) or 1.3."
