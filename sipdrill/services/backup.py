@@ -356,9 +356,11 @@ class SyncDirection:
         )
 
     def next_deadline(self) -> float:
-        """When the next periodic sync is due (wall clock)."""
+        """When the next periodic sync is due (wall clock); minus infinity
+        when none was ever attempted (due at once, whatever the clock says
+        by the time the caller compares)."""
         last = self.record.last_attempt
-        return self.clock() if last is None else last + self.sync_interval
+        return -math.inf if last is None else last + self.sync_interval
 
 
 # --- one cycle -----------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from sipdrill.errors import OperationError
 from sipdrill.services.backup import (
     EXPORT_TRANSITIONS,
+    BackupService,
     ExportEvent,
     ExportState,
     SyncDirection,
@@ -289,6 +290,25 @@ async def test_the_loop_syncs_at_start_and_when_triggered(lab: FakeLab) -> None:
     assert service.last_result.applied == 1
     stop.set()
     await task
+
+
+async def test_the_loop_syncs_with_a_clock_that_never_stands_still(
+    lab: FakeLab, tmp_path: Path
+) -> None:
+    """Regression: with a real clock every reading is later than the last,
+    so "due now" must not be a reading of the clock."""
+    ticks = iter(range(1_000_000, 10_000_000))
+    service = BackupService(
+        lab.topology, P1, tmp_path / "ticking", lab.clients,
+        clock=lambda: float(next(ticks)) / 1000,
+    )
+    assert service.direction.next_deadline() <= service.clock()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await until(lambda: service.last_result is not None)
+    stop.set()
+    await task
+    assert service.last_result is not None and service.last_result.outcome == "caught-up"
 
 
 async def test_sync_interval_comes_from_the_cms(lab: FakeLab) -> None:
