@@ -5,18 +5,25 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sipdrill.errors import ConfigFileError, FaultError, OperationError
-from sipdrill.orchestrator.drill import LoadedDrill, load_drill
+from sipdrill.orchestrator.compose import DEFAULT_PORT_BASE, ComposeOptions, docker_plan
+from sipdrill.orchestrator.compose import command_line as compose_command_line
+from sipdrill.orchestrator.compose import generate as generate_compose
+from sipdrill.orchestrator.drill import FaultKind, LoadedDrill, load_drill
 from sipdrill.orchestrator.engine import DrillEngine, DrillInterrupted, Report, signals_interrupt
 from sipdrill.orchestrator.local_runtime import LOCAL_FAULTS, LocalRuntime
-from sipdrill.orchestrator.plan import RuntimeKind, lab_plan
+from sipdrill.orchestrator.plan import RuntimeKind, ServiceSpec, lab_plan
+from sipdrill.topology import Topology
 from sipdrill.topology_cli import load_or_exit
+
+if TYPE_CHECKING:  # imported when used: the docker SDK costs every `sipdrill` command 0.1 s
+    from sipdrill.orchestrator.docker_lab import DockerLab
 
 lab_app = typer.Typer(help="Start, inspect, break and stop a lab.", no_args_is_help=True)
 drill_app = typer.Typer(help="Run drills (scenarios) on a lab.", no_args_is_help=True)
@@ -38,12 +45,37 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _runtime(kind: RuntimeKind, lab: str, state_dir: Path) -> LocalRuntime:
+def _runtime(
+    kind: RuntimeKind, lab: str, state_dir: Path, topology_file: Path | None = None
+) -> LocalRuntime | DockerLab:
+    """The runtime of a lab: its state lives in ``<state_dir>/<lab>``. The docker
+    runtime needs the topology file (mounted in its containers) to start a lab."""
     if kind is RuntimeKind.LOCAL:
         return LocalRuntime(lab, state_dir / lab, progress=_progress)
-    raise _fail(
-        "the docker runtime is not wired into the CLI yet; use --runtime local "
-        "(the image and faults are built by `make image`)"
+    from sipdrill.orchestrator.docker_lab import DockerLab
+
+    return DockerLab(lab, state_dir / lab, progress=_progress, topology_file=topology_file)
+
+
+def _plan(
+    kind: RuntimeKind,
+    t: Topology,
+    topology_file: Path,
+    lab_dir: Path,
+    clients: int,
+    clients_processes: int,
+) -> list[ServiceSpec]:
+    """The lab plan with the paths its processes see: the host's for the local
+    runtime, the containers' for docker (the file is mounted there)."""
+    if kind is RuntimeKind.DOCKER:
+        return docker_plan(t, clients=clients, clients_processes=clients_processes)
+    return lab_plan(
+        t,
+        kind,
+        topology_path=str(topology_file.resolve()),
+        state_dir=str(lab_dir.resolve()),
+        clients=clients,
+        clients_processes=clients_processes,
     )
 
 
@@ -62,20 +94,54 @@ def lab_up(
 ) -> None:
     """Start every service of a topology and wait until each is healthy."""
     t = load_or_exit(topology).topology
-    rt = _runtime(runtime, t.name, state_dir)
-    specs = lab_plan(
-        t,
-        runtime,
-        topology_path=str(topology.resolve()),
-        state_dir=str((state_dir / t.name).resolve()),
-        clients=clients,
-        clients_processes=clients_processes,
-    )
+    rt = _runtime(runtime, t.name, state_dir, topology)
+    specs = _plan(runtime, t, topology, state_dir / t.name, clients, clients_processes)
     try:
         rt.up(specs, timeout=timeout)
     except OperationError as exc:
         raise _fail(exc.message) from None
     _print_status(rt.status())
+
+
+@lab_app.command("compose")
+def lab_compose(
+    topology: Path = typer.Argument(..., help="The topology YAML file."),
+    clients: int = typer.Option(
+        50, "--clients", min=0, help="Simulated endpoints per clients replica."
+    ),
+    clients_processes: int = typer.Option(
+        1, "--clients-processes", min=1, help="Clients replicas (the file's `scale:`)."
+    ),
+    lab: str | None = typer.Option(
+        None, "--lab", help="Label and container-name prefix (default: the topology's name)."
+    ),
+    port_base: int = typer.Option(
+        DEFAULT_PORT_BASE,
+        "--port-base",
+        min=0,
+        max=65000,
+        help="Publish control APIs on 127.0.0.1 from this port (0: ephemeral ports).",
+    ),
+) -> None:
+    """Print the Compose file of a topology's lab: `sipdrill lab compose
+    topologies/paired-pools.yaml > compose.yaml`, then `docker-compose up -d`.
+    A relative topology path stays relative (to the directory of the file)."""
+    t = load_or_exit(topology).topology
+    source = str(topology)
+    if not topology.is_absolute() and not source.startswith("."):
+        source = f"./{source}"
+    options = ComposeOptions(lab=lab or t.name, topology_source=source, port_base=port_base or None)
+    try:
+        text = generate_compose(
+            t,
+            options,
+            clients=clients * clients_processes,
+            clients_processes=clients_processes,
+            command=compose_command_line(t, str(topology), options, clients, clients_processes),
+        )
+    except OperationError as exc:
+        raise _fail(exc.message) from None
+    typer.echo(text, nl=False)
 
 
 @lab_app.command("down")
@@ -85,7 +151,10 @@ def lab_down(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Heal every fault and stop everything the lab started."""
-    stopped = _runtime(runtime, name, state_dir).down()
+    try:
+        stopped = _runtime(runtime, name, state_dir).down()
+    except OperationError as exc:
+        raise _fail(exc.message) from None
     _console().print(f"stopped {len(stopped)} service(s): {', '.join(stopped) or '-'}")
 
 
@@ -96,7 +165,10 @@ def lab_status(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Show each service: role, address, health."""
-    rows = _runtime(runtime, name, state_dir).status()
+    try:
+        rows = _runtime(runtime, name, state_dir).status()
+    except OperationError as exc:
+        raise _fail(exc.message) from None
     if not rows:
         raise _fail(f"no lab {name!r} is running from {state_dir}")
     _print_status(rows)
@@ -104,24 +176,44 @@ def lab_status(
 
 def _print_status(rows: list[dict[str, Any]]) -> None:
     table = Table(title="lab")
-    for col in ("name", "role", "address", "pid", "health"):
+    # pid for processes (local runtime), container for docker.
+    columns = [
+        c
+        for c in ("name", "role", "address", "pid", "container", "health")
+        if any(c in r for r in rows)
+    ]
+    for col in columns:
         table.add_column(col)
     for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in ("name", "role", "address", "pid", "health")))
+        table.add_row(*(str(r.get(c, "")) for c in columns))
     _console().print(table)
 
 
 @lab_app.command("fault")
 def lab_fault(
     name: str = typer.Argument(..., help="The lab's name."),
-    kind: str = typer.Argument(..., help=f"one of: {', '.join(LOCAL_FAULTS)} (local runtime)"),
+    kind: str = typer.Argument(
+        ...,
+        help=f"local runtime: {', '.join(LOCAL_FAULTS)}; docker: {', '.join(get_args(FaultKind))}",
+    ),
     target: str = typer.Argument(..., help="a service (pool1, dns...) or a site"),
     mode: str | None = typer.Option(None, "--mode", help="dns-outage: drop or servfail"),
+    peer: str | None = typer.Option(None, "--peer", help="partition: the other site"),
+    delay_ms: int | None = typer.Option(None, "--delay-ms", help="degrade: added latency"),
+    jitter_ms: int | None = typer.Option(None, "--jitter-ms", help="degrade: jitter"),
+    loss_percent: float | None = typer.Option(None, "--loss-percent", help="degrade: loss"),
     runtime: RuntimeKind = RUNTIME_OPT,
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Inject a fault by hand; `sipdrill lab heal` (or `lab down`) undoes it."""
-    params = {"mode": mode} if mode else {}
+    given = {
+        "mode": mode,
+        "peer": peer,
+        "delay_ms": delay_ms,
+        "jitter_ms": jitter_ms,
+        "loss_percent": loss_percent,
+    }
+    params = {k: v for k, v in given.items() if v is not None}
     try:
         fault = _runtime(runtime, name, state_dir).inject(kind, target, **params)
     except (FaultError, OperationError) as exc:
@@ -136,7 +228,10 @@ def lab_heal(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Undo every fault of the lab."""
-    _runtime(runtime, name, state_dir).heal_all()
+    try:
+        _runtime(runtime, name, state_dir).heal_all()
+    except (FaultError, OperationError) as exc:
+        raise _fail(str(exc)) from None
     _console().print("every fault healed")
 
 
@@ -183,16 +278,9 @@ def drill_run(
     lab_dir.mkdir(parents=True, exist_ok=True)
     topo_file = lab_dir / "topology.yaml"  # the topology with the drill's timers
     topo_file.write_text(loaded.topology_yaml)
-    rt = _runtime(kind, t.name, state_dir)
+    rt = _runtime(kind, t.name, state_dir, topo_file)
     n_clients = d.clients.count if clients is None else clients
-    specs = lab_plan(
-        t,
-        kind,
-        topology_path=str(topo_file),
-        state_dir=str(lab_dir),
-        clients=n_clients,
-        clients_processes=d.clients.processes,
-    )
+    specs = _plan(kind, t, topo_file, lab_dir, n_clients, d.clients.processes)
     out_dir = report_dir / f"{d.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     report: Report | None = None
     with signals_interrupt():
@@ -215,7 +303,7 @@ def drill_run(
             live = LiveLab(
                 rt,
                 t,
-                specs,
+                rt.live_specs() if rt.kind is RuntimeKind.DOCKER else specs,  # type: ignore[union-attr]
                 rt.token,
                 loopback=kind is RuntimeKind.LOCAL,
                 topology_path=str(topo_file),

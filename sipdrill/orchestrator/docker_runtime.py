@@ -402,13 +402,19 @@ class DockerRuntime:
         return container
 
     def lab_containers(self, lab: str) -> list[Container]:
-        return list(self.client.containers.list(all=True, filters=labels.lab_filter(lab)))
+        # ignore_removed: a container removed between the list and its inspect
+        # (another lab's teardown) is not an error.
+        return list(
+            self.client.containers.list(
+                all=True, filters=labels.lab_filter(lab), ignore_removed=True
+            )
+        )
 
     def remove_lab(self, lab: str) -> dict[str, list[str]]:
         """Remove every container, network and volume labelled for ``lab``,
         whatever state it is in. Returns the names removed."""
         removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
-        for c in self.client.containers.list(all=True, filters=labels.lab_filter(lab)):
+        for c in self.lab_containers(lab):
             with contextlib.suppress(NotFound):
                 c.remove(force=True, v=True)
                 removed["containers"].append(c.name)
@@ -430,7 +436,9 @@ class DockerRuntime:
         """The names of the labs that have anything on this engine."""
         found: set[str] = set()
         sources: Iterable[Any] = (
-            *self.client.containers.list(all=True, filters={"label": labels.LAB}),
+            *self.client.containers.list(
+                all=True, filters={"label": labels.LAB}, ignore_removed=True
+            ),
             *self.client.networks.list(filters={"label": labels.LAB}),
             *self.client.volumes.list(filters={"label": labels.LAB}),
         )
