@@ -394,9 +394,18 @@ async def pool_failback(
 
     if home_states.get(home, FailoverState.ACTIVE) not in SERVED_BY_BACKUP:
         # The home pool was down during a disaster-mode failover and never
-        # heard of it: bring its view up to date first.
-        await hc.failover_event(home, "failover_started", True)
-        await hc.failover_event(home, "failover_completed", True)
+        # heard of it: bring its view up to date first. Its Backup Service
+        # (the fence) may be telling it the same thing right now, as the pool
+        # comes back: whoever is second finds the pool already moved on.
+        for event in ("failover_started", "failover_completed"):
+            try:
+                await hc.failover_event(home, event, True)
+            except OperationError as exc:
+                now = (await _states(hc) or {}).get(home)
+                if exc.code != "invalid-transition" or now not in SERVED_BY_BACKUP:
+                    raise
+                if now is not FailoverState.FAILING_OVER:
+                    break  # already failed over: nothing left to tell
         report.notes.append(f"{home} had missed its failover (it was down); told it first")
     if report.backup_reachable:
         await bc.failover_event(home, "failback_started", disaster_mode)
