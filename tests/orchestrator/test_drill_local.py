@@ -1,5 +1,5 @@
 """A whole drill on the local runtime: real DNS, pools, Backup Services and
-clients as processes on 127.77.x.y; site1 cut with SIGSTOP, registrar failover
+clients as processes on 127.78.x.y; site1 cut with SIGSTOP, registrar failover
 to pool2 in resiliency mode, failback home. Short timers keep it under a minute."""
 
 from __future__ import annotations
@@ -13,6 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def isolated_topology(tmp_path: Path) -> Path:
+    """paired-pools on 127.78.x.y: a lab the user runs on the default 127.77
+    range (or another test) cannot collide with the test's."""
+    text = (ROOT / "topologies/paired-pools.yaml").read_text()
+    path = tmp_path / "paired-pools.yaml"
+    path.write_text(text + "\nlab:\n  loopback_network: 127.78.0.0/16\n")
+    return path
+
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +71,7 @@ def _lab_processes(state: Path) -> list[int]:
 
 def test_registrar_failover_drill(tmp_path: Path) -> None:
     drill = tmp_path / "drill.yaml"
-    drill.write_text(DRILL.format(topology=ROOT / "topologies/paired-pools.yaml"))
+    drill.write_text(DRILL.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
     proc = subprocess.run(
         [
@@ -98,10 +108,10 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     import socket
 
     drill = tmp_path / "drill.yaml"
-    drill.write_text(DRILL.format(topology=ROOT / "topologies/paired-pools.yaml"))
+    drill.write_text(DRILL.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        squatter.bind(("127.77.0.53", 5353))
+        squatter.bind(("127.78.0.53", 5353))
         proc = subprocess.run(
             [
                 sys.executable,

@@ -1,4 +1,4 @@
-"""The local runtime with a real `sipdrill serve dns` process on 127.77.0.53:
+"""The local runtime with a real `sipdrill serve dns` process on 127.78.0.53:
 start, health, faults (cut, crash, dns-outage), undo, and nothing left behind."""
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, lab_plan
 from sipdrill.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[2]
-TOPOLOGY = ROOT / "topologies/paired-pools.yaml"
+PAIRED = ROOT / "topologies/paired-pools.yaml"
 SRV = "_sipinternaltls._tcp.lab.local"
 
 pytestmark = pytest.mark.slow
 
 
 def dns_spec(tmp_path: Path) -> ServiceSpec:
-    t = load_topology(TOPOLOGY).topology
-    specs = lab_plan(t, RuntimeKind.LOCAL, topology_path=str(TOPOLOGY), state_dir=str(tmp_path))
+    # Its own loopback range (127.78): a lab the user runs on 127.77 cannot collide.
+    topology = tmp_path / "paired-pools.yaml"
+    topology.write_text(PAIRED.read_text() + "\nlab:\n  loopback_network: 127.78.0.0/16\n")
+    t = load_topology(topology).topology
+    specs = lab_plan(t, RuntimeKind.LOCAL, topology_path=str(topology), state_dir=str(tmp_path))
     (spec,) = [s for s in specs if s.role is Role.DNS]
     return spec
 
 
 def ask(timeout: float = 1.0) -> int:
     q = dns.message.make_query(SRV, "SRV")
-    return dns.query.udp(q, "127.77.0.53", port=5353, timeout=timeout).rcode()
+    return dns.query.udp(q, "127.78.0.53", port=5353, timeout=timeout).rcode()
 
 
 @pytest.fixture
