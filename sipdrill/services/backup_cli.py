@@ -175,6 +175,9 @@ def serve_backup(
     from sipdrill.services.backup_api import run_backup_process
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if log_level.lower() != "debug":
+        # One line per request, several per cycle: only when debugging.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     topo = _load(topology)
     fqdn = _pool_or_exit(topo, pool)
     if topo.backup_of(fqdn) is None:
