@@ -454,6 +454,11 @@ async def pool_failback(
             bc.failover_event(home, "failback_completed", disaster_mode), report,
             f"{backup} did not take failback_completed",
         )
+    # A fence of the Backup Service that was in flight when the failback
+    # started may have made the pool read-only again: the failback wins.
+    if (await hc.changes(0, 1)).read_only:
+        await hc.set_read_only(False)
+        report.notes.append(f"{home} had been made read-only again by its Backup Service; undone")
     timer.step("home took over")
     new_record = (record or PoolFailoverRecord(backup_pool=backup, state="")).model_copy(
         update={
