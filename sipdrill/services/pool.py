@@ -101,12 +101,15 @@ class PoolSettings(BaseModel):
         default=60.0, gt=0, description="Refresh of back-end presence subscriptions."
     )
     nudge_grace: float = Field(
-        default=5.0, ge=0,
+        default=30.0, ge=0,
         description="How long a client asked to register again (NOTIFY x-sipdrill-reregister) "
         "has before its flow is closed; 0 closes flows at once.",
     )
     nudge_rate: float = Field(
         default=1000.0, gt=0, description="Nudges sent per second after a mass change."
+    )
+    nudge_window: int = Field(
+        default=500, ge=1, description="Users nudged and not yet registered again, at most."
     )
     housekeeping_interval: float = Field(default=1.0, gt=0)
     pending_retry_interval: float = Field(default=5.0, gt=0)

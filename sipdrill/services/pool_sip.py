@@ -211,8 +211,12 @@ class PoolSip:
         self._nudged: dict[str, tuple[float, str]] = {}
         self._nudge_queue: collections.deque[tuple[str, str]] = collections.deque()
         self._nudge_task: asyncio.Task[None] | None = None
+        #: Nudged users whose REGISTER has not come yet (the pacing window).
+        self._nudge_inflight: set[str] = set()
         self._internal = False
         self.subs = SubscriptionTable()
+        self._notify_pending: dict[tuple[str, str], tuple[Subscription, PresenceState]] = {}
+        self._notify_running: set[tuple[str, str]] = set()
         self.backend: dict[str, BackendSub] = {}
         self.remote_views: dict[str, PresenceState] = {}
         self.published: dict[str, PresenceState] = {}
@@ -376,6 +380,7 @@ class PoolSip:
         result = self.registrar.handle(request, now, rx.flow)
         if result.aor is not None:
             self._nudged.pop(result.aor, None)
+            self._nudge_inflight.discard(result.aor)
         metrics = self.svc.metrics.register_requests
         self._apply(result.events)
         code = result.status
@@ -565,17 +570,22 @@ class PoolSip:
         flows: set[Flow] = set()
         for aor in aors:
             self._nudged.pop(aor, None)
+            self._nudge_inflight.discard(aor)
             flows |= self.unbind_aor(aor)
         return self.close_flows(flows, reason.split(" ", 1)[0])
 
     async def _nudge_pacer(self) -> None:
-        """Send queued nudges at ``nudge_rate``: ten thousand NOTIFYs (and
-        the REGISTERs they bring back) at once would stall both ends."""
+        """Send queued nudges at most ``nudge_rate`` per second and with at
+        most ``nudge_window`` users nudged but not yet registered again: ten
+        thousand NOTIFYs (and the REGISTERs they bring back) at once would
+        stall both ends, and a grace period would run out in the queue."""
+        settings = self.svc.settings
         tick = 0.05
-        per_tick = max(1, int(self.svc.settings.nudge_rate * tick))
+        per_tick = max(1, int(settings.nudge_rate * tick))
         try:
             while self._nudge_queue:
-                for _ in range(min(per_tick, len(self._nudge_queue))):
+                room = settings.nudge_window - len(self._nudge_inflight)
+                for _ in range(min(per_tick, room, len(self._nudge_queue))):
                     aor, reason = self._nudge_queue.popleft()
                     if aor in self._nudged:  # not registered again meanwhile
                         self._nudge(aor, reason)
@@ -593,6 +603,7 @@ class PoolSip:
                 sent = True
         if sent:
             self._nudged[aor] = (now + settings.nudge_grace + settings.forward_timeout, reason)
+            self._nudge_inflight.add(aor)
         else:
             self.force_reregister([aor], reason)
 
@@ -880,7 +891,7 @@ class PoolSip:
         state = self.view_of(aor)
         for sub in self.subs.watching(aor):
             if sub.last_sent != state:
-                self.endpoint.spawn(self._notify(sub, state), name=f"notify {aor}")
+                self._queue_notify(sub, state)
 
     def _subscribe(self, request: Request, rx: Received) -> Response | Awaitable[Response]:
         event = (request.headers.get("Event") or "").split(";", 1)[0].strip().lower()
@@ -939,7 +950,7 @@ class PoolSip:
         sub.expires_at = self._now() + expires
         sub.route = rx.flow
         self.subs.put(sub)
-        self.endpoint.spawn(self._notify(sub, self.view_of(presentity)), name="notify")
+        self._queue_notify(sub, self.view_of(presentity))
         return make_response(
             request, 200, headers=[("Expires", str(expires)), ("Contact", self._contact())],
             to_tag=sub.local_tag,
@@ -1100,10 +1111,28 @@ class PoolSip:
             h.add(name, value)
         return req
 
+    def _queue_notify(self, sub: Subscription, state: PresenceState) -> None:
+        """NOTIFY ``state`` to ``sub``'s watcher. One sender per subscription,
+        so NOTIFYs arrive in order, and a state superseded before it was sent
+        is skipped; ``last_sent`` is what the watcher will end up with."""
+        sub.last_sent = state
+        self._notify_pending[sub.key] = (sub, state)
+        if sub.key not in self._notify_running:
+            self._notify_running.add(sub.key)
+            self.endpoint.spawn(self._notify_worker(sub.key), name="notify")
+
+    async def _notify_worker(self, key: tuple[str, str]) -> None:
+        try:
+            while key in self._notify_pending:
+                sub, state = self._notify_pending.pop(key)
+                if self.subs.get(key) is sub:
+                    await self._notify(sub, state)
+        finally:
+            self._notify_running.discard(key)
+
     async def _notify(
         self, sub: Subscription, state: PresenceState, *, final: bool = False
     ) -> None:
-        sub.last_sent = state
         remaining = max(0, int(sub.expires_at - self._now()))
         substate = "terminated;reason=timeout" if final else f"active;expires={remaining}"
         headers = [

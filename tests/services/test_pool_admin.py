@@ -105,7 +105,11 @@ async def test_forced_move_loses_contacts_and_cleans_up_later(tmp_path: Path) ->
             return (await lab.get(P1, f"/users/{DAVE}")).status_code == 404
 
         await wait_for(cleaned, 5, step=0.2)
-        assert (await lab.status(P2))["pending_deletes"] == 0
+
+        async def settled() -> bool:
+            return (await lab.status(P2))["pending_deletes"] == 0
+
+        await wait_for(settled, 2)
         r = await (await lab.agent(DAVE, P1)).register()
         assert r.code == 301 and contacts_q(r)[0] == (P2, 0.7)
 

@@ -69,11 +69,16 @@ def test_subscription_table_expires_lazily() -> None:
 
 
 async def _availability(ua: UserAgent, entity: str, within: float = 5.0) -> str:
-    while True:
-        notify = await ua.next_request("NOTIFY", within=within, event="presence")
-        state = parse_pidf(notify.body)
-        if state.entity == entity:
-            return state.availability.value
+    seen = []
+    try:
+        while True:
+            notify = await ua.next_request("NOTIFY", within=within, event="presence")
+            state = parse_pidf(notify.body)
+            seen.append(state)
+            if state.entity == entity:
+                return state.availability.value
+    except TimeoutError:
+        raise AssertionError(f"no NOTIFY for {entity} within {within} s; saw {seen}") from None
 
 
 async def test_presence_across_pools(tmp_path: Path) -> None:
