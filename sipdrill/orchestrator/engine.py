@@ -139,8 +139,32 @@ class Report:
             for f in self.faults:
                 healed = "-" if f.get("healed_at") is None else f"{f['healed_at']:.1f}"
                 out.append(f"| {f['kind']} | {f['target']} | {f['injected_at']:.1f} | {healed} |")
+        ops = self.data.get("operations") or []
+        writes = self.data.get("writes") or {}
+        if ops or writes:
+            out += ["", "## Data: what was kept and what was lost", ""]
+            if writes:
+                out.append(
+                    f"- writes acknowledged by the pools: {writes.get('acknowledged', 0)}, "
+                    f"refused: {writes.get('refused', 0)}"
+                )
+            for op in ops:
+                lost = op.get("lost_writes")
+                earlier = op.get("failover_lost_writes")
+                line = (
+                    f"- pool {op.get('operation')} of {op.get('home_pool')}"
+                    f"{' (disaster mode)' if op.get('disaster_mode') else ''}: "
+                    f"{op.get('seconds', 0):.1f} s, "
+                    f"{op.get('synced_changes', 0)} change(s) synced, "
+                    f"writes lost: {'unknown until the pool returns' if lost is None else lost}"
+                )
+                if earlier is not None:
+                    line += (
+                        f"; the earlier failover lost {earlier} write(s) taken after the last sync"
+                    )
+                out.append(line)
         if self.data:
-            out += ["", "## Data", "", "```json", json.dumps(self.data, indent=2), "```"]
+            out += ["", "## Raw data", "", "```json", json.dumps(self.data, indent=2), "```"]
         return "\n".join(out) + "\n"
 
     def write(self, directory: Path) -> tuple[Path, Path]:
