@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -24,10 +23,10 @@ from typing import Any
 import httpx
 import pytest
 from docker_labkit import LAB_PREFIX, build_image, docker_problem, leftovers_of
+from test_docker_lab import topology_on_free_subnets
 
 from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = compose_command()
 
 _PROBLEM = docker_problem()
@@ -78,7 +77,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeLab]:
     name = f"{LAB_PREFIX}compose-{secrets.token_hex(3)}"
     directory = tmp_path_factory.mktemp("compose")
     (directory / "topologies").mkdir()
-    shutil.copy(ROOT / "topologies/paired-pools.yaml", directory / "topologies")
+    # paired-pools on free subnets: a lab of compose.yaml or another test run may be up.
+    text, _ = topology_on_free_subnets(name)
+    (directory / "topologies/paired-pools.yaml").write_text(text)
     generated = subprocess.run(
         [
             sys.executable, "-m", "sipdrill", "lab", "compose", "topologies/paired-pools.yaml",

@@ -10,7 +10,9 @@ SIPDRILL_REQUIRE_DOCKER=1 (CI), which turns the skip into a failure.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -32,13 +34,13 @@ from sipdrill.cli import app
 from sipdrill.errors import FaultError, OperationError
 from sipdrill.orchestrator.compose import docker_plan
 from sipdrill.orchestrator.docker_lab import DockerLab
+from sipdrill.orchestrator.docker_runtime import DockerRuntime
 from sipdrill.orchestrator.faults import FaultJournal
 from sipdrill.orchestrator.plan import Role, ServiceSpec
 from sipdrill.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY = ROOT / "topologies/paired-pools.yaml"
-DNS = "172.30.0.53"
 SRV = "_sipinternaltls._tcp.lab.local"
 
 _PROBLEM = docker_problem()
@@ -51,6 +53,32 @@ pytestmark = [
     pytest.mark.docker,
     pytest.mark.skipif(bool(_PROBLEM) and not _REQUIRED, reason=f"docker tests: {_PROBLEM}"),
 ]
+
+
+def topology_on_free_subnets(name: str, *, clients: bool = True) -> tuple[str, str]:
+    """paired-pools.yaml named ``name``, with its networks (172.30.k.0/24) moved
+    to free 10.x.k.0/24 ones, so that tests running at the same time (and a
+    lab started from compose.yaml) do not clash. Returns (text, DNS address)."""
+    with DockerRuntime.from_env() as rt:
+        used = [
+            ipaddress.ip_network(c["Subnet"])
+            for n in rt.client.networks.list()
+            for c in (n.attrs.get("IPAM") or {}).get("Config") or []
+            if c.get("Subnet") and ":" not in c["Subnet"]
+        ]
+    for _ in range(100):
+        x = random.randint(160, 199)  # docker_labkit's probe labs use 10.213.x
+        nets = [ipaddress.ip_network(f"10.{x}.{k}.0/24") for k in range(3)]
+        if not any(n.overlaps(u) for n in nets for u in used):
+            break
+    else:
+        raise RuntimeError("no free 10.x.0.0/22 for a test lab")
+    text = TOPOLOGY.read_text().replace("name: paired-pools", f"name: {name}", 1)
+    text = text.replace("172.30.", f"10.{x}.") + f"\nlab: {{core_subnet: 10.{x}.0.0/24}}\n"
+    return text, f"10.{x}.0.53"
+
+
+DNS = ""  # the lab DNS server of this module's lab (set by the `lab` fixture)
 
 
 def ask(timeout: float = 1.0) -> int:
@@ -85,10 +113,12 @@ def dns_only(topology: Path) -> list[ServiceSpec]:
     return [s for s in specs if s.role is Role.DNS]
 
 
-def lab_topology(tmp: Path, name: str) -> Path:
+def lab_topology(tmp: Path, name: str) -> tuple[Path, str]:
+    """The topology file of a test lab, and its DNS server's address."""
     path = tmp / "topology.yaml"
-    path.write_text(TOPOLOGY.read_text().replace("name: paired-pools", f"name: {name}", 1))
-    return path
+    text, dns_address = topology_on_free_subnets(name)
+    path.write_text(text)
+    return path, dns_address
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +127,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
         pytest.fail(f"SIPDRILL_REQUIRE_DOCKER=1 but {_PROBLEM}")
     name = f"{LAB_PREFIX}dl-{secrets.token_hex(3)}"
     tmp = tmp_path_factory.mktemp("docker-lab")
-    runtime = DockerLab(name, tmp / "state" / name, topology_file=lab_topology(tmp, name))
+    global DNS
+    topology, DNS = lab_topology(tmp, name)
+    runtime = DockerLab(name, tmp / "state" / name, topology_file=topology)
     try:
         runtime.up(dns_only(runtime.topology_file or TOPOLOGY), timeout=60)
         yield runtime
@@ -129,7 +161,7 @@ def test_up_status_token_and_a_second_up_refused(clean: DockerLab) -> None:
     with httpx.Client(headers={"Authorization": f"Bearer {clean.token}"}) as http:
         assert http.get(f"http://{DNS}:8080/faults").status_code == 200
     with pytest.raises(OperationError, match="already"):
-        clean.up(dns_only(TOPOLOGY))
+        clean.up(dns_only(clean.topology_file or TOPOLOGY))
     assert [r["health"] for r in clean.status()] == ["healthy"]  # the refusal changed nothing
 
 
@@ -206,7 +238,7 @@ def test_the_cli_drives_the_docker_runtime(clean: DockerLab) -> None:
     common = ["--runtime", "docker", "--state-dir", state]
     status = runner.invoke(app, ["lab", "status", clean.lab, *common])
     assert status.exit_code == 0, status.output
-    assert "172.30.0.53" in status.output and "healthy" in status.output
+    assert DNS in status.output and "healthy" in status.output
     fault = runner.invoke(app, ["lab", "fault", clean.lab, "cut", "dns", *common])
     assert fault.exit_code == 0, fault.output
     assert silent()
@@ -279,7 +311,9 @@ def test_a_failing_test_leaves_no_container_network_or_volume(
     assert leftovers_of(lab.lab) == set()
     name = f"{LAB_PREFIX}inner-{secrets.token_hex(3)}"
     test_file = tmp_path / "test_fails_on_purpose.py"
-    test_file.write_text(INNER_TEST.format(topology=str(TOPOLOGY), name=name))
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(topology_on_free_subnets(name)[0])
+    test_file.write_text(INNER_TEST.format(topology=str(topology), name=name))
     proc = subprocess.run(
         [
             sys.executable,
@@ -303,3 +337,30 @@ def test_a_failing_test_leaves_no_container_network_or_volume(
     assert f"made {name}" in proc.stdout  # it did make a lab before failing
     assert leftovers_of(name) == set()
     assert lab.down() == []  # down twice: nothing to do
+
+
+def test_lab_up_and_down_from_the_cli_heal_and_remove_everything(tmp_path: Path) -> None:
+    """`sipdrill lab up --runtime docker` (every server role, no clients), a
+    fault left in force, then `sipdrill lab down` heals it and removes the lab."""
+    name = f"{LAB_PREFIX}cli-{secrets.token_hex(3)}"
+    topology, _ = lab_topology(tmp_path, name)
+    common = ["--runtime", "docker", "--state-dir", str(tmp_path / "state")]
+    runner = CliRunner()
+    try:
+        up = runner.invoke(app, ["lab", "up", str(topology), *common])
+        assert up.exit_code == 0, up.output
+        for service in ("dns", "pool1", "backup-pool1", "pool2", "backup-pool2"):
+            assert service in up.output
+        assert up.output.count("│ healthy") == 5  # the status table
+        fault = runner.invoke(app, ["lab", "fault", name, "cut", "site2", *common])
+        assert fault.exit_code == 0, fault.output
+        journal = tmp_path / "state" / name / "faults.json"
+        assert [r["kind"] for r in FaultJournal(journal).records()] == ["cut"]
+        down = runner.invoke(app, ["lab", "down", name, *common])
+        assert down.exit_code == 0, down.output
+        assert "stopped 5 service(s)" in down.output
+        assert not journal.exists()
+        assert not (tmp_path / "state" / name / "docker-lab.json").exists()
+    finally:
+        DockerLab(name, tmp_path / "state" / name).down()
+    assert leftovers_of(name) == set()

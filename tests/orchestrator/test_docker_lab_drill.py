@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 from docker_labkit import LAB_PREFIX, build_image, docker_problem, leftovers_of
+from test_docker_lab import topology_on_free_subnets
 
 from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _PROBLEM = docker_problem()
 if _PROBLEM and "no image" in _PROBLEM and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
@@ -78,10 +77,8 @@ expect:
 
 
 def _drill(tmp_path: Path, lab: str, text: str) -> Path:
-    topology = (ROOT / "topologies/paired-pools.yaml").read_text()
-    (tmp_path / "topology.yaml").write_text(
-        topology.replace("name: paired-pools", f"name: {lab}", 1)
-    )
+    # paired-pools on free subnets: a lab of compose.yaml or another test run may be up.
+    (tmp_path / "topology.yaml").write_text(topology_on_free_subnets(lab)[0])
     drill = tmp_path / "drill.yaml"
     drill.write_text(text)
     return drill
