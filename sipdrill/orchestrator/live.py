@@ -4,7 +4,8 @@ administrator operations against the pools, as an administrator would."""
 
 from __future__ import annotations
 
-import importlib
+import asyncio
+import dataclasses
 import time
 from typing import Any, Protocol
 
@@ -53,6 +54,9 @@ class LiveLab:
         self.topology_path = topology_path
         self.http = httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {token}"})
         self.written: dict[str, int] = {}
+        self.token = token
+        #: Pool failover/failback reports: timings and writes lost (the RPO).
+        self.operations: list[dict[str, Any]] = []
 
     def close(self) -> None:
         self.http.close()
@@ -136,22 +140,35 @@ class LiveLab:
         return {"acknowledged": acknowledged, "refused": refused}
 
     def admin(self, op: AdminStep) -> dict[str, Any]:
-        """Run an administrator operation the way `sipdrill admin ...` does."""
-        failover = _optional("sipdrill.services.failover")
-        if op.op in ("pool-failover", "pool-failback", "cms-failover", "backup-sync") and (
-            failover is None
-        ):
-            raise OperationError(
-                "not-available", f"{op.op} needs sipdrill.services.failover, not in this build", 501
-            )
-        if op.op == "pool-failover":
-            return dict(failover.run_pool_failover(self, op.pool, op.disaster_mode))  # type: ignore[union-attr]
-        if op.op == "pool-failback":
-            return dict(failover.run_pool_failback(self, op.pool, op.disaster_mode))  # type: ignore[union-attr]
-        if op.op == "cms-failover":
-            return dict(failover.run_cms_failover(self, op.force))  # type: ignore[union-attr]
-        if op.op == "backup-sync":
-            return dict(failover.run_backup_sync(self, op.pool))  # type: ignore[union-attr]
+        """Run an administrator operation exactly as `sipdrill admin ...` does
+        (the same library calls over the same control APIs)."""
+        return asyncio.run(self._admin(op))
+
+    async def _admin(self, op: AdminStep) -> dict[str, Any]:
+        from sipdrill.services import cms, failover
+        from sipdrill.services.backup_client import LabClients
+
+        async with LabClients(self.topology, token=self.token, loopback=self.loopback) as lab:
+            if op.op == "pool-failover":
+                report = await failover.pool_failover(
+                    self.topology, op.pool or "", op.disaster_mode, lab
+                )
+                self.operations.append(report.to_json())
+                return report.to_json()
+            if op.op == "pool-failback":
+                report = await failover.pool_failback(
+                    self.topology, op.pool or "", op.disaster_mode, lab
+                )
+                self.operations.append(report.to_json())
+                return report.to_json()
+            if op.op == "cms-failover":
+                result = await cms.cms_failover(self.topology, op.force, lab)
+                return _as_dict(result)
+            if op.op == "backup-sync":
+                backup = lab.backup(op.pool or "")
+                if backup is None:
+                    raise OperationError("no-backup", f"{op.pool} has no Backup Service", 409)
+                return dict(await backup.sync())
         if op.op == "user-move":
             r = self.http.post(
                 f"{self._pool_url(op.to or '')}/admin/users/move",
@@ -163,7 +180,7 @@ class LiveLab:
         raise OperationError("not-available", f"{op.op} is not implemented yet", 501)
 
     def data_report(self) -> dict[str, Any]:
-        report: dict[str, Any] = {"writes": dict(self.written)}
+        report: dict[str, Any] = {"writes": dict(self.written), "operations": self.operations}
         for spec in self.specs:
             if spec.role in (Role.POOL, Role.BACKUP):
                 try:
@@ -176,8 +193,11 @@ class LiveLab:
         return report
 
 
-def _optional(module: str) -> Any | None:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        return None
+def _as_dict(value: Any) -> dict[str, Any]:
+    if hasattr(value, "to_json"):
+        return dict(value.to_json())
+    if hasattr(value, "model_dump"):
+        return dict(value.model_dump(mode="json"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return {"result": str(value)}
