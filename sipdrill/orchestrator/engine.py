@@ -230,9 +230,17 @@ class DrillEngine:
                 start = d.clock()
                 try:
                     rec.detail = self._execute(step)
-                except (StepFailed, OperationError, FaultError) as exc:
+                except (DrillInterrupted, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    # Refusals and timeouts are expected outcomes; anything else
+                    # (a lab service that vanished mid-request) still ends the
+                    # drill with a report, never with a traceback and no report.
                     rec.status = "failed"
                     rec.duration = d.clock() - start
+                    expected = isinstance(exc, (StepFailed, OperationError, FaultError))
+                    if not expected:
+                        exc = StepFailed(f"{type(exc).__name__}: {exc}")
                     rec.detail = getattr(exc, "detail", {}) or {"error": str(exc)}
                     report.status = "failed"
                     report.error = f"step {i + 1} ({rec.description}): {exc}"

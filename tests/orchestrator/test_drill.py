@@ -219,6 +219,24 @@ def test_refused_admin_operation_fails_the_drill(tmp_path: Path) -> None:
     assert not lab.faults
 
 
+def test_unexpected_error_in_a_step_still_reports_and_heals(tmp_path: Path) -> None:
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1}\n"
+        "  - write: {users: '*', contacts: 1}\n",
+    )
+    lab = FakeLab()
+
+    def broken_write(op: WriteStep) -> dict[str, Any]:
+        raise ConnectionResetError("pool went away")
+
+    lab.write = broken_write  # type: ignore[method-assign]
+    report = DrillEngine(load_drill(p), lab).run()
+    assert report.status == "failed"
+    assert "ConnectionResetError: pool went away" in (report.error or "")
+    assert not lab.faults and report.healed
+
+
 def test_refused_fault_fails_cleanly(tmp_path: Path) -> None:
     p = write_drill(tmp_path, "name: d\nsteps:\n  - fault: {kind: degrade, target: dns}\n")
     report = DrillEngine(load_drill(p), FakeLab()).run()

@@ -135,3 +135,70 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     assert report["status"] == "failed"
     assert "the lab did not start" in report["error"] and "dns" in report["error"]
     assert _lab_processes(state) == []
+
+
+SITE_LOSS = """\
+name: quick-site-loss
+topology: {topology}
+runtime: local
+timers:
+  failover_detection_interval: 6
+  failback_interval: 6
+  keepalive_interval: 5
+  keepalive_pong_timeout: 3
+  sync_interval: 300
+clients: {{count: 8}}
+steps:
+  - wait: {{mode: full}}
+    timeout: 60
+  - admin: {{op: backup-sync, pool: pool1.lab.local}}
+  - write: {{users: "pool1.lab.local:*", contacts: 1}}
+  - fault: {{kind: cut, target: site1, id: loss}}
+  - wait: {{mode: resiliency, users: "pool1.lab.local:*", pool: pool2.lab.local}}
+    timeout: 120
+  - admin: {{op: cms-failover, force: true}}
+  - admin: {{op: pool-failover, pool: pool1.lab.local, disaster_mode: true}}
+  - wait: {{mode: full, users: "pool1.lab.local:*", pool: pool2.lab.local}}
+    timeout: 120
+  - heal: loss
+  - admin: {{op: pool-failback, pool: pool1.lab.local}}
+  - wait: {{mode: full, users: "pool1.lab.local:*", pool: pool1.lab.local}}
+    timeout: 120
+"""
+
+
+def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None:
+    """CMS failover, disaster-mode pool failover and failback run as admin steps;
+    the writes taken after the last sync (the sync interval is 300 s, so every
+    one of them) are reported lost, exactly."""
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(SITE_LOSS.format(topology=isolated_topology(tmp_path)))
+    state, reports = tmp_path / "state", tmp_path / "reports"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sipdrill",
+            "drill",
+            "run",
+            str(drill),
+            "--state-dir",
+            str(state),
+            "--report-dir",
+            str(reports),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    (report_dir,) = reports.iterdir()
+    report = json.loads((report_dir / "report.json").read_text())
+    assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
+    written = report["data"]["writes"]["acknowledged"]
+    assert written > 0
+    failover, failback = report["data"]["operations"]
+    assert failover["operation"] == "failover" and failover["disaster_mode"]
+    assert failback["operation"] == "failback"
+    assert failback["failover_lost_writes"] == written
+    assert _lab_processes(state) == []
