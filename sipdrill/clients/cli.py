@@ -108,6 +108,12 @@ def serve_clients(
         "repeatable.",
     ),
     count: int | None = typer.Option(None, "--count", "-n", min=1, help="Simulate the first N."),
+    offset: int = typer.Option(
+        0,
+        "--offset",
+        min=0,
+        help="Skip the first N matching users: one block of users per clients process.",
+    ),
     dns: str | None = typer.Option(
         None, "--dns", help="HOST:PORT of the lab DNS server (never the system resolver)."
     ),
@@ -182,10 +188,12 @@ def serve_clients(
     if tls_max not in ("1.2", "1.3"):
         raise _fail("--tls-max must be 1.2 or 1.3")
     try:
-        specs = select_users(topo, users, count)
+        specs = select_users(topo, users, None if count is None else count + offset)[offset:]
         kinds = parse_workload(workload)
     except PopulationError as exc:
         raise _fail(str(exc), 1) from None
+    if not specs:
+        raise _fail(f"--offset {offset}: no user is left to simulate; lower it or widen --users", 1)
     profile = profile_for(topo, transport=kind, workload=kinds, workload_interval=workload_interval)
     if registrar:
         static = []
