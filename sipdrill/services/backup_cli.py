@@ -502,6 +502,31 @@ def _print_report(report: Any) -> None:
         out.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
 
 
+def _pool_operation(
+    operation: Any,
+    pool: str,
+    disaster_mode: bool,
+    topology: Path,
+    loopback: bool,
+    token: str | None,
+    as_json: bool,
+    pool_url: list[str] | None,
+    backup_url: list[str] | None,
+) -> None:
+    """What pool failover and failback commands share: run ``operation`` for
+    ``pool`` over the lab's control APIs and print its report."""
+    topo = _load(topology)
+    fqdn = _pool_or_exit(topo, pool)
+    report = _run(
+        topo, lambda c: operation(topo, fqdn, disaster_mode, c), token=token,
+        loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,
+    )
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        _print_report(report)
+
+
 def pool_failover_cmd(
     pool: str = typer.Option(..., "--pool", help="P1: the failed pool (the users' home)."),
     disaster_mode: bool = typer.Option(
@@ -518,16 +543,8 @@ def pool_failover_cmd(
     """Fail P1's users over to its backup pool (Invoke-CsPoolFailOver)."""
     from sipdrill.services.failover import pool_failover
 
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
-    report = _run(
-        topo, lambda c: pool_failover(topo, fqdn, disaster_mode, c), token=token,
-        loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,
-    )
-    if as_json:
-        _print_json(report.to_json())
-    else:
-        _print_report(report)
+    _pool_operation(pool_failover, pool, disaster_mode, topology, loopback, token, as_json,
+                    pool_url, backup_url)
 
 
 def pool_failback_cmd(
@@ -546,13 +563,5 @@ def pool_failback_cmd(
     """Bring P1's users home from its backup pool (Invoke-CsPoolFailBack)."""
     from sipdrill.services.failover import pool_failback
 
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
-    report = _run(
-        topo, lambda c: pool_failback(topo, fqdn, disaster_mode, c), token=token,
-        loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,
-    )
-    if as_json:
-        _print_json(report.to_json())
-    else:
-        _print_report(report)
+    _pool_operation(pool_failback, pool, disaster_mode, topology, loopback, token, as_json,
+                    pool_url, backup_url)

@@ -69,9 +69,10 @@ def _lab_processes(state: Path) -> list[int]:
     return pids
 
 
-def test_registrar_failover_drill(tmp_path: Path) -> None:
+def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
+    """Run `sipdrill drill run` on ``text`` in a subprocess; its report, once it passed."""
     drill = tmp_path / "drill.yaml"
-    drill.write_text(DRILL.format(topology=isolated_topology(tmp_path)))
+    drill.write_text(text.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
     proc = subprocess.run(
         [
@@ -88,18 +89,23 @@ def test_registrar_failover_drill(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=timeout,
     )
     assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
     assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
     assert report["status"] == "passed" and report["healed"]
+    assert _lab_processes(state) == [], "the drill left lab processes behind"
+    return report
+
+
+def test_registrar_failover_drill(tmp_path: Path) -> None:
+    report = run_drill(tmp_path, DRILL, timeout=400)
     # Detection needs the pong timeout (3 s) and the backup's detection interval (6 s).
     assert 3 <= report["metrics"]["time_to_resiliency"] <= 60
     assert report["metrics"]["time_to_failback"] <= 90
     assert [s["status"] for s in report["steps"]] == ["passed"] * 6
-    assert _lab_processes(state) == [], "the drill left lab processes behind"
 
 
 def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
@@ -171,34 +177,10 @@ def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None
     """CMS failover, disaster-mode pool failover and failback run as admin steps;
     the writes taken after the last sync (the sync interval is 300 s, so every
     one of them) are reported lost, exactly."""
-    drill = tmp_path / "drill.yaml"
-    drill.write_text(SITE_LOSS.format(topology=isolated_topology(tmp_path)))
-    state, reports = tmp_path / "state", tmp_path / "reports"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sipdrill",
-            "drill",
-            "run",
-            str(drill),
-            "--state-dir",
-            str(state),
-            "--report-dir",
-            str(reports),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
-    (report_dir,) = reports.iterdir()
-    report = json.loads((report_dir / "report.json").read_text())
-    assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
+    report = run_drill(tmp_path, SITE_LOSS, timeout=600)
     written = report["data"]["writes"]["acknowledged"]
     assert written > 0
     failover, failback = report["data"]["operations"]
     assert failover["operation"] == "failover" and failover["disaster_mode"]
     assert failback["operation"] == "failback"
     assert failback["failover_lost_writes"] == written
-    assert _lab_processes(state) == []
