@@ -432,7 +432,9 @@ async def test_busy_stream_whose_reads_end_mid_message_is_not_a_stall() -> None:
         started = loop.time()
         for offset in range(0, len(stream), chunk):
             writer.write(stream[offset : offset + chunk])
-            await asyncio.sleep(0.03)
+            # ~40 writes x 50 ms = 2 s, well past 4x the partial timeout even on
+            # an idle machine (30 ms gave 1.19 s: a tie with the 1.2 s bound).
+            await asyncio.sleep(0.05)
         assert loop.time() - started > 4 * limits.partial_timeout
         for _ in range(40):
             assert (await read_message(reader)).code == 200
