@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import socket
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procutil import free_port
 from sipmessage import Request, Response
 
 from sipdrill.clients.metrics import EventLog
@@ -36,12 +36,6 @@ from sipdrill.sip.transport import Flow, Kind, Received
 from sipdrill.topology import Topology, load_topology
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def write_topology(

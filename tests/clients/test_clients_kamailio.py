@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
-import signal
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from clients_lab import HOST, lab_dns, wait_for, write_topology
+from procutil import free_port, stop_process
 
 from sipdrill.clients.endpoint import Target
 from sipdrill.clients.events import Mode
@@ -72,32 +71,6 @@ request_route {{
 """
 
 
-def _free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 async def _tcp_up(proc: asyncio.subprocess.Process, port: int, within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -119,7 +92,7 @@ async def kamailio(tmp: Path, expires: int) -> AsyncIterator[int]:
     binary = shutil.which("kamailio") or shutil.which("kamailio", path="/usr/sbin")
     if binary is None:
         pytest.skip("kamailio is not installed (Debian package kamailio)")
-    port = _free_port()
+    port = free_port(HOST, udp_too=True)
     cfg = tmp / "kamailio.cfg"
     cfg.write_text(KAMAILIO_CFG.format(port=port, expires=expires))
     rundir = tmp / "kamailio-run"
@@ -149,7 +122,7 @@ async def kamailio(tmp: Path, expires: int) -> AsyncIterator[int]:
             pytest.fail(f"kamailio did not start:\n{log.read_text()[-3000:]}")
         yield port
     finally:
-        await _stop(proc)
+        await stop_process(proc)
 
 
 async def test_tcp_clients_find_kamailio_by_srv_and_keep_alive(tmp_path: Path) -> None:

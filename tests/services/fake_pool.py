@@ -198,12 +198,6 @@ class CuttableTransport(httpx.AsyncBaseTransport):
         return await httpx.ASGITransport(app=self.app).handle_async_request(request)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -267,8 +261,12 @@ class FakeLab:
     def start_backup(self, fqdn: str, *, page_size: int = 1000) -> BackupService:
         """(Re)start the pool's Backup Service from its state directory."""
         service = BackupService(
-            self.topology, fqdn, self.root / f"backup-{fqdn}", self.clients,
-            clock=self.clock, page_size=page_size,
+            self.topology,
+            fqdn,
+            self.root / f"backup-{fqdn}",
+            self.clients,
+            clock=self.clock,
+            page_size=page_size,
         )
         self.backups[fqdn] = service
         self.backup_transport[fqdn].app = create_backup_app(service)

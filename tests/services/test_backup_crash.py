@@ -23,17 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from procutil import free_port
 
 from sipdrill.services.store import UserStore
 
 from .conftest import P1, P2, P3, FakeClock, make_topology
-from .fake_pool import FakePool, free_port, serve
+from .fake_pool import FakePool, serve
 
 pytestmark = pytest.mark.slow
 
 _SERVE = (
-    "import typer; from sipdrill.services.backup_cli import serve_backup; "
-    "typer.run(serve_backup)"
+    "import typer; from sipdrill.services.backup_cli import serve_backup; typer.run(serve_backup)"
 )
 
 
@@ -56,9 +56,18 @@ class Lab:
 
     def args(self) -> list[str]:
         out = [
-            "--topology", str(self.topology_file), "--pool", P1,
-            "--state-dir", str(self.state_dir), "--control", f"127.0.0.1:{self.port}",
-            "--page-size", "25", "--log-level", "warning",
+            "--topology",
+            str(self.topology_file),
+            "--pool",
+            P1,
+            "--state-dir",
+            str(self.state_dir),
+            "--control",
+            f"127.0.0.1:{self.port}",
+            "--page-size",
+            "25",
+            "--log-level",
+            "warning",
         ]
         for fqdn, url in self.urls.items():
             out += ["--pool-url", f"{fqdn}={url}"]
@@ -68,8 +77,12 @@ class Lab:
         log = os.open(self.root / "backup.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:  # the child keeps its own copy of the descriptor
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _SERVE, *self.args(),
-                stdout=asyncio.subprocess.DEVNULL, stderr=log,
+                sys.executable,
+                "-c",
+                _SERVE,
+                *self.args(),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
             )
         finally:
             os.close(log)

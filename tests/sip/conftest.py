@@ -12,7 +12,6 @@ import contextlib
 import csv
 import os
 import shutil
-import signal
 import socket
 import ssl
 import sys
@@ -22,8 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from procutil import free_port as _free_port
+from procutil import stop_process
 
 HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (checked, not guaranteed)."""
+    return _free_port(HOST, udp_too=True)
+
+
 SCENARIOS = Path(__file__).parent / "scenarios"
 
 
@@ -37,35 +45,6 @@ def require_binary(name: str) -> str:
             f"{'sip-tester' if name == 'sipp' else name}); interop test skipped"
         )
     return path
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (checked, not guaranteed)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
-async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> int:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode
 
 
 # -- SIPp ------------------------------------------------------------------------
