@@ -677,10 +677,8 @@ class Crash(_LifecycleFault):
         self.runtime.wait_for(name, "stopped", fault=self.kind)
 
 
-class Stop(_LifecycleFault):
-    """``docker stop`` (SIGTERM, SIGKILL after ``timeout``); undo starts it."""
-
-    kind = "stop"
+class _TimedLifecycleFault(_LifecycleFault):
+    """A lifecycle fault whose docker call takes a stop timeout (seconds)."""
 
     def __init__(
         self,
@@ -695,6 +693,12 @@ class Stop(_LifecycleFault):
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "timeout": self.timeout}
+
+
+class Stop(_TimedLifecycleFault):
+    """``docker stop`` (SIGTERM, SIGKILL after ``timeout``); undo starts it."""
+
+    kind = "stop"
 
     def _act(self, name: str) -> None:
         self.runtime.container(name, fault=self.kind).stop(timeout=self.timeout)
@@ -709,25 +713,11 @@ class Pause(_LifecycleFault):
         self.runtime.container(name, fault=self.kind).pause()
 
 
-class Restart(_LifecycleFault):
+class Restart(_TimedLifecycleFault):
     """``docker restart``; there is nothing to undo but a container that did
     not come back (undo starts it)."""
 
     kind = "restart"
-
-    def __init__(
-        self,
-        runtime: DockerRuntime,
-        containers: Sequence[str],
-        *,
-        timeout: int = 10,
-        fault_id: str | None = None,
-    ) -> None:
-        super().__init__(runtime, containers, fault_id=fault_id)
-        self.timeout = timeout
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "timeout": self.timeout}
 
     def _act(self, name: str) -> None:
         self.runtime.container(name, fault=self.kind).restart(timeout=self.timeout)
