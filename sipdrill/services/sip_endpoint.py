@@ -35,6 +35,7 @@ from sipmessage import URI, Request, Response
 
 from sipdrill.errors import SipdrillError, SipError
 from sipdrill.sip.message import make_response
+from sipdrill.sip.server import receive_into
 from sipdrill.sip.transaction import (
     DeliverRequest,
     DeliverResponse,
@@ -283,16 +284,8 @@ class SipEndpoint:
     # -- the receive path --------------------------------------------------------------
     def _on_message(self, rx: Received) -> None:
         now = self.loop.time()
-        message = rx.message
-        try:
-            if isinstance(message, Response):
-                events = self.transactions.receive_response(message, now)
-            else:
-                events = self.transactions.receive_request(
-                    message, now, reliable=rx.flow.reliable, peer=rx.remote
-                )
-        except TransactionError as exc:
-            log.info("%s from %s: %s", rx.kind, rx.remote, exc)
+        events = receive_into(self.transactions, rx, now)
+        if events is None:
             return
         self._run(events, rx)
         self._driver.poke()

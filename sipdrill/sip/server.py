@@ -76,6 +76,22 @@ __all__ = [
 
 log = logging.getLogger("sipdrill.sip.server")
 
+
+def receive_into(
+    transactions: TransactionManager, rx: Received, now: float
+) -> list[TransactionEvent] | None:
+    """Hand a received message to the transaction layer: its events, or None
+    when the layer refused the message (logged, and nothing else to do)."""
+    message = rx.message
+    try:
+        if isinstance(message, Response):
+            return transactions.receive_response(message, now)
+        return transactions.receive_request(message, now, reliable=rx.flow.reliable, peer=rx.remote)
+    except TransactionError as exc:
+        log.info("%s from %s: %s", rx.kind, rx.remote, exc)
+        return None
+
+
 # Methods defined by RFC 3261 and its common extensions: a server that does
 # not handle one answers 405 (with Allow), anything else 501.
 KNOWN_METHODS = frozenset(
@@ -224,16 +240,8 @@ class SipService:
 
     def _on_message(self, rx: Received) -> None:
         now = self._now()
-        message = rx.message
-        try:
-            if isinstance(message, Response):
-                events = self.transactions.receive_response(message, now)
-            else:
-                events = self.transactions.receive_request(
-                    message, now, reliable=rx.flow.reliable, peer=rx.remote
-                )
-        except TransactionError as exc:
-            log.info("%s from %s: %s", rx.kind, rx.remote, exc)
+        events = receive_into(self.transactions, rx, now)
+        if events is None:
             return
         self._run(events, rx)
         assert self._driver is not None
