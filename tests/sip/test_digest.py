@@ -37,6 +37,25 @@ PASSWORDS = {"alice": "wonderland", "bob": "builder"}
 REALM = "example.com"
 
 
+def answer(
+    challenge: str,
+    *,
+    uri: str = f"sip:{REALM}",
+    username: str = "alice",
+    password: str = "wonderland",
+    seed: int = 5,
+) -> str:
+    """A REGISTER's Authorization answering ``challenge`` (alice's by default)."""
+    return authorization(
+        challenge,
+        method="REGISTER",
+        uri=uri,
+        username=username,
+        password=password,
+        rng=random.Random(seed),
+    )
+
+
 def test_rfc2617_md5_vector() -> None:
     assert digest_response(algorithm="MD5", **RFC2617) == "6629fae49393a05397450978507c4ef1"
 
@@ -97,14 +116,7 @@ class TestServer:
     def test_round_trip(self, algorithm: str) -> None:
         auth = authenticator()
         challenge = challenges(auth.check(register(), 0.0))[algorithm]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="wonderland",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge)
         assert f"algorithm={algorithm}" in creds
         assert auth.check(register(authz=creds), 10.0) == AuthOk("alice")
 
@@ -113,27 +125,13 @@ class TestServer:
         # answer at 1.0007 s (SIPp on loopback) is accepted, not re-challenged.
         auth = authenticator()
         challenge = challenges(auth.check(register(), 1.0006))["MD5"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="wonderland",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge)
         assert auth.check(register(authz=creds), 1.0007) == AuthOk("alice")
 
     def test_wrong_password_is_challenged_again(self) -> None:
         auth = authenticator()
         challenge = challenges(auth.check(register(), 0.0))["SHA-256"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="guess",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge, password="guess")
         outcome = auth.check(register(authz=creds), 1.0)
         assert isinstance(outcome, AuthRequired)
         assert all("stale" not in v for _, v in outcome.headers)
@@ -141,27 +139,13 @@ class TestServer:
     def test_unknown_user_is_challenged(self) -> None:
         auth = authenticator()
         challenge = challenges(auth.check(register(), 0.0))["MD5"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri="sip:x",
-            username="eve",
-            password="x",
-            rng=random.Random(1),
-        )
+        creds = answer(challenge, uri="sip:x", username="eve", password="x", seed=1)
         assert isinstance(auth.check(register(authz=creds), 1.0), AuthRequired)
 
     def test_expired_nonce_is_stale(self) -> None:
         auth = authenticator(nonce_ttl=60.0)
         challenge = challenges(auth.check(register(), 0.0))["SHA-256"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="wonderland",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge)
         assert auth.check(register(authz=creds), 60.0) == AuthOk("alice")
         outcome = auth.check(register(authz=creds), 60.5)
         assert isinstance(outcome, AuthRequired)
@@ -171,14 +155,7 @@ class TestServer:
         auth = authenticator(seed=1)
         other = authenticator(seed=2)  # another secret: its nonces are not ours
         challenge = challenges(other.check(register(), 0.0))["MD5"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="wonderland",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge)
         assert other.check(register(authz=creds), 1.0) == AuthOk("alice")
         assert isinstance(auth.check(register(authz=creds), 1.0), AuthRequired)
 
@@ -190,14 +167,7 @@ class TestServer:
         auth = authenticator(algorithms=("SHA-256",))
         md5 = authenticator(algorithms=("MD5",))
         challenge = challenges(md5.check(register(), 0.0))["MD5"]
-        creds = authorization(
-            challenge,
-            method="REGISTER",
-            uri=f"sip:{REALM}",
-            username="alice",
-            password="wonderland",
-            rng=random.Random(5),
-        )
+        creds = answer(challenge)
         assert isinstance(auth.check(register(authz=creds), 1.0), AuthRequired)
 
     @pytest.mark.parametrize(
@@ -227,14 +197,7 @@ def test_registrar_with_digest() -> None:
     first = reg.handle(register(), 0.0)
     assert first.status == 401
     challenge = first.response.headers.getlist("WWW-Authenticate")[0]
-    creds = authorization(
-        challenge,
-        method="REGISTER",
-        uri=f"sip:{REALM}",
-        username="alice",
-        password="wonderland",
-        rng=random.Random(9),
-    )
+    creds = answer(challenge, seed=9)
     assert reg.handle(register(authz=creds), 1.0).status == 200
     # Alice's valid credentials do not let her register Bob.
     assert reg.handle(register(user="bob", authz=creds), 2.0).status == 403
