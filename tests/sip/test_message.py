@@ -386,3 +386,74 @@ def test_fuzz_header_values(value: str) -> None:
             for line in lines
         )
         _check(data)
+
+
+# --- IndexedHeaders and the memoized accessors ------------------------------------
+
+_NAMES = st.sampled_from(["Via", "via", "VIA", "To", "to", "Contact", "X-A", "x-a"])
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "set", "setlist", "remove"]),
+        _NAMES,
+        st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3),
+    ),
+    max_size=25,
+)
+
+
+@FUZZ
+@given(_OPS)
+def test_indexed_headers_behave_like_sipmessage_headers(
+    ops: list[tuple[str, str, list[str]]],
+) -> None:
+    from sipmessage.message import Headers
+
+    from sipdrill.sip.message import IndexedHeaders
+
+    ours, theirs = IndexedHeaders(), Headers()
+    for op, name, values in ops:
+        for headers in (ours, theirs):
+            if op == "add":
+                headers.add(name, values[0])
+            elif op == "set":
+                headers.set(name, values[0])
+            elif op == "setlist":
+                headers.setlist(name, list(values))
+            else:
+                headers.remove(name)
+        assert str(ours) == str(theirs)
+        assert ours.keys() == theirs.keys()
+        for probe in ("via", "To", "contact", "X-A"):
+            assert ours.getlist(probe) == theirs.getlist(probe)
+            assert ours.get(probe) == theirs.get(probe)
+
+
+def test_parsed_values_follow_header_rewrites() -> None:
+    request = parse_message(REGISTER)
+    assert isinstance(request, Request)
+    assert request.via[0].parameters["branch"] == "z9hG4bKabc"
+    assert request.to_address.uri.user == "alice"
+    # Written through the raw headers, the accessors parse the new text.
+    request.headers.setlist("Via", ["SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKnew"])
+    request.headers.set("To", "<sip:bob@example.com>;tag=x")
+    request.headers.set("CSeq", "7 REGISTER")
+    assert request.via[0].parameters["branch"] == "z9hG4bKnew"
+    assert request.to_address.uri.user == "bob"
+    assert request.cseq.sequence == 7
+    # A list handed out is the caller's: changing it changes nothing here.
+    vias = request.via
+    vias.clear()
+    assert len(request.via) == 1
+    # The setters write the header text.
+    request.to_address = parse_message(REGISTER).from_address
+    assert request.headers.get("To") == "<sip:alice@example.com>;tag=1928301774"
+
+
+def test_make_response_reads_the_parsed_to_tag() -> None:
+    request = parse_message(
+        REGISTER.replace(b"To: <sip:alice@example.com>", b"To: <sip:alice@example.com>;tag=t1")
+    )
+    response = make_response(request, 200)  # type: ignore[arg-type]
+    assert response.headers.get("To") == "<sip:alice@example.com>;tag=t1"
+    plain = make_response(parse_message(REGISTER), 200)  # type: ignore[arg-type]
+    assert ";tag=" in (plain.headers.get("To") or "")
