@@ -26,6 +26,7 @@ from sipmessage.message import COMPACT_FORMS as _COMPACT_FORMS
 from sipmessage.message import Headers
 
 from sipdrill.errors import SipError
+from sipdrill.sip import grammar
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -112,23 +113,23 @@ _T = TypeVar("_T")
 
 
 def _parse_vias(texts: tuple[str, ...]) -> tuple[Via, ...]:
-    return tuple(via for text in texts for via in Via.parse_many(text))
+    return tuple(via for text in texts for via in grammar.parse_vias(text))
 
 
 def _parse_addresses(texts: tuple[str, ...]) -> tuple[Address, ...]:
-    return tuple(address for text in texts for address in Address.parse_many(text))
+    return tuple(address for text in texts for address in grammar.parse_addresses(text))
 
 
 def _parse_address(texts: tuple[str, ...]) -> Address:
     if not texts:
         raise KeyError
-    return Address.parse(texts[0])
+    return grammar.parse_address(texts[0])
 
 
 def _parse_cseq(texts: tuple[str, ...]) -> CSeq:
     if not texts:
         raise KeyError
-    return CSeq.parse(texts[0])
+    return grammar.parse_cseq(texts[0])
 
 
 class _ParsedHeaders:
@@ -416,7 +417,7 @@ def _parse_request_line(line: str) -> ParsedRequest:
             raise SipParseError(reason="Unsupported URI Scheme", status_code=416)
         raise SipParseError(reason="Bad Request-URI")
     try:
-        uri = URI.parse(uri_text)
+        uri = grammar.parse_uri(uri_text)
     except ValueError:
         raise SipParseError(reason="Bad Request-URI") from None
     return ParsedRequest(method=method, uri=uri)
