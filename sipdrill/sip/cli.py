@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from types import FrameType
 
 import typer
 
+from sipdrill.sip import shard
 from sipdrill.sip.server import (
     ListenSpec,
     RegistrarConfig,
@@ -35,7 +37,7 @@ from sipdrill.sip.server import (
     tune_gc,
 )
 from sipdrill.sip.tls import ServiceCert, TlsSetupError, ensure_server_cert, server_context
-from sipdrill.sip.transport import TransportError
+from sipdrill.sip.transport import Kind, TransportError
 
 app = typer.Typer(help="SIP services of the lab, standalone.", no_args_is_help=True)
 
@@ -81,17 +83,26 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-async def _serve(plan: _Plan, ready: multiprocessing.connection.Connection | None) -> int:
+# One worker's share of the UDP listeners: (its feed, the shared listening socket).
+_Shards = list[tuple[socket.socket, socket.socket]]
+
+
+async def _serve(
+    plan: _Plan, ready: multiprocessing.connection.Connection | None, shards: _Shards
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     service: SipService = build_registrar_service(plan.config)
     ctx = server_context(plan.cert) if plan.cert is not None else None
+    listens = plan.config.listens
+    if shards:  # the dispatcher owns the UDP listeners
+        listens = [spec for spec in listens if spec.kind is not Kind.UDP]
     try:
-        bound = await service.start(
-            plan.config.listens, ssl_context=ctx, reuse_port=plan.reuse_port
-        )
+        bound = await service.start(listens, ssl_context=ctx, reuse_port=plan.reuse_port)
+        for feed, shared in shards:
+            bound.append((Kind.UDP, await service.transport.attach_shard(feed, shared)))
     except TransportError as exc:
         if ready is not None:
             ready.send(("error", str(exc)))
@@ -122,27 +133,55 @@ def _fmt(addr: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _run_one(plan: _Plan, ready: multiprocessing.connection.Connection | None) -> int:
+def _run_one(
+    plan: _Plan, ready: multiprocessing.connection.Connection | None, shards: _Shards
+) -> int:
     loop = _new_loop(plan.loop_kind)
     try:
-        return loop.run_until_complete(_serve(plan, ready))
+        return loop.run_until_complete(_serve(plan, ready, shards))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-def _worker(plan: _Plan, ready: multiprocessing.connection.Connection) -> None:
+def _worker(plan: _Plan, ready: multiprocessing.connection.Connection, shards: _Shards) -> None:
     # The parent forwards SIGINT/SIGTERM; a terminal's Ctrl-C also reaches the
     # whole process group, which the serve loop handles the same way.
     rc = 1
     try:
-        rc = _run_one(plan, ready)
+        rc = _run_one(plan, ready, shards)
     except Exception as exc:  # reported to the parent, which exits non-zero
         with contextlib.suppress(Exception):
             ready.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         ready.close()
     sys.exit(rc)
+
+
+def _bind_udp(specs: list[ListenSpec]) -> list[socket.socket]:
+    bound: list[socket.socket] = []
+    try:
+        for spec in specs:
+            family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+            sock.bind((spec.host, spec.port))
+    except OSError as exc:
+        for sock in bound:
+            sock.close()
+        raise _fail(f"cannot listen on udp:{spec.host}:{spec.port}: {exc}") from None
+    return bound
+
+
+def _feed_pair() -> tuple[socket.socket, socket.socket]:
+    """(dispatcher end, worker end) of one worker's feed for one UDP listener."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (ours, theirs):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    return ours, theirs
 
 
 def _run_workers(plan: _Plan, workers: int) -> int:
@@ -155,13 +194,22 @@ def _run_workers(plan: _Plan, workers: int) -> int:
         nonlocal stopping
         stopping = True
 
+    # UDP is shared out by AoR from this process (sipdrill.sip.shard); stream
+    # listeners are opened by every worker with SO_REUSEPORT.
+    udp_socks = _bind_udp([spec for spec in plan.config.listens if spec.kind is Kind.UDP])
+    feeds: list[list[socket.socket]] = []
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for _ in range(workers):
+            pairs = [_feed_pair() for _ in udp_socks]
+            feeds.append([ours for ours, _ in pairs])
             parent_end, child_end = ctx.Pipe(duplex=False)
-            worker = ctx.Process(target=_worker, args=(plan, child_end), daemon=False)
+            shards = [(theirs, udp) for (_, theirs), udp in zip(pairs, udp_socks, strict=True)]
+            worker = ctx.Process(target=_worker, args=(plan, child_end, shards), daemon=False)
             worker.start()
             child_end.close()
+            for _, theirs in pairs:
+                theirs.close()
             procs.append(worker)
             pipes.append(parent_end)
         reports: list[tuple[str, str]] = []
@@ -180,12 +228,24 @@ def _run_workers(plan: _Plan, workers: int) -> int:
         else:
             typer.echo(
                 f"sipdrill registrar for {plan.config.domain} listening on {reports[0][1]} "
-                f"({workers} workers, SO_REUSEPORT; bindings are per worker)"
+                f"({workers} workers: UDP shared out by AoR; TCP/TLS connections spread "
+                "with SO_REUSEPORT, their bindings stay in the worker holding the connection)"
             )
             if plan.cert is not None:
                 typer.echo(f"TLS CA: {plan.cert.ca_path}")
             typer.echo("Ctrl-C or SIGTERM stops it.")
-        while not stopping and all(p.is_alive() for p in procs):
+
+        def keep_going() -> bool:
+            return not stopping and all(p.is_alive() for p in procs)
+
+        if udp_socks and not stopping:
+            stats = shard.dispatch(udp_socks, feeds, keep_going)
+            if stats["dropped"]:
+                typer.echo(
+                    f"dispatcher: {stats['dropped']} datagrams dropped on full worker feeds",
+                    err=True,
+                )
+        while keep_going():
             time.sleep(0.2)
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
@@ -202,6 +262,8 @@ def _run_workers(plan: _Plan, workers: int) -> int:
             pipe.close()
         return 0 if not errors and all(c == 0 for c in codes) else 1
     finally:
+        for sock in [*udp_socks, *(feed for row in feeds for feed in row)]:
+            sock.close()
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -229,7 +291,12 @@ def registrar(
         help="Digest algorithms offered, preferred first (MD5, SHA-256).",
     ),
     workers: int = typer.Option(
-        1, "--workers", min=1, max=64, help="Processes sharing the ports with SO_REUSEPORT."
+        1,
+        "--workers",
+        min=1,
+        max=64,
+        help="Worker processes: UDP requests are shared out by AoR (one location service "
+        "per AoR), TCP/TLS connections with SO_REUSEPORT.",
     ),
     expires_default: int = typer.Option(600, "--expires-default"),
     expires_min: int = typer.Option(300, "--expires-min"),
@@ -259,8 +326,8 @@ def registrar(
         raise _fail("expected --expires-min <= --expires-default <= --expires-max")
     if any(a.upper() not in ("MD5", "SHA-256") for a in digest_algorithm):
         raise _fail("--digest-algorithm must be MD5 or SHA-256")
-    if workers > 1 and any(spec.port == 0 for spec in listens):
-        raise _fail("--workers > 1 needs fixed ports (SO_REUSEPORT shares one port)")
+    if workers > 1 and any(spec.port == 0 and spec.kind is not Kind.UDP for spec in listens):
+        raise _fail("--workers > 1 needs fixed TCP/TLS ports (SO_REUSEPORT shares one port)")
     if event_loop not in ("asyncio", "uvloop"):
         raise _fail("--loop must be asyncio or uvloop")
     if event_loop == "uvloop":
@@ -286,5 +353,5 @@ def registrar(
         except TlsSetupError as exc:
             raise _fail(str(exc)) from None
     plan = _Plan(config, cert, reuse_port=workers > 1, loop_kind=event_loop)
-    rc = _run_one(plan, None) if workers == 1 else _run_workers(plan, workers)
+    rc = _run_one(plan, None, []) if workers == 1 else _run_workers(plan, workers)
     raise typer.Exit(rc)

@@ -45,6 +45,7 @@ from typing import Protocol, cast
 from sipmessage import Request
 
 from sipdrill.errors import SipdrillError
+from sipdrill.sip import shard
 from sipdrill.sip.framing import (
     FramerRole,
     FramingError,
@@ -266,6 +267,42 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _ShardedUdp(_Udp):
+    """A UDP listener's share of the datagrams, fed by a dispatcher (sipdrill.sip.shard).
+
+    Datagrams arrive on a Unix datagram socket, framed with the sender's
+    address; answers leave from the shared listening socket itself, so the
+    peer sees the address it sent to.
+    """
+
+    def __init__(self, owner: SipTransport, serial: int, shared: socket.socket) -> None:
+        super().__init__(owner, serial)
+        self.shared = shared
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.shared.setblocking(False)
+        self.local = _addr(self.shared.getsockname())
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        try:
+            remote, payload = shard.unpack(data)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("udp %s: a feed frame without a sender address, dropped", self.local)
+            return
+        super().datagram_received(payload, remote)
+
+    def write(self, data: bytes, remote: Addr) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        try:
+            self.shared.sendto(data, remote)
+        except OSError as exc:  # a full send buffer too: UDP, the peer retransmits
+            log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
+            return False
+        return True
 
 
 class _Stream(asyncio.Protocol, _Endpoint):
@@ -524,6 +561,17 @@ class SipTransport:
             raise TransportError(kind, f"{host}:{port}", str(exc)) from exc
         self._servers.append((kind, server))
         return _addr(server.sockets[0].getsockname())
+
+    async def attach_shard(self, feed: socket.socket, shared: socket.socket) -> Addr:
+        """Serve the datagrams a dispatcher passes on ``feed`` for the UDP listener
+        ``shared`` (see :mod:`sipdrill.sip.shard`); returns the listener's address."""
+        serial = next(self._serials)
+        _, proto = await self.loop.create_datagram_endpoint(
+            lambda: _ShardedUdp(self, serial, shared), sock=feed
+        )
+        self._endpoints[serial] = proto
+        self._udp.append(proto)
+        return proto.local
 
     @property
     def listening(self) -> list[tuple[Kind, Addr]]:

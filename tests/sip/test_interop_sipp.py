@@ -95,7 +95,7 @@ async def test_wrong_password_is_refused(tmp_path: Path, sip_harness) -> None:
     assert (result.successful, result.failed) == (0, 2), result
 
 
-async def test_reuseport_workers(tmp_path: Path, sip_harness) -> None:
+async def test_workers_sharing_udp_by_aor(tmp_path: Path, sip_harness) -> None:
     h = sip_harness
     async with h.registrar_process(tmp_path, workers=2) as reg:
         result = await h.run_sipp(

@@ -212,7 +212,7 @@ async def _run_cli(*args: str, within: float = 20.0) -> tuple[int, str]:
     ("args", "message"),
     [
         (["--listen", "sctp:127.0.0.1:5070"], "udp, tcp or tls"),
-        (["--listen", "udp:127.0.0.1:0", "--workers", "2"], "fixed ports"),
+        (["--listen", "tcp:127.0.0.1:0", "--workers", "2"], "fixed TCP/TLS ports"),
         (["--auth", "alice"], "USER:PASSWORD"),
         (["--expires-min", "900", "--expires-max", "300"], "--expires-min"),
     ],

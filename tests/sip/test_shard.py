@@ -1,0 +1,206 @@
+"""sipdrill.sip.shard: the AoR key, the frames, the dispatcher, and workers behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sipdrill.sip.message import parse_message
+from sipdrill.sip.registrar import aor_of
+from sipdrill.sip.shard import aor_key, dispatch, pack, shard_of, unpack
+
+HOST = "127.0.0.1"
+
+
+def register(
+    to: str, *, via_port: int = 5060, contact_port: int = 5060, call_id: str = "c1"
+) -> bytes:
+    return (
+        "REGISTER sip:lab.local SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{via_port};branch=z9hG4bK{call_id}{contact_port}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:caller@lab.local>;tag=f1\r\n"
+        f"To: {to}\r\n"
+        f"Call-ID: {call_id}\r\n"
+        "CSeq: 1 REGISTER\r\n"
+        f"Contact: <sip:dev@{HOST}:{contact_port}>\r\n"
+        "Expires: 600\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+_LABEL = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=8
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(["sip", "sips"]),
+    user=st.none() | _LABEL | st.builds(lambda a, b: f"{a}.{b}", _LABEL, _LABEL),
+    password=st.none() | _LABEL,
+    host=st.sampled_from(["lab.local", "LAB.Local", "10.0.0.7", "[::1]", "pool1.lab.local"]),
+    port=st.none() | st.integers(1, 65535),
+    uri_params=st.sampled_from(["", ";transport=tls", ";user=phone;lr"]),
+    name=st.sampled_from(["", "Alice ", '"Bob Smith" ']),
+    header=st.sampled_from(["To", "to", "TO", "t"]),
+    angle=st.booleans(),
+)
+def test_the_key_is_the_registrars_aor(
+    scheme, user, password, host, port, uri_params, name, header, angle
+) -> None:
+    userinfo = "" if user is None else user + (f":{password}" if password else "") + "@"
+    uri = f"{scheme}:{userinfo}{host}{'' if port is None else f':{port}'}"
+    value = f"{name}<{uri}{uri_params}>;x=1" if angle or name else f"{uri};x=1"
+    data = register(value).replace(b"\r\nTo:", f"\r\n{header}:".encode())
+    parsed = parse_message(data)
+    assert aor_key(data) == aor_of(parsed.to_address.uri).encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_the_key_never_raises(data: bytes) -> None:
+    assert isinstance(aor_key(data), bytes)
+    assert 0 <= shard_of(data, 3) < 3
+
+
+def test_retransmissions_and_refreshes_of_an_aor_go_to_one_worker() -> None:
+    first = register("<sip:alice@lab.local>", via_port=5060, call_id="a")
+    other_device = register("Alice <sip:ALICE@lab.local:5060>;tag=x", via_port=7000, call_id="b")
+    assert shard_of(first, 4) == shard_of(other_device, 4)
+
+
+def test_aors_spread_over_the_workers() -> None:
+    counts = [0, 0]
+    for i in range(1000):
+        counts[shard_of(register(f"<sip:u{i}@lab.local>"), 2)] += 1
+    assert min(counts) > 400, counts
+
+
+def test_frames_round_trip() -> None:
+    assert unpack(pack(("10.1.2.3", 5060), b"REGISTER ...")) == (
+        ("10.1.2.3", 5060),
+        b"REGISTER ...",
+    )
+    assert unpack(pack(("::1", 65535), b"")) == (("::1", 65535), b"")
+    for bad in (b"", b"\x00ab", b"host\x00a"):
+        with pytest.raises(ValueError):
+            unpack(bad)
+
+
+def test_dispatch_hands_each_datagram_to_its_owner() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((HOST, 0))
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    stop = threading.Event()
+    result: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            dispatch(
+                [listener],
+                [[ours] for ours, _ in pairs],
+                lambda: not stop.is_set(),
+                check_every=0.05,
+            )
+        )
+    )
+    thread.start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((HOST, 0))
+    sent = [register(f"<sip:u{i}@lab.local>", call_id=str(i)) for i in range(40)]
+    try:
+        for data in sent:
+            client.sendto(data, listener.getsockname())
+        got: list[list[bytes]] = [[], []]
+        deadline = time.monotonic() + 5
+        for w, (_, theirs) in enumerate(pairs):
+            theirs.settimeout(0.2)
+            while sum(map(len, got)) < len(sent) and time.monotonic() < deadline:
+                try:
+                    remote, data = unpack(theirs.recv(65536))
+                except TimeoutError:
+                    break
+                assert remote == client.getsockname()
+                got[w].append(data)
+    finally:
+        stop.set()
+        thread.join(5)
+        client.close()
+        listener.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert not thread.is_alive()
+    assert sorted(got[0] + got[1]) == sorted(sent)
+    for w in (0, 1):
+        assert got[w] and all(shard_of(d, 2) == w for d in got[w])
+    assert result == {"dispatched": 40, "dropped": 0}
+
+
+def _bindings_in(response: bytes) -> int:
+    return sum(1 for line in response.split(b"\r\n") if line.lower().startswith(b"contact:"))
+
+
+@pytest.mark.slow
+async def test_two_workers_keep_one_location_service_per_aor(tmp_path: Path) -> None:
+    """Two devices of each user, from two source ports: the 200 lists both, always.
+
+    With SO_REUSEPORT (the sharing by source address used before) about half
+    the users would have their two bindings in different workers.
+    """
+    from procutil import free_port, stop_process
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sipdrill",
+        "sip",
+        "registrar",
+        "--domain",
+        "lab.local",
+        "--listen",
+        f"udp:{HOST}:{port}",
+        "--workers",
+        "2",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    devices = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for sock in devices:
+            sock.bind((HOST, 0))
+            sock.settimeout(0.5)
+        deadline = time.monotonic() + 20
+        while True:  # until the workers answer
+            devices[0].sendto(register("<sip:probe@lab.local>", call_id="p"), (HOST, port))
+            try:
+                devices[0].recv(65536)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "registrar did not start"
+        for i in range(16):
+            answers = []
+            for d, sock in enumerate(devices):
+                me = sock.getsockname()[1]
+                sock.sendto(
+                    register(
+                        f"<sip:u{i}@lab.local>", via_port=me, contact_port=me, call_id=f"{i}-{d}"
+                    ),
+                    (HOST, port),
+                )
+                answers.append(await asyncio.to_thread(sock.recv, 65536))
+            assert answers[0].startswith(b"SIP/2.0 200") and answers[1].startswith(b"SIP/2.0 200")
+            assert _bindings_in(answers[1]) == 2, answers[1].decode()
+    finally:
+        for sock in devices:
+            sock.close()
+        assert await stop_process(proc) == 0
