@@ -40,7 +40,7 @@ from sipdrill.clients.population import (
     select_users,
 )
 from sipdrill.clients.resolver import parse_nameserver
-from sipdrill.clients.runner import ClientRunner, RunnerConfig, set_tls_read_buffer
+from sipdrill.clients.runner import ClientRunner, RunnerConfig
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
 from sipdrill.sip.transport import Kind, TransportLimits
 
@@ -162,13 +162,6 @@ def serve_clients(
     tls_max: str = typer.Option(
         "1.2", "--tls-max", help="Highest TLS version: 1.2 (Lync 2013 era; less memory) or 1.3."
     ),
-    tls_read_buffer: int = typer.Option(
-        1024,
-        "--tls-read-buffer",
-        min=1024,
-        help="asyncio's per-connection TLS read buffer in bytes (its default 256 KiB costs "
-        "2.5 GB for 10,000 endpoints).",
-    ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Simulate the topology's users as Lync 2013 clients: discover, register, keep alive,
@@ -236,7 +229,6 @@ def serve_clients(
             f"({len(specs)}); some will fail to connect",
             err=True,
         )
-    set_tls_read_buffer(tls_read_buffer)
     plan = _Plan(
         config,
         control_addr,

@@ -1,12 +1,13 @@
-"""The asyncio adapter: thousands of sans-IO endpoints over one SIP transport.
+"""The asyncio adapter: thousands of sans-IO endpoints, one connection each.
 
-:class:`ClientRunner` owns one :class:`~sipdrill.sip.transport.SipTransport`
-(each endpoint gets a flow of its own: one TLS connection, verified against
-the lab CA), one :class:`~sipdrill.clients.resolver.Resolver` (the lab DNS
-server, a shared TTL cache) and one timer heap for every endpoint's
-deadlines. It turns the endpoints' actions into I/O and the I/O back into
-inputs, and hands every event to the :class:`~sipdrill.clients.metrics.EventLog`
-and the metrics.
+:class:`ClientRunner` gives each endpoint a flow of its own: a
+:class:`~sipdrill.clients.flow.StreamFlow` (one TLS connection, verified
+against the lab CA, or TCP), or for UDP a flow of one shared
+:class:`~sipdrill.sip.transport.SipTransport`. It owns one
+:class:`~sipdrill.clients.resolver.Resolver` (the lab DNS server, a shared TTL
+cache) and one timer heap for every endpoint's deadlines. It turns the
+endpoints' actions into I/O and the I/O back into inputs, and hands every
+event to the :class:`~sipdrill.clients.metrics.EventLog` and the metrics.
 
 Failure containment: an endpoint's bad luck (a refused connection, a
 malformed answer, a redirect to a host that does not exist) is its own
@@ -52,6 +53,7 @@ from sipdrill.clients.endpoint import (
     UserSpec,
 )
 from sipdrill.clients.events import ClientEvent, EndpointFault, Failure, Mode
+from sipdrill.clients.flow import StreamFlow, open_stream
 from sipdrill.clients.metrics import ClientMetrics, EventLog
 from sipdrill.clients.resolver import Resolver
 from sipdrill.sip.transport import (
@@ -69,7 +71,6 @@ __all__ = [
     "LoopClock",
     "RunnerConfig",
     "classify_connect_error",
-    "set_tls_read_buffer",
 ]
 
 log = logging.getLogger("sipdrill.clients.runner")
@@ -173,9 +174,10 @@ class ClientRunner:
         self._resolver: Resolver | None = None
         self._cache: TtlCache | None = None
         # Per endpoint index: its current flow and the endpoint's id for it.
-        self._flow: list[Flow | None] = []
+        self._flow: list[StreamFlow | Flow | None] = []
         self._fconn: list[int] = []
-        self._by_serial: dict[int, int] = {}
+        #: Stream flows' counters: received, parse_errors, framing_errors, tls_errors...
+        self.stats: Counter[str] = Counter()
         # (mode, registrar pool, home pool) per endpoint, and how many share each.
         self._key: list[tuple[Mode, str, str]] = []
         self._tally: Counter[tuple[Mode, str, str]] = Counter()
@@ -205,12 +207,8 @@ class ClientRunner:
         self._loop = loop
         self._clock = LoopClock(loop)
         cfg = self.config
-        self._transport = SipTransport(
-            self._on_message,
-            limits=cfg.transport_limits,
-            on_pong=self._on_pong,
-            on_flow_closed=self._on_flow_closed,
-        )
+        # UDP only: stream flows are StreamFlows of their own.
+        self._transport = SipTransport(self._on_message, limits=cfg.transport_limits)
         if cfg.bind and cfg.profile.transport is Kind.UDP:
             await self._transport.listen(Kind.UDP, cfg.bind, 0)
         self._cache = TtlCache(max_entries=10_000) if cfg.shared_dns_cache else None
@@ -275,8 +273,19 @@ class ClientRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        streams = [f for f in self._flow if isinstance(f, StreamFlow)]
+        self._flow = [None] * len(self._flow)
+        self._fconn = [0] * len(self._fconn)
+        for flow in streams:
+            self._close(flow)
         if self._transport is not None:
             await self._transport.close()
+        # Closed flows let go of their sockets from the loop's next callbacks.
+        deadline = time.monotonic() + 2.0
+        while any(f.transport is not None for f in streams) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # (no future per flow, on purpose)
+        for flow in streams:
+            flow.abort()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -416,7 +425,7 @@ class ClientRunner:
                 self._schedule(index, out.at)
             elif isinstance(out, Ping):
                 flow = self._current(index, out.conn)
-                if flow is not None and not self.transport.ping(flow):
+                if flow is not None and not self._ping(flow):
                     self._lost(index, out.conn, "ping failed: the flow is closed")
             elif isinstance(out, Resolve):
                 self._spawn(self._resolve(index, out))
@@ -480,35 +489,49 @@ class ClientRunner:
 
     # ------------------------------------------------------------------ flows
 
-    def _current(self, index: int, conn: int) -> Flow | None:
+    def _current(self, index: int, conn: int) -> StreamFlow | Flow | None:
         if self._fconn[index] != conn:
             return None
         return self._flow[index]
+
+    def _ping(self, flow: StreamFlow | Flow) -> bool:
+        if isinstance(flow, StreamFlow):
+            return flow.ping()
+        return self.transport.ping(flow)
+
+    def _close(self, flow: StreamFlow | Flow) -> None:
+        if isinstance(flow, StreamFlow):
+            flow.index = -1  # no callbacks for a flow the endpoint has let go
+            flow.close()
+        else:
+            self.transport.close_flow(flow)
+
+    def _is_open(self, flow: StreamFlow | Flow) -> bool:
+        if isinstance(flow, StreamFlow):
+            return flow.open
+        return self.transport.is_open(flow)
 
     def _drop_flow(self, index: int) -> None:
         flow = self._flow[index]
         self._flow[index] = None
         self._fconn[index] = 0
         if flow is not None:
-            if flow.kind is not Kind.UDP:
-                self._by_serial.pop(flow.conn, None)
-            self.transport.close_flow(flow)
+            self._close(flow)
 
     def _lost(self, index: int, conn: int, detail: str) -> None:
-        flow = self._flow[index]
-        if flow is not None and self._fconn[index] == conn:
-            if flow.kind is not Kind.UDP:
-                self._by_serial.pop(flow.conn, None)
-            self._flow[index] = None
-            self._fconn[index] = 0
-            self.transport.close_flow(flow)
+        if self._fconn[index] == conn:
+            self._drop_flow(index)
         self._call(index, lambda ep: ep.flow_closed(conn, Failure.RESET, detail))
 
     def _send(self, index: int, out: Send) -> None:
         flow = self._current(index, out.conn)
         if flow is None:
             return
-        if not self.transport.send(flow, out.data):
+        if isinstance(flow, StreamFlow):
+            ok = flow.send(out.data)
+        else:
+            ok = self.transport.send(flow, out.data)
+        if not ok:
             self._lost(index, out.conn, "send failed: the flow is closed")
 
     async def _resolve(self, index: int, query: Resolve) -> None:
@@ -531,9 +554,9 @@ class ClientRunner:
         try:
             if self._connect_sem is not None:
                 async with self._connect_sem:
-                    flow, local = await self._open_flow(target)
+                    flow, local = await self._open_flow(target, index)
             else:
-                flow, local = await self._open_flow(target)
+                flow, local = await self._open_flow(target, index)
         except asyncio.CancelledError:
             raise
         except (TransportError, OSError, ssl.SSLError, ValueError) as exc:
@@ -543,20 +566,18 @@ class ClientRunner:
             if self.endpoints[index] is ep:
                 self._call(index, lambda e: e.connect_failed(conn, failure, detail))
             return
-        if self.endpoints[index] is not ep or ep.conn != conn or not self.transport.is_open(flow):
-            if self.transport.is_open(flow):
-                self.transport.close_flow(flow)
+        if self.endpoints[index] is not ep or ep.conn != conn or not self._is_open(flow):
+            if self._is_open(flow):
+                self._close(flow)
             elif self.endpoints[index] is ep and ep.conn == conn:
                 self._call(index, lambda e: e.connect_failed(conn, Failure.RESET, "closed at once"))
             return
         self._drop_flow(index)
         self._flow[index] = flow
         self._fconn[index] = conn
-        if flow.kind is not Kind.UDP:
-            self._by_serial[flow.conn] = index
         self._call(index, lambda e: e.connected(conn, local))
 
-    async def _open_flow(self, target: Target) -> tuple[Flow, Addr]:
+    async def _open_flow(self, target: Target, index: int) -> tuple[StreamFlow | Flow, Addr]:
         assert target.address is not None
         kind = target.transport
         bind = self.config.bind
@@ -566,59 +587,28 @@ class ClientRunner:
             if host in ("0.0.0.0", "::", ""):
                 host = bind or ("127.0.0.1" if target.address.startswith("127.") else host)
             return flow, (host, flow.local[1])
-        ctx = self.config.ssl_context if kind is Kind.TLS else None
-        if kind is Kind.TLS and ctx is None:
-            raise TransportError(kind, target.where, "no TLS context (--ca) for a TLS target")
-        if bind:
-            flow = await self._open_bound(kind, target, ctx, bind)
-        else:
-            flow = await self.transport.open_flow(
-                kind,
-                target.address,
-                target.port,
-                ssl_context=ctx,
-                server_hostname=target.host,
-                reuse=False,
-            )
-        return flow, flow.local
-
-    async def _open_bound(
-        self, kind: Kind, target: Target, ctx: ssl.SSLContext | None, bind: str
-    ) -> Flow:
-        """A new stream flow from ``bind``.
-
-        SipTransport.open_flow has no source address yet, so this opens the
-        connection with the transport's own stream protocol (a private hook:
-        see the report to the SIP core). The flow is the transport's like
-        any other: framing, pongs and close callbacks all work.
-        """
-        transport = self.transport
-        assert target.address is not None
-        limits = transport.limits
-        remote = (target.address, target.port)
-        try:
-            async with asyncio.timeout(limits.connect_timeout):
-                _, proto = await transport.loop.create_connection(
-                    lambda: transport._new_stream(kind, outbound=True),
-                    remote[0],
-                    remote[1],
-                    ssl=ctx,
-                    server_hostname=target.host if ctx is not None else None,
-                    ssl_handshake_timeout=limits.tls_handshake_timeout if ctx else None,
-                    local_addr=(bind, 0),
-                )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            raise TransportError(kind, target.where, str(exc) or "timeout") from exc
-        if proto.flow is None or proto.transport is None or proto.transport.is_closing():
-            raise TransportError(kind, target.where, "connection refused locally")
-        return proto.flow
+        limits = self.transport.limits
+        stream = await open_stream(
+            self,
+            kind,
+            target.address,
+            target.port,
+            ssl_context=self.config.ssl_context if kind is Kind.TLS else None,
+            server_hostname=target.host if kind is Kind.TLS else None,
+            bind=bind,
+            connect_timeout=limits.connect_timeout,
+            handshake_timeout=limits.tls_handshake_timeout,
+            limits=limits.message,
+            max_write_buffer=limits.max_write_buffer,
+            index=index,
+        )
+        return stream, stream.local
 
     # ------------------------------------------------------------------ transport callbacks
 
     def _on_message(self, rx: Received) -> None:
-        index = self._by_serial.get(rx.flow.conn) if rx.kind is not Kind.UDP else None
-        if index is None and rx.kind is Kind.UDP:
-            index = self._by_aor(rx.message)
+        """A message on the UDP socket: many endpoints share it."""
+        index = self._by_aor(rx.message)
         if index is None:
             return
         conn = self._fconn[index]
@@ -638,15 +628,30 @@ class ClientRunner:
             return None
         return self._by_user.get(user or "")
 
-    def _on_pong(self, flow: Flow) -> None:
-        index = self._by_serial.get(flow.conn)
-        if index is not None and self._flow[index] == flow:
+    # ------------------------------------------------------------------ StreamFlow callbacks
+
+    def _owner(self, flow: StreamFlow) -> int | None:
+        index = flow.index
+        if 0 <= index < len(self._flow) and self._flow[index] is flow:
+            return index
+        return None
+
+    def flow_message(self, flow: StreamFlow, message: Request | Response) -> None:
+        index = self._owner(flow)
+        if index is None:
+            return
+        conn = self._fconn[index]
+        self._call(index, lambda ep: ep.receive(conn, message))
+
+    def flow_pong(self, flow: StreamFlow) -> None:
+        index = self._owner(flow)
+        if index is not None:
             conn = self._fconn[index]
             self._call(index, lambda ep: ep.pong(conn))
 
-    def _on_flow_closed(self, flow: Flow) -> None:
-        index = self._by_serial.pop(flow.conn, None)
-        if index is None or self._flow[index] != flow:
+    def flow_closed(self, flow: StreamFlow) -> None:
+        index = self._owner(flow)
+        if index is None:
             return
         conn = self._fconn[index]
         self._flow[index] = None
@@ -673,18 +678,3 @@ def _drop_traceback(exc: BaseException) -> None:
             traceback.clear_frames(e.__traceback__)
             e.__traceback__ = None
         stack += [e.__cause__, e.__context__]
-
-
-def set_tls_read_buffer(size: int) -> int:
-    """Shrink asyncio's per-connection TLS read buffer (process-wide); returns the old size.
-
-    ``asyncio.sslproto.SSLProtocol`` allocates ``max_size`` (256 KiB) for
-    every TLS connection, which is 2.5 GB for 10,000 endpoints. Reads then
-    come in chunks of ``size`` bytes, which changes nothing for SIP. Call it
-    once, before opening connections (the CLI and the benchmark do).
-    """
-    import asyncio.sslproto as sslproto
-
-    old = int(sslproto.SSLProtocol.max_size)
-    sslproto.SSLProtocol.max_size = max(1024, int(size))
-    return old

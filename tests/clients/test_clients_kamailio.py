@@ -157,7 +157,7 @@ async def test_tcp_clients_find_kamailio_by_srv_and_keep_alive(tmp_path: Path) -
             )
             await asyncio.sleep(3.5)  # keep-alives every 0.8-1 s, pong within 1 s
             assert runner.counts()["by_mode"]["FullService"] == len(users)
-            stats = runner.transport.stats
+            stats = runner.stats
     registered = runner.events.query(kind="Registered")
     assert {e["address"] for e in registered} == {f"{HOST}:{port}"}
     assert all(e["expires"] == 600 for e in registered)

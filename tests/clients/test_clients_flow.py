@@ -1,0 +1,215 @@
+"""StreamFlow (sipdrill.clients.flow) against real loopback servers: TLS over memory BIOs."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from clients_lab import wait_for
+
+from sipdrill.clients.events import Failure
+from sipdrill.clients.flow import BIO_CHUNK, StreamFlow, open_stream
+from sipdrill.clients.runner import classify_connect_error
+from sipdrill.sip.message import Message
+from sipdrill.sip.tls import LabCA, client_context, server_context
+from sipdrill.sip.transport import Kind, TransportError
+
+HOST = "127.0.0.1"
+NAME = "pool1.lab.local"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.stats: Counter[str] = Counter()
+        self.messages: list[Message] = []
+        self.pongs = 0
+        self.closed: list[StreamFlow] = []
+
+    def flow_message(self, flow: StreamFlow, message: Message) -> None:
+        self.messages.append(message)
+
+    def flow_pong(self, flow: StreamFlow) -> None:
+        self.pongs += 1
+
+    def flow_closed(self, flow: StreamFlow) -> None:
+        self.closed.append(flow)
+
+
+class Peer(asyncio.Protocol):
+    """A server side: answers CRLFCRLF with CRLF, records what it got."""
+
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = peers
+        self.data = b""
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peers.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if data.endswith(b"\r\n\r\n") and self.transport is not None:
+            self.transport.write(b"\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+@asynccontextmanager
+async def server(
+    ctx: ssl.SSLContext | None, factory: Callable[[list[Peer]], asyncio.Protocol] = Peer
+) -> AsyncIterator[tuple[int, list[Peer]]]:
+    peers: list[Peer] = []
+    srv = await asyncio.get_running_loop().create_server(lambda: factory(peers), HOST, 0, ssl=ctx)
+    try:
+        yield srv.sockets[0].getsockname()[1], peers
+    finally:
+        srv.close()
+        for peer in peers:
+            if peer.transport is not None:
+                peer.transport.abort()
+        await srv.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
+    return LabCA.ensure(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def server_ctx(ca: LabCA) -> ssl.SSLContext:
+    return server_context(ca.issue_server("pool1", pool_fqdn=NAME, ip_addresses=[HOST]))
+
+
+def response(body: bytes = b"") -> bytes:
+    head = (
+        "SIP/2.0 200 OK\r\n"
+        "Via: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK1\r\n"
+        "From: <sip:alice@lab.local>;tag=a\r\n"
+        "To: <sip:alice@lab.local>;tag=b\r\n"
+        "Call-ID: c1\r\n"
+        "CSeq: 1 REGISTER\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@pytest.mark.parametrize("tls_max", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_tls_handshake_message_ping_pong_and_peer_close(
+    ca: LabCA, server_ctx: ssl.SSLContext, tls_max: ssl.TLSVersion
+) -> None:
+    sink = Sink()
+    ctx = client_context(ca)
+    ctx.maximum_version = tls_max
+    async with server(server_ctx) as (port, peers):
+        flow = await open_stream(sink, Kind.TLS, HOST, port, ssl_context=ctx, server_hostname=NAME)
+        assert flow.open and flow.remote == (HOST, port) and flow.local[0] == HOST
+        await wait_for(lambda: len(peers) == 1, 5, "len(peers) == 1")
+        assert flow.ping()
+        await wait_for(lambda: sink.pongs == 1, 5, "sink.pongs == 1")
+        assert peers[0].data == b"\r\n\r\n"
+        # A message larger than one BIO chunk arrives whole.
+        body = b"x" * (3 * BIO_CHUNK)
+        assert peers[0].transport is not None
+        peers[0].transport.write(response(body) + response())
+        await wait_for(lambda: len(sink.messages) == 2, 5, "len(sink.messages) == 2")
+        assert sink.messages[0].body == body
+        assert sink.stats["received"] == 2
+        assert flow.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n")
+        await wait_for(lambda: peers[0].data.endswith(b"SIP/2.0\r\n\r\n"), 5, "OPTIONS sent")
+        # The pool closes the connection (close_notify, then FIN): the flow says so once.
+        peers[0].transport.close()
+        await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
+        assert not flow.open and not flow.send(b"\r\n\r\n") and not flow.ping()
+
+
+async def test_abrupt_close_is_detected(ca: LabCA, server_ctx: ssl.SSLContext) -> None:
+    sink = Sink()
+    async with server(server_ctx) as (port, peers):
+        flow = await open_stream(
+            sink, Kind.TLS, HOST, port, ssl_context=client_context(ca), server_hostname=NAME
+        )
+        # The server's side of the handshake ends after the client's.
+        await wait_for(lambda: len(peers) == 1, 5, "len(peers) == 1")
+        assert peers[0].transport is not None
+        peers[0].transport.abort()  # RST, no close_notify
+        await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
+
+
+async def test_close_by_the_owner_sends_close_notify_and_reports(
+    ca: LabCA, server_ctx: ssl.SSLContext
+) -> None:
+    sink = Sink()
+    async with server(server_ctx) as (port, peers):
+        flow = await open_stream(
+            sink, Kind.TLS, HOST, port, ssl_context=client_context(ca), server_hostname=NAME
+        )
+        await wait_for(lambda: len(peers) == 1, 5, "len(peers) == 1")
+        flow.close()
+        await asyncio.wait_for(peers[0].lost, 5)
+        await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
+
+
+@pytest.mark.parametrize(
+    ("trust", "name", "expect"),
+    [("other-ca", NAME, "certificate rejected"), ("lab-ca", "pool9.lab.local", "certificate")],
+)
+async def test_verification_failure_is_a_tls_failure_not_a_crash(
+    ca: LabCA,
+    server_ctx: ssl.SSLContext,
+    tmp_path: Path,
+    trust: str,
+    name: str,
+    expect: str,
+) -> None:
+    other = LabCA.ensure(tmp_path / "other")
+    sink = Sink()
+    ctx = client_context(other if trust == "other-ca" else ca)
+    async with server(server_ctx) as (port, _peers):
+        with pytest.raises(TransportError) as info:
+            await open_stream(sink, Kind.TLS, HOST, port, ssl_context=ctx, server_hostname=name)
+    assert expect in str(info.value)
+    assert classify_connect_error(info.value) is Failure.TLS
+    assert sink.closed == []  # never open, so never "closed"
+
+
+async def test_refused_and_handshake_timeout(ca: LabCA) -> None:
+    sink = Sink()
+    async with server(None) as (port, _peers):  # plain TCP: accepts, never speaks TLS
+        with pytest.raises(TransportError) as info:
+            await open_stream(
+                sink,
+                Kind.TLS,
+                HOST,
+                port,
+                ssl_context=client_context(ca),
+                server_hostname=NAME,
+                handshake_timeout=0.3,
+            )
+        assert classify_connect_error(info.value) is Failure.CONNECT_TIMEOUT
+    with pytest.raises(TransportError) as info:
+        await open_stream(sink, Kind.TLS, HOST, port, ssl_context=client_context(ca))
+    assert classify_connect_error(info.value) is Failure.REFUSED
+
+
+async def test_tcp_flow_and_framing_error_closes(ca: LabCA) -> None:
+    sink = Sink()
+    async with server(None) as (port, peers):
+        flow = await open_stream(sink, Kind.TCP, HOST, port)
+        assert flow.ping()
+        await wait_for(lambda: sink.pongs == 1, 5, "sink.pongs == 1")
+        assert peers[0].transport is not None
+        peers[0].transport.write(response())
+        await wait_for(lambda: len(sink.messages) == 1, 5, "len(sink.messages) == 1")
+        peers[0].transport.write(b"SIP/2.0 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
+        assert sink.stats["framing_errors"] == 1
