@@ -42,3 +42,34 @@ def test_paging_since_and_filters_over_a_bounded_buffer() -> None:
     assert len(lines) == 9 and lines[-1]["failure"] == "refused"
     assert lines[0] == event_to_dict(_changed(0, "sip:b@lab.local"), 1)
     assert lines[0]["old"] == "SignedOut" and lines[0]["pool"] is None
+
+
+class _SmallBlocks(EventLog):
+    BLOCK = 4
+
+
+def test_compressed_blocks_answer_like_a_plain_buffer() -> None:
+    """Every query over sealed blocks and the open one equals the same query on a list."""
+    for capacity in (1, 3, 4, 7, 10):
+        for count in (0, 1, 3, 4, 5, 9, 17, 30):
+            log = _SmallBlocks(capacity=capacity)
+            for i in range(count):
+                log.append(_changed(i // 2, "sip:a@lab.local" if i % 3 else "sip:b@lab.local"))
+            kept = [
+                event_to_dict(
+                    _changed(i // 2, "sip:a@lab.local" if i % 3 else "sip:b@lab.local"), i + 1
+                )
+                for i in range(count)
+            ][-capacity:]
+            assert len(log) == len(kept)
+            assert log.query(limit=1000) == kept
+            for after in range(count + 2):
+                assert log.query(after=after) == [e for e in kept if e["seq"] > after]
+                assert log.query(after=after, limit=2) == [e for e in kept if e["seq"] > after][:2]
+            for since in (999.0, 1000.0, 1001.5, 1003.0, 1014.0, 1020.0):
+                assert log.query(since=since) == [e for e in kept if e["wall"] >= since]
+            assert log.query(user="sip:b@lab.local") == [
+                e for e in kept if e["user"] == "sip:b@lab.local"
+            ]
+    # Old blocks are let go, not just skipped.
+    assert len(log._blocks) <= 10 // _SmallBlocks.BLOCK + 2
