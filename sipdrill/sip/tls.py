@@ -1,6 +1,6 @@
 """The lab's certificate authority and TLS contexts.
 
-A lab CA (EC P-256, short validity) is generated at start-up with
+A lab CA (RSA 2048, SHA-256, short validity) is generated at start-up with
 ``cryptography`` and written to a directory that processes and containers
 share: ``ca.pem`` (the CA certificate every client trusts), ``ca-key.pem``
 (mode 0600, only so that other processes can issue certificates from the same
@@ -10,6 +10,19 @@ Server certificates carry a DNS SAN for every name a client may connect to:
 the pool FQDN, each front end's FQDN and any extra names (seed 003's fix: a
 client that connects to a name missing from the certificate fails the TLS
 handshake), plus IP SANs. Clients always verify the chain and the host name.
+
+Keys are RSA 2048, as a Lync 2013 pool's certificates usually are (Microsoft
+lists RSA and ECDH_P256/384/521 keys of 1024, 2048 or 4096 bits as supported;
+RSA 2048 is the common choice). It also puts the handshake's cost where the
+field has it: the pool signs (RSA 2048: ~0.6 ms per TLS 1.2 handshake here),
+the client only verifies (~0.5 ms, most of it OpenSSL 3.0 parsing the
+certificate). With EC P-256 the pool paid 0.22 ms and each client 0.55 ms, so
+a 10,000-client simulator out-spent the pool it was testing. A directory
+holding an EC CA from an older sipdrill is replaced by :meth:`LabCA.ensure`.
+
+``cryptography`` is imported only to create or read CAs and certificates:
+:func:`client_context` and :func:`server_context` need only :mod:`ssl`, so a
+clients process does not load it (~6 MB).
 
 Concurrency: several processes may start at once on the same directory; the
 CA is created under an exclusive ``flock`` and every file is written to a
@@ -28,18 +41,20 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from sipdrill.errors import SipdrillError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
 DEFAULT_CA_VALIDITY = dt.timedelta(days=7)
 DEFAULT_CERT_VALIDITY = dt.timedelta(days=2)
+#: RSA modulus size of the CA and every certificate it issues.
+KEY_BITS = 2048
 # A CA or leaf with less than this left is replaced rather than reused.
 _RENEW_MARGIN = dt.timedelta(hours=1)
 _CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -112,7 +127,15 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _new_key() -> rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -156,9 +179,7 @@ def _normalise_names(names: Iterable[str]) -> tuple[str, ...]:
 class LabCA:
     """The lab's certificate authority, backed by a directory."""
 
-    def __init__(
-        self, directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-    ) -> None:
+    def __init__(self, directory: Path, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
         self.directory = directory
         self.certificate = cert
         self._key = key
@@ -180,7 +201,7 @@ class LabCA:
         try:
             path.mkdir(parents=True, exist_ok=True)
             with _locked(path):
-                existing = cls._load(path)
+                existing = cls._load(path, replaceable=True)
                 if existing is not None and _still_valid(existing.certificate, _now()):
                     return existing
                 return cls._create(path, validity, common_name)
@@ -196,7 +217,12 @@ class LabCA:
         return ca
 
     @classmethod
-    def _load(cls, path: Path) -> LabCA | None:
+    def _load(cls, path: Path, *, replaceable: bool = False) -> LabCA | None:
+        """The CA in ``path``; None if there is none (or, if ``replaceable``, an old EC one)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         cert_file, key_file = path / CA_CERT, path / CA_KEY
         if not (cert_file.exists() and key_file.exists()):
             return None
@@ -205,13 +231,22 @@ class LabCA:
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
         except (ValueError, TypeError) as exc:
             raise TlsSetupError(str(path), f"unreadable lab CA: {exc}") from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise TlsSetupError(str(key_file), "the lab CA key is not an EC key")
+        if isinstance(key, ec.EllipticCurvePrivateKey) and replaceable:
+            return None  # made by an older sipdrill: ensure() issues an RSA CA in its place
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TlsSetupError(
+                str(key_file),
+                "the lab CA key is not RSA (LabCA.ensure replaces an old EC CA)",
+            )
         return cls(path, cert, key)
 
     @classmethod
     def _create(cls, path: Path, validity: dt.timedelta, common_name: str) -> LabCA:
-        key = ec.generate_private_key(ec.SECP256R1())
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
+        key = _new_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = _now()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -260,13 +295,17 @@ class LabCA:
         The subject CN is the first DNS name (or the service name); every DNS
         name and IP address becomes a SAN, which is what clients check.
         """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
         if not _SERVICE_RE.match(service):
             raise TlsSetupError(service, "service names are [A-Za-z0-9._-], at most 63 chars")
         names = _normalise_names(dns_names)
         ips = _normalise_ips(ip_addresses)
         if not names and not ips and not client:
             raise TlsSetupError(service, "a server certificate needs at least one name or IP")
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _new_key()
         now = _now()
         not_after = min(now + validity, self.certificate.not_valid_after_utc)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
@@ -333,6 +372,8 @@ class LabCA:
 
 def cert_names(cert_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (DNS names, IP addresses) a certificate file carries as SANs."""
+    from cryptography import x509
+
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

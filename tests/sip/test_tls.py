@@ -142,3 +142,62 @@ def _issue_many(directory: Path) -> None:
     ca = LabCA.ensure(directory)
     for _ in range(15):
         ca.issue("fe", dns_names=["fe1.lab.local"])
+
+
+def test_keys_are_rsa_2048_and_an_old_ec_ca_is_replaced(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    # A CA directory written by an older sipdrill (EC P-256).
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old lab CA")])
+    now = dt.datetime.now(dt.UTC)
+    old = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "ca.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(TlsSetupError, match="not RSA"):
+        LabCA.load(tmp_path)
+    ca = LabCA.ensure(tmp_path)
+    assert ca.certificate.serial_number != 1
+    assert isinstance(ca.certificate.public_key(), rsa.RSAPublicKey)
+    assert LabCA.load(tmp_path).certificate.serial_number == ca.certificate.serial_number
+    cert = ca.issue_server("pool1", pool_fqdn="pool1.lab.local")
+    leaf = x509.load_pem_x509_certificate(cert.cert_path.read_bytes())
+    public = leaf.public_key()
+    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+
+
+def test_contexts_do_not_load_cryptography(tmp_path: Path) -> None:
+    """A clients process builds its TLS context without importing cryptography (~6 MB)."""
+    import subprocess
+    import sys
+
+    ensure_server_cert(tmp_path, "pool1", dns_names=["pool1.lab.local"])
+    code = (
+        "import sys; from sipdrill.sip.tls import client_context, server_context; "
+        f"client_context({str(tmp_path / 'ca.pem')!r}); "
+        f"server_context({str(tmp_path / 'pool1.pem')!r}, {str(tmp_path / 'pool1-key.pem')!r}); "
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
