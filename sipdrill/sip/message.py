@@ -279,6 +279,8 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _STATUS_RE = re.compile(r"SIP/2\.0 ([1-6][0-9][0-9])(?: (.*))?")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The same over a whole header section: any of them except the CRLF line ends.
+_SECTION_CTL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 _SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 # RFC 3261 20.16: the sequence number must be below 2**31.
 _MAX_CSEQ = 2**31 - 1
@@ -324,8 +326,9 @@ def _fail(is_response: bool, reason: str, status: int = 400) -> SipMessageError:
     return SipParseError(reason=reason, status_code=status)
 
 
-def _split_header_section(data: bytes, limits: Limits) -> tuple[list[str], bytes]:
-    """Return the unfolded lines (start line first) and the raw body."""
+def _split_header_section(data: bytes, limits: Limits) -> tuple[list[str], bytes, bool]:
+    """Return the lines (start line first), the raw body, and whether the
+    section is free of control characters other than HTAB and its CRLFs."""
     if len(data) > limits.max_message_size:
         raise SipParseError(reason="Message Too Large", status_code=513)
     # RFC 3261 7.5: CRLFs before the start line are ignored.
@@ -337,39 +340,68 @@ def _split_header_section(data: bytes, limits: Limits) -> tuple[list[str], bytes
         if start == len(data):
             raise SipParseError(reason="Missing start line")
         raise SipParseError(reason="Missing end of header section")
-    raw_lines = data[start:end].split(b"\r\n")
+    section = data[start:end]
     body = data[end + 4 :]
-    for raw in raw_lines:
-        if len(raw) > limits.max_line_length:
-            raise SipParseError(reason="Header line too long")
+    raw_lines = section.split(b"\r\n")
+    if max(map(len, raw_lines)) > limits.max_line_length:
+        raise SipParseError(reason="Header line too long")
     try:
-        lines = [raw.decode("utf-8") for raw in raw_lines]
+        # CR and LF never occur inside a UTF-8 sequence, so one decode of
+        # the section splits into the same lines as decoding each line.
+        text = section.decode("utf-8")
     except UnicodeDecodeError:
         raise SipParseError(reason="Header section is not valid UTF-8") from None
-    return lines, body
+    return text.split("\r\n"), body, _SECTION_CTL_RE.search(text) is None
 
 
-def _unfold(lines: list[str], is_response: bool, limits: Limits) -> list[tuple[str, str]]:
-    """Split header lines into (canonical name, value), joining folded lines (RFC 3261 7.3.1)."""
+# Raw header names (as sent, up to the colon) already found valid, with their
+# canonical spelling: most messages repeat the same dozen. Bounded, so that a
+# peer inventing names cannot grow it.
+_VALID_NAMES: dict[str, str] = {}
+_VALID_NAMES_MAX = 4096
+
+
+def _header_name(raw: str, is_response: bool) -> str:
+    canonical = _VALID_NAMES.get(raw)
+    if canonical is None:
+        name = raw.rstrip(" \t")
+        if not _TOKEN_RE.fullmatch(name):
+            raise _fail(is_response, "Bad header line")
+        canonical = _canonical_name(name)
+        if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+            _VALID_NAMES[raw] = canonical
+    return canonical
+
+
+def _unfold(
+    lines: list[str], is_response: bool, limits: Limits, *, ctl_free: bool = False
+) -> list[tuple[str, str]]:
+    """Split header lines into (canonical name, value), joining folded lines (RFC 3261 7.3.1).
+
+    ``ctl_free``: the caller has checked the whole section for control
+    characters, so the per-value check (which names the header) is skipped.
+    """
     headers: list[tuple[str, str]] = []
     for line in lines:
         if line[:1] in (" ", "\t"):
             if not headers:
                 raise _fail(is_response, "Bad header folding")
             name, value = headers[-1]
+            if not ctl_free and _CTL_RE.search(line):
+                raise _fail(is_response, f"Control character in {name}")
             headers[-1] = (name, f"{value} {line.strip()}".strip())
             continue
-        name, sep, value = line.partition(":")
-        name = name.rstrip(" \t")
-        if not sep or not _TOKEN_RE.fullmatch(name):
+        raw_name, sep, value = line.partition(":")
+        if not sep:
             raise _fail(is_response, "Bad header line")
+        name = _header_name(raw_name, is_response)
         if len(headers) >= limits.max_headers:
             raise _fail(is_response, "Too Many Headers")
         # Control characters other than HTAB have no business in a value
         # and would be copied into our answers if let through.
-        if _CTL_RE.search(value):
-            raise _fail(is_response, f"Control character in {name}")
-        headers.append((_canonical_name(name), value.strip(" \t")))
+        if not ctl_free and _CTL_RE.search(value):
+            raise _fail(is_response, "Control character in " + raw_name.rstrip(" \t"))
+        headers.append((name, value.strip(" \t")))
     return headers
 
 
@@ -381,7 +413,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     A body longer than Content-Length is truncated (RFC 3261 18.3); a shorter
     one is an error.
     """
-    lines, body = _split_header_section(data, limits)
+    lines, body, ctl_free = _split_header_section(data, limits)
     start_line = lines[0]
     is_response = start_line.startswith("SIP/")
     message: ParsedRequest | ParsedResponse
@@ -392,7 +424,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
         message = ParsedResponse(code=int(m.group(1)), phrase=m.group(2) or "")
     else:
         message = _parse_request_line(start_line)
-    headers = _unfold(lines[1:], is_response, limits)
+    headers = _unfold(lines[1:], is_response, limits, ctl_free=ctl_free)
     for name, value in headers:
         message.headers.add(name, value)
     message.body = _check_body(message, body, is_response)

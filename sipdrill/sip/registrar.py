@@ -189,11 +189,19 @@ def _raw_params(params: Parameters) -> str:
 
 def format_contact(contact: Address, **extra: str) -> str:
     """A Contact header value with parameters written back verbatim (plus ``extra``)."""
-    uri = dataclasses.replace(contact.uri, parameters=Parameters())
-    params = dict(contact.parameters.items())
-    params.update(extra)
+    uri = contact.uri
+    if uri.parameters:
+        uri = dataclasses.replace(uri, parameters=_NO_PARAMETERS)
+    params = contact.parameters
+    if extra:
+        merged = dict(params.items())
+        merged.update(extra)
+        params = Parameters(**merged)
     name = f"{quote(contact.name)} " if contact.name else ""
-    return f"{name}<{uri}{_raw_params(contact.uri.parameters)}>{_raw_params(Parameters(**params))}"
+    return f"{name}<{uri}{_raw_params(contact.uri.parameters)}>{_raw_params(params)}"
+
+
+_NO_PARAMETERS = Parameters()
 
 
 def _parse_delta(value: str | None) -> int | None:
@@ -360,10 +368,12 @@ class Registrar:
                 if old is not None:
                     events.append(BindingRemoved(self._drop(aor, key)))
                 continue
-            params = {k: v for k, v in contact.parameters.items() if k != "expires"}
+            if "expires" in contact.parameters:
+                params = {k: v for k, v in contact.parameters.items() if k != "expires"}
+                contact = Address(contact.uri, contact.name, Parameters(**params))
             binding = Binding(
                 aor=aor,
-                contact=Address(contact.uri, contact.name, Parameters(**params)),
+                contact=contact,
                 key=key,
                 call_id=call_id,
                 cseq=cseq,
@@ -402,7 +412,9 @@ class Registrar:
         bindings = self.lookup(aor)
         headers: list[tuple[str, str]] = []
         for b in bindings:
-            headers.append(("Contact", format_contact(b.contact, expires=str(b.expires_in(now)))))
+            # A binding's contact never carries expires (dropped in _update).
+            text = f"{format_contact(b.contact)};expires={b.expires_in(now)}"
+            headers.append(("Contact", text))
         if self.flow_timer is not None and any("reg-id" in b.contact.parameters for b in bindings):
             headers.append(("Flow-Timer", str(self.flow_timer)))
         return make_response(request, 200, headers=headers)

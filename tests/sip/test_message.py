@@ -161,6 +161,9 @@ class TestParseErrors:
             (b"Max-Forwards: 70", b"No colon here", "Bad header line"),
             (b"Max-Forwards: 70", b"Bad Name: 1", "Bad header line"),
             (b"Max-Forwards: 70", b"Subject: a\x01b", "Control character in Subject"),
+            (b"Max-Forwards: 70", b"Subject : a\rb", "Control character in Subject"),
+            (b"Max-Forwards: 70", b"Subject: a\r\n \x7fb", "Control character in Subject"),
+            (b"Max-Forwards: 70", b"Subject: a\nb", "Control character in Subject"),
             (b"Max-Forwards: 70", b"Call-ID: second", "Duplicate Call-ID"),
             (b"REGISTER sip:example.com SIP/2.0", b"REGISTER sip:example.com", "Bad request line"),
             (
