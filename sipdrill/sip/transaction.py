@@ -565,9 +565,14 @@ class ServerTransaction(_Transaction):
     """Shared by both server kinds: the request and the last response sent."""
 
     def __init__(
-        self, request: Request, config: TimerConfig, reliable: bool, peer: Peer | None
+        self,
+        request: Request,
+        config: TimerConfig,
+        reliable: bool,
+        peer: Peer | None,
+        key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(_branch_key(request, server=True), config, reliable, peer)
+        super().__init__(key or _branch_key(request, server=True), config, reliable, peer)
         self.request = request
         self.last_response: bytes | None = None
 
@@ -578,11 +583,13 @@ class ServerTransaction(_Transaction):
         *,
         reliable: bool,
         peer: Peer | None = None,
+        key: TransactionKey | None = None,
     ) -> ServerTransaction:
+        """``key``: the request's key when the caller has computed it already."""
         if request.method == "ACK":
             raise TransactionError(reason="ACK does not create a server transaction")
         kind = ServerInviteTransaction if request.method == "INVITE" else ServerNonInviteTransaction
-        return kind(request, config, reliable, peer)
+        return kind(request, config, reliable, peer, key)
 
     def start(self, now: float) -> list[TransactionEvent]:
         return [DeliverRequest(self.key, self.request, self.peer)]
@@ -800,7 +807,7 @@ class TransactionManager:
             return self._after(tx, tx.receive_request(request, now), client=False)
         if request.method == "ACK":
             return [DeliverRequest(None, request, peer)]
-        tx = ServerTransaction.create(request, self.config, reliable=reliable, peer=peer)
+        tx = ServerTransaction.create(request, self.config, reliable=reliable, peer=peer, key=key)
         self._server[key] = tx
         return self._after(tx, tx.start(now), client=False)
 
