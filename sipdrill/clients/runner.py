@@ -280,9 +280,9 @@ class ClientRunner:
             self._close(flow)
         if self._transport is not None:
             await self._transport.close()
-        # Closed flows let go of their sockets from the loop's next callbacks.
+        # A flow with unsent bytes closes once they are written.
         deadline = time.monotonic() + 2.0
-        while any(f.transport is not None for f in streams) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while not all(f.closed for f in streams) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # (no future per flow, on purpose)
         for flow in streams:
             flow.abort()

@@ -213,3 +213,41 @@ async def test_tcp_flow_and_framing_error_closes(ca: LabCA) -> None:
         peers[0].transport.write(b"SIP/2.0 200 OK\r\nContent-Length: nope\r\n\r\n")
         await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
         assert sink.stats["framing_errors"] == 1
+
+
+class Slow(Peer):
+    """Reads nothing until told to: the client's socket buffer fills up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+
+async def test_unsent_bytes_are_kept_in_order_flushed_on_close_and_bounded() -> None:
+    sink = Sink()
+    async with server(None, Slow) as (port, peers):
+        flow = await open_stream(sink, Kind.TCP, HOST, port, max_write_buffer=1 << 20)
+        await wait_for(lambda: len(peers) == 1, 5, "accepted")
+        chunk = bytes(range(256)) * 64  # 16 KiB
+        sent = 0
+        while flow._wbuf is None:  # until the kernel stops taking bytes
+            assert flow.send(chunk)
+            sent += len(chunk)
+        for _ in range(4):
+            assert flow.send(chunk)
+            sent += len(chunk)
+        flow.close()  # with bytes still buffered: they go first
+        assert not flow.closed and not flow.send(chunk)
+        assert peers[0].transport is not None
+        peers[0].transport.resume_reading()
+        await asyncio.wait_for(peers[0].lost, 10)
+        assert len(peers[0].data) == sent and peers[0].data == chunk * (sent // len(chunk))
+        await wait_for(lambda: sink.closed == [flow], 5, "closed")
+
+        # A peer that never reads: past max_write_buffer the flow gives up.
+        flow = await open_stream(sink, Kind.TCP, HOST, port, max_write_buffer=64 * 1024)
+        while flow.send(chunk):
+            pass
+        assert flow.closed
+        await wait_for(lambda: sink.closed[-1] is flow, 5, "closed")
