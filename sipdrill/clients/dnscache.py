@@ -10,6 +10,7 @@ name once per TTL, like clients behind one caching resolver would.
 from __future__ import annotations
 
 import enum
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ class DnsAnswer:
 
 
 def normalise_name(name: str) -> str:
-    return name.lower().rstrip(".")
+    # Interned: 10,000 endpoints keep the same few pool names, once.
+    return sys.intern(name.lower().rstrip("."))
 
 
 class TtlCache:

@@ -507,7 +507,8 @@ class Endpoint:
         self._local: Addr | None = None
         self._target: Target | None = None
         self._queue: list[Target] = []
-        self._attempted: set[tuple[str, str, int, Kind]] = set()
+        # Targets tried in this attempt cycle; None while none is (an empty set is 216 B).
+        self._attempted: set[tuple[str, str, int, Kind]] | None = None
         self._lookup_pos = 0
         self._wait: tuple[str, str] | None = None
         self._redirects = 0
@@ -735,9 +736,19 @@ class Endpoint:
 
     # ------------------------------------------------------------------ discovery
 
+    def _first_attempt(self, key: tuple[str, str, int, Kind]) -> bool:
+        """Record ``key`` as tried in this cycle; False if it already was."""
+        if self._attempted is None:
+            self._attempted = {key}
+            return True
+        if key in self._attempted:
+            return False
+        self._attempted.add(key)
+        return True
+
     def _reset_attempt(self) -> None:
         self._queue = []
-        self._attempted = set()
+        self._attempted = None
         self._lookup_pos = 0
         self._wait = None
         self._redirects = 0
@@ -757,10 +768,8 @@ class Endpoint:
                 if target.address is None:
                     self._resolve_target(target, now)
                     continue
-                key = ("a", target.address, target.port, target.transport)
-                if key in self._attempted:
+                if not self._first_attempt(("a", target.address, target.port, target.transport)):
                     continue
-                self._attempted.add(key)
                 self._connect(target, now)
                 return
             order = self.profile.order()
@@ -853,10 +862,8 @@ class Endpoint:
         self._queue[:0] = targets
 
     def _resolve_target(self, target: Target, now: float) -> None:
-        host_key = ("h", target.host, target.port, target.transport)
-        if host_key in self._attempted:
+        if not self._first_attempt(("h", target.host, target.port, target.transport)):
             return
-        self._attempted.add(host_key)
         if _is_ip(target.host):
             self._queue.insert(
                 0, Target(target.host, target.port, target.transport, target.host, target.source)
@@ -1191,7 +1198,7 @@ class Endpoint:
         if not refresh:
             self._cycle_started = None
             self._queue = []
-            self._attempted = set()
+            self._attempted = None
             self._schedule_work(now)
 
     def _redirect(self, response: Response, now: float, target: Target) -> None:

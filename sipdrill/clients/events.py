@@ -224,5 +224,9 @@ def event_to_dict(event: ClientEvent, seq: int | None = None) -> dict[str, Any]:
     return out
 
 
+# One encoder: json.dumps with separators builds a new JSONEncoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def event_to_json(event: ClientEvent, seq: int | None = None) -> str:
-    return json.dumps(event_to_dict(event, seq), separators=(",", ":"))
+    return _ENCODE(event_to_dict(event, seq))

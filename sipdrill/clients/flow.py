@@ -35,6 +35,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 from collections import Counter
 from typing import Protocol
 
@@ -82,7 +83,7 @@ class FlowSink(Protocol):
 
 def _addr(raw: object) -> Addr:
     if isinstance(raw, tuple) and len(raw) >= 2:
-        return (str(raw[0]), int(raw[1]))
+        return (sys.intern(str(raw[0])), int(raw[1]))
     return ("", 0)
 
 
