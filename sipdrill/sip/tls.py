@@ -15,9 +15,9 @@ Keys are RSA 2048, as a Lync 2013 pool's certificates usually are (Microsoft
 lists RSA and ECDH_P256/384/521 keys of 1024, 2048 or 4096 bits as supported;
 RSA 2048 is the common choice). It also puts the handshake's cost where the
 field has it: the pool signs (RSA 2048: ~0.6 ms per TLS 1.2 handshake here),
-the client only verifies (~0.5 ms, most of it OpenSSL 3.0 parsing the
-certificate). With EC P-256 the pool paid 0.22 ms and each client 0.55 ms, so
-a 10,000-client simulator out-spent the pool it was testing. A directory
+the client only verifies (~0.5 ms for its whole side of the handshake). With
+EC P-256 the pool paid 0.22 ms and each client 0.55 ms, so a 10,000-client
+simulator out-spent the pool it was testing (docs/decisions.md). A directory
 holding an EC CA from an older sipdrill is replaced by :meth:`LabCA.ensure`.
 
 ``cryptography`` is imported only to create or read CAs and certificates:
