@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from clients_lab import HOST, Lab, lab_dns, runner_for, wait_for
 
 from sipdrill.clients.endpoint import WorkloadKind
@@ -166,3 +167,19 @@ async def test_bind_sets_the_source_address_of_dns_and_sip(lab: Lab) -> None:
         flows = list(lab.pool1.flows)
     assert len(flows) == n and all(f.remote[0] == HOST for f in flows)
     assert runner.faults == 0
+
+
+async def test_heap_trimmed_once_a_burst_of_connects_is_over(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sipdrill.clients.runner as runner_module
+
+    assert runner_module.trim_heap()  # glibc here
+    monkeypatch.setattr(runner_module, "TRIM_AFTER_CONNECTS", 3)
+    runner = runner_for(lab, ["pool1.lab.local:*"])
+    async with runner:
+        runner.start()
+        n = len(runner.config.users)
+        await wait_for(lambda: runner.counts()["by_mode"]["FullService"] == n, 10, "registered")
+        await wait_for(lambda: runner.trims == 1, 3, "trimmed after the sign-in burst")
+        assert runner._connecting == 0 and runner._connects_since_trim == 0
