@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -149,58 +148,29 @@ def _bindings_in(response: bytes) -> int:
 
 
 @pytest.mark.slow
-async def test_two_workers_keep_one_location_service_per_aor(tmp_path: Path) -> None:
+async def test_two_workers_keep_one_location_service_per_aor(tmp_path: Path, sip_harness) -> None:
     """Two devices of each user, from two source ports: the 200 lists both, always.
 
     With SO_REUSEPORT (the sharing by source address used before) about half
     the users would have their two bindings in different workers.
     """
-    from procutil import free_port, stop_process
-
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sipdrill",
-        "sip",
-        "registrar",
-        "--domain",
-        "lab.local",
-        "--listen",
-        f"udp:{HOST}:{port}",
-        "--workers",
-        "2",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
     devices = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-    try:
-        for sock in devices:
-            sock.bind((HOST, 0))
-            sock.settimeout(0.5)
-        deadline = time.monotonic() + 20
-        while True:  # until the workers answer
-            devices[0].sendto(register("<sip:probe@lab.local>", call_id="p"), (HOST, port))
-            try:
-                devices[0].recv(65536)
-                break
-            except TimeoutError:
-                assert time.monotonic() < deadline, "registrar did not start"
-        for i in range(16):
-            answers = []
-            for d, sock in enumerate(devices):
-                me = sock.getsockname()[1]
-                sock.sendto(
-                    register(
+    async with sip_harness.registrar_process(tmp_path, workers=2) as reg:
+        try:
+            for sock in devices:
+                sock.bind((HOST, 0))
+                sock.settimeout(5)
+            for i in range(16):
+                answers = []
+                for d, sock in enumerate(devices):
+                    me = sock.getsockname()[1]
+                    request = register(
                         f"<sip:u{i}@lab.local>", via_port=me, contact_port=me, call_id=f"{i}-{d}"
-                    ),
-                    (HOST, port),
-                )
-                answers.append(await asyncio.to_thread(sock.recv, 65536))
-            assert answers[0].startswith(b"SIP/2.0 200") and answers[1].startswith(b"SIP/2.0 200")
-            assert _bindings_in(answers[1]) == 2, answers[1].decode()
-    finally:
-        for sock in devices:
-            sock.close()
-        assert await stop_process(proc) == 0
+                    )
+                    sock.sendto(request, (HOST, reg.udp))
+                    answers.append(await asyncio.to_thread(sock.recv, 65536))
+                assert all(a.startswith(b"SIP/2.0 200") for a in answers), answers
+                assert _bindings_in(answers[1]) == 2, answers[1].decode()
+        finally:
+            for sock in devices:
+                sock.close()
