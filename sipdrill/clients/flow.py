@@ -47,15 +47,8 @@ from sipdrill.sip.framing import (
     MessageBytes,
     StreamFramer,
 )
-from sipdrill.sip.message import (
-    DEFAULT_LIMITS,
-    Limits,
-    MalformedResponse,
-    Message,
-    SipMessageError,
-    parse_message,
-)
-from sipdrill.sip.transport import Addr, Kind, TransportError
+from sipdrill.sip.message import DEFAULT_LIMITS, Limits, Message
+from sipdrill.sip.transport import Addr, Kind, TransportError, Unreadable, read_message
 
 __all__ = ["BIO_CHUNK", "FlowSink", "StreamFlow", "open_stream"]
 
@@ -377,19 +370,13 @@ class StreamFlow:
 
     def _deliver(self, data: bytes) -> None:
         sink = self.sink
-        try:
-            message = parse_message(data, self.limits)
-        except MalformedResponse as exc:
-            sink.stats["parse_errors"] += 1
-            log.info("%s: dropped a malformed response from %s: %s", self.kind, self.remote, exc)
+        message = read_message(data, self.kind, self.remote, self.limits, sink.stats)
+        if isinstance(message, Unreadable):
+            if message.answer is not None:
+                self.send(message.answer)
+            if message.close_stream:
+                self.close()
             return
-        except SipMessageError as exc:
-            # A request we cannot read: the next message's start is uncertain.
-            sink.stats["parse_errors"] += 1
-            log.info("%s: bad request from %s: %s; closing", self.kind, self.remote, exc)
-            self.close()
-            return
-        sink.stats["received"] += 1
         try:
             sink.flow_message(self, message)
         except Exception:

@@ -38,7 +38,7 @@ import math
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -77,6 +77,8 @@ __all__ = [
     "TimerDriver",
     "TransportError",
     "TransportLimits",
+    "Unreadable",
+    "read_message",
 ]
 
 log = logging.getLogger("sipdrill.sip.transport")
@@ -210,6 +212,43 @@ def _stamp_via(request: Request, remote: Addr) -> None:
     request.headers.setlist("Via", vias)
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Bytes :func:`parse_message` refused, and what the receiving side should do.
+
+    ``answer``: the error response to send back (400, 513, ...) when one can
+    reach the sender. ``close_stream``: after a request that could not be
+    read, where the next message starts on a stream is uncertain, so do not
+    guess, close; a malformed response is only dropped (RFC 3261 18.1.2).
+    """
+
+    answer: bytes | None
+    close_stream: bool
+
+
+def read_message(
+    data: bytes, kind: Kind, remote: Addr, limits: Limits, stats: MutableMapping[str, int]
+) -> Message | Unreadable:
+    """Parse one received message for a transport (the server's or a client flow's):
+    failures are logged and counted in ``stats`` (``parse_errors``), never raised."""
+    try:
+        message = parse_message(data, limits)
+    except MalformedResponse as exc:
+        stats["parse_errors"] += 1
+        log.info("%s: dropped a malformed response from %s: %s", kind, remote, exc)
+        return Unreadable(None, close_stream=False)
+    except SipMessageError as exc:
+        stats["parse_errors"] += 1
+        log.info("%s: bad request from %s: %s", kind, remote, exc)
+        return Unreadable(best_effort_400(data, exc, limits), close_stream=True)
+    except Exception:
+        stats["parse_errors"] += 1
+        log.exception("%s: parser failed on bytes from %s", kind, remote)
+        return Unreadable(None, close_stream=True)
+    stats["received"] += 1
+    return message
+
+
 class _Endpoint:
     """What a Flow's ``conn`` refers to."""
 
@@ -258,11 +297,15 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
         if self.transport is None or self.transport.is_closing():
             return False
         try:
-            self.transport.sendto(data, remote)
-        except (OSError, RuntimeError) as exc:
+            self._sendto(data, remote)
+        except (OSError, RuntimeError) as exc:  # a full send buffer too: the peer retransmits
             log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
             return False
         return True
+
+    def _sendto(self, data: bytes, remote: Addr) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, remote)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -294,15 +337,8 @@ class _ShardedUdp(_Udp):
             return
         super().datagram_received(payload, remote)
 
-    def write(self, data: bytes, remote: Addr) -> bool:
-        if self.transport is None or self.transport.is_closing():
-            return False
-        try:
-            self.shared.sendto(data, remote)
-        except OSError as exc:  # a full send buffer too: UDP, the peer retransmits
-            log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
-            return False
-        return True
+    def _sendto(self, data: bytes, remote: Addr) -> None:
+        self.shared.sendto(data, remote)
 
 
 class _Stream(asyncio.Protocol, _Endpoint):
@@ -792,31 +828,13 @@ class SipTransport:
     def _deliver(
         self, kind: Kind, data: bytes, remote: Addr, flow: Flow, endpoint: _Endpoint
     ) -> None:
-        limits = self.limits.message
-        try:
-            message = parse_message(data, limits)
-        except MalformedResponse as exc:
-            self.stats["parse_errors"] += 1
-            log.info("%s: dropped a malformed response from %s: %s", kind, remote, exc)
-            return
-        except SipMessageError as exc:
-            self.stats["parse_errors"] += 1
-            log.info("%s: bad request from %s: %s", kind, remote, exc)
-            answer = best_effort_400(data, exc, limits)
-            if answer is not None:
-                endpoint.write(answer, remote)
-            if isinstance(endpoint, _Stream):
-                # The next message's start is uncertain after a request we
-                # could not read: do not guess, close.
+        message = read_message(data, kind, remote, self.limits.message, self.stats)
+        if isinstance(message, Unreadable):
+            if message.answer is not None:
+                endpoint.write(message.answer, remote)
+            if message.close_stream and isinstance(endpoint, _Stream):
                 endpoint.close()
             return
-        except Exception:
-            self.stats["parse_errors"] += 1
-            log.exception("%s: parser failed on bytes from %s", kind, remote)
-            if isinstance(endpoint, _Stream):
-                endpoint.close()
-            return
-        self.stats["received"] += 1
         if isinstance(message, Request):
             _stamp_via(message, remote)
         try:

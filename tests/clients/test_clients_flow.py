@@ -215,6 +215,31 @@ async def test_tcp_flow_and_framing_error_closes(ca: LabCA) -> None:
         assert sink.stats["framing_errors"] == 1
 
 
+async def test_unreadable_request_is_answered_then_closed_and_bad_response_dropped() -> None:
+    """The pool's transport rules, on a client flow: 400 back for a request it
+    cannot read, then close; a malformed response is dropped and the flow stays."""
+    sink = Sink()
+    async with server(None) as (port, peers):
+        flow = await open_stream(sink, Kind.TCP, HOST, port)
+        await wait_for(lambda: bool(peers), 5, "a peer")
+        assert peers[0].transport is not None
+        peers[0].transport.write(response().replace(b"CSeq: 1 REGISTER\r\n", b""))
+        peers[0].transport.write(response())
+        await wait_for(lambda: len(sink.messages) == 1, 5, "len(sink.messages) == 1")
+        assert sink.stats["parse_errors"] == 1 and flow.open
+        notify = (
+            b"NOTIFY sip:alice@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKn1\r\n"
+            b"From: <sip:pool@lab.local>;tag=p\r\nTo: <sip:alice@lab.local>;tag=a\r\n"
+            b"Call-ID: n1\r\nCSeq: 1 NOTIFY\r\nMax-Forwards: many\r\nContent-Length: 0\r\n\r\n"
+        )
+        peers[0].transport.write(notify)
+        await wait_for(lambda: sink.closed == [flow], 5, "sink.closed == [flow]")
+        await wait_for(lambda: b"SIP/2.0 400" in peers[0].data, 5, "a 400 back")
+    assert sink.stats["parse_errors"] == 2
+    assert b"SIP/2.0 400 Bad Max-Forwards" in peers[0].data
+
+
 class Slow(Peer):
     """Reads nothing until told to: the client's socket buffer fills up."""
 
