@@ -532,13 +532,18 @@ def _stateless_tag(call_id: str, from_value: str, branch: str) -> str:
     return digest[:16]
 
 
-def _has_tag(to_value: str, request: Request | None = None) -> bool:
+def _has_tag(to_value: str) -> bool:
     try:
-        if isinstance(request, ParsedRequest):
-            return "tag" in request.to_address.parameters
-        return "tag" in Address.parse(to_value).parameters
-    except (ValueError, KeyError):
+        return "tag" in grammar.parse_address(to_value).parameters
+    except ValueError:
         return ";tag=" in to_value.lower().replace(" ", "")
+
+
+def _to_has_tag(request: Request, to_value: str) -> bool:
+    try:  # the parsed To (memoized on messages we parsed)
+        return "tag" in request.to_address.parameters
+    except (ValueError, KeyError):
+        return _has_tag(to_value)
 
 
 def make_response(
@@ -565,7 +570,7 @@ def make_response(
     from_value = qh.get("From", "") or ""
     rh.add("From", from_value)
     to_value = qh.get("To", "") or ""
-    if status > 100 and to_value and not _has_tag(to_value, request):
+    if status > 100 and to_value and not _to_has_tag(request, to_value):
         tag = to_tag or _stateless_tag(
             qh.get("Call-ID", "") or "", from_value, _top_branch(request)
         )
@@ -579,11 +584,8 @@ def make_response(
 
 
 def _top_branch(request: Request) -> str:
-    try:
-        if isinstance(request, ParsedRequest):
-            return request.via[0].parameters.get("branch") or ""
-        vias = request.headers.getlist("Via")
-        return Via.parse_many(vias[0])[0].parameters.get("branch") or ""
+    try:  # the parsed Via (memoized on messages we parsed)
+        return request.via[0].parameters.get("branch") or ""
     except (ValueError, IndexError):
         return ""
 
