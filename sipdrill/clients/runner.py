@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sipmessage import Address, Request, Response
+from sipmessage import Request, Response
 
 from sipdrill.clients.dnscache import DnsAnswer, DnsStatus, TtlCache
 from sipdrill.clients.endpoint import (
@@ -99,6 +99,32 @@ def trim_heap() -> bool:
 
 
 _malloc_trim: Any = None
+
+
+class UdpFlow:
+    """An endpoint's flow on the shared UDP socket, with a :class:`StreamFlow`'s
+    owner-side surface (``open``, ``send``, ``ping``, ``close``, ``index``), so
+    the runner treats every flow alike."""
+
+    __slots__ = ("flow", "index", "transport")
+
+    def __init__(self, transport: SipTransport, flow: Flow, index: int) -> None:
+        self.transport = transport
+        self.flow = flow
+        self.index = index
+
+    @property
+    def open(self) -> bool:
+        return self.transport.is_open(self.flow)
+
+    def send(self, data: bytes) -> bool:
+        return self.transport.send(self.flow, data)
+
+    def ping(self) -> bool:
+        return self.transport.ping(self.flow)
+
+    def close(self) -> None:
+        self.transport.close_flow(self.flow)
 
 
 class LoopClock:
@@ -196,7 +222,7 @@ class ClientRunner:
         self._resolver: Resolver | None = None
         self._cache: TtlCache | None = None
         # Per endpoint index: its current flow and the endpoint's id for it.
-        self._flow: list[StreamFlow | Flow | None] = []
+        self._flow: list[StreamFlow | UdpFlow | None] = []
         self._fconn: list[int] = []
         #: Stream flows' counters: received, parse_errors, framing_errors, tls_errors...
         self.stats: Counter[str] = Counter()
@@ -458,7 +484,7 @@ class ClientRunner:
                 self._schedule(index, out.at)
             elif isinstance(out, Ping):
                 flow = self._current(index, out.conn)
-                if flow is not None and not self._ping(flow):
+                if flow is not None and not flow.ping():
                     self._lost(index, out.conn, "ping failed: the flow is closed")
             elif isinstance(out, Resolve):
                 self._spawn(self._resolve(index, out))
@@ -522,27 +548,14 @@ class ClientRunner:
 
     # ------------------------------------------------------------------ flows
 
-    def _current(self, index: int, conn: int) -> StreamFlow | Flow | None:
+    def _current(self, index: int, conn: int) -> StreamFlow | UdpFlow | None:
         if self._fconn[index] != conn:
             return None
         return self._flow[index]
 
-    def _ping(self, flow: StreamFlow | Flow) -> bool:
-        if isinstance(flow, StreamFlow):
-            return flow.ping()
-        return self.transport.ping(flow)
-
-    def _close(self, flow: StreamFlow | Flow) -> None:
-        if isinstance(flow, StreamFlow):
-            flow.index = -1  # no callbacks for a flow the endpoint has let go
-            flow.close()
-        else:
-            self.transport.close_flow(flow)
-
-    def _is_open(self, flow: StreamFlow | Flow) -> bool:
-        if isinstance(flow, StreamFlow):
-            return flow.open
-        return self.transport.is_open(flow)
+    def _close(self, flow: StreamFlow | UdpFlow) -> None:
+        flow.index = -1  # no callbacks for a flow the endpoint has let go
+        flow.close()
 
     def _drop_flow(self, index: int) -> None:
         flow = self._flow[index]
@@ -560,11 +573,7 @@ class ClientRunner:
         flow = self._current(index, out.conn)
         if flow is None:
             return
-        if isinstance(flow, StreamFlow):
-            ok = flow.send(out.data)
-        else:
-            ok = self.transport.send(flow, out.data)
-        if not ok:
+        if not flow.send(out.data):
             self._lost(index, out.conn, "send failed: the flow is closed")
 
     async def _resolve(self, index: int, query: Resolve) -> None:
@@ -603,8 +612,8 @@ class ClientRunner:
             return
         finally:
             self._connecting -= 1
-        if self.endpoints[index] is not ep or ep.conn != conn or not self._is_open(flow):
-            if self._is_open(flow):
+        if self.endpoints[index] is not ep or ep.conn != conn or not flow.open:
+            if flow.open:
                 self._close(flow)
             elif self.endpoints[index] is ep and ep.conn == conn:
                 self._call(index, lambda e: e.connect_failed(conn, Failure.RESET, "closed at once"))
@@ -614,7 +623,7 @@ class ClientRunner:
         self._fconn[index] = conn
         self._call(index, lambda e: e.connected(conn, local))
 
-    async def _open_flow(self, target: Target, index: int) -> tuple[StreamFlow | Flow, Addr]:
+    async def _open_flow(self, target: Target, index: int) -> tuple[StreamFlow | UdpFlow, Addr]:
         assert target.address is not None
         kind = target.transport
         bind = self.config.bind
@@ -623,7 +632,7 @@ class ClientRunner:
             host = flow.local[0]
             if host in ("0.0.0.0", "::", ""):
                 host = bind or ("127.0.0.1" if target.address.startswith("127.") else host)
-            return flow, (host, flow.local[1])
+            return UdpFlow(self.transport, flow, index), (host, flow.local[1])
         limits = self.transport.limits
         stream = await open_stream(
             self,
@@ -658,10 +667,10 @@ class ClientRunner:
         """UDP: many endpoints share one socket; responses carry our From, requests our user."""
         try:
             if isinstance(message, Response):
-                user = Address.parse(message.headers.get("From") or "").uri.user
+                user = message.from_address.uri.user  # parsed once, with the message
             else:
                 user = message.uri.user
-        except ValueError:
+        except (ValueError, KeyError):
             return None
         return self._by_user.get(user or "")
 
