@@ -28,7 +28,6 @@ from types import FrameType
 
 import typer
 
-from sipdrill.sip import shard
 from sipdrill.sip.server import (
     ListenSpec,
     RegistrarConfig,
@@ -83,8 +82,17 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-# One worker's share of the UDP listeners: (its feed, the shared listening socket).
-_Shards = list[tuple[socket.socket, socket.socket]]
+@dataclass
+class _Share:
+    """One worker's share of one UDP listener (see sipdrill.sip.shard)."""
+
+    shared: socket.socket  # the listening socket every worker reads
+    inbox: socket.socket  # where the other workers pass this worker's datagrams
+    peers: list[socket.socket]  # peers[w] reaches worker w's inbox
+    me: int
+
+
+_Shards = list[_Share]
 
 
 async def _serve(
@@ -97,12 +105,13 @@ async def _serve(
     service: SipService = build_registrar_service(plan.config)
     ctx = server_context(plan.cert) if plan.cert is not None else None
     listens = plan.config.listens
-    if shards:  # the dispatcher owns the UDP listeners
+    if shards:  # the UDP listeners were opened before the workers forked
         listens = [spec for spec in listens if spec.kind is not Kind.UDP]
     try:
         bound = await service.start(listens, ssl_context=ctx, reuse_port=plan.reuse_port)
-        for feed, shared in shards:
-            bound.append((Kind.UDP, await service.transport.attach_shard(feed, shared)))
+        for share in shards:
+            addr = service.transport.attach_shard(share.shared, share.inbox, share.peers, share.me)
+            bound.append((Kind.UDP, addr))
     except TransportError as exc:
         if ready is not None:
             ready.send(("error", str(exc)))
@@ -174,14 +183,14 @@ def _bind_udp(specs: list[ListenSpec]) -> list[socket.socket]:
     return bound
 
 
-def _feed_pair() -> tuple[socket.socket, socket.socket]:
-    """(dispatcher end, worker end) of one worker's feed for one UDP listener."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    for sock in (ours, theirs):
+def _inbox_pair() -> tuple[socket.socket, socket.socket]:
+    """(sending end, inbox) of one worker's inbox for one UDP listener."""
+    sender, inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (sender, inbox):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-    return ours, theirs
+    return sender, inbox
 
 
 def _run_workers(plan: _Plan, workers: int) -> int:
@@ -194,24 +203,28 @@ def _run_workers(plan: _Plan, workers: int) -> int:
         nonlocal stopping
         stopping = True
 
-    # UDP is shared out by AoR from this process (sipdrill.sip.shard); stream
-    # listeners are opened by every worker with SO_REUSEPORT.
+    # Every worker reads each UDP listener and passes on what another worker
+    # owns, by AoR (sipdrill.sip.shard); stream listeners are opened by every
+    # worker with SO_REUSEPORT. This process only supervises.
     udp_socks = _bind_udp([spec for spec in plan.config.listens if spec.kind is Kind.UDP])
-    feeds: list[list[socket.socket]] = []
+    # inboxes[i][w]: (sending end, inbox) of worker w for listener i
+    inboxes = [[_inbox_pair() for _ in range(workers)] for _ in udp_socks]
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for _ in range(workers):
-            pairs = [_feed_pair() for _ in udp_socks]
-            feeds.append([ours for ours, _ in pairs])
+        for w in range(workers):
             parent_end, child_end = ctx.Pipe(duplex=False)
-            shards = [(theirs, udp) for (_, theirs), udp in zip(pairs, udp_socks, strict=True)]
+            shards = [
+                _Share(udp, row[w][1], [sender for sender, _ in row], w)
+                for udp, row in zip(udp_socks, inboxes, strict=True)
+            ]
             worker = ctx.Process(target=_worker, args=(plan, child_end, shards), daemon=False)
             worker.start()
             child_end.close()
-            for _, theirs in pairs:
-                theirs.close()
             procs.append(worker)
             pipes.append(parent_end)
+        # The workers hold their own copies now.
+        for sock in [*udp_socks, *(end for row in inboxes for pair in row for end in pair)]:
+            sock.close()
         reports: list[tuple[str, str]] = []
         for pipe in pipes:
             if pipe.poll(30):
@@ -228,7 +241,8 @@ def _run_workers(plan: _Plan, workers: int) -> int:
         else:
             typer.echo(
                 f"sipdrill registrar for {plan.config.domain} listening on {reports[0][1]} "
-                f"({workers} workers: UDP shared out by AoR; TCP/TLS connections spread "
+                f"({workers} workers: UDP requests handled by the worker owning the AoR; "
+                "TCP/TLS connections spread "
                 "with SO_REUSEPORT, their bindings stay in the worker holding the connection)"
             )
             if plan.cert is not None:
@@ -238,13 +252,6 @@ def _run_workers(plan: _Plan, workers: int) -> int:
         def keep_going() -> bool:
             return not stopping and all(p.is_alive() for p in procs)
 
-        if udp_socks and not stopping:
-            stats = shard.dispatch(udp_socks, feeds, keep_going)
-            if stats["dropped"]:
-                typer.echo(
-                    f"dispatcher: {stats['dropped']} datagrams dropped on full worker feeds",
-                    err=True,
-                )
         while keep_going():
             time.sleep(0.2)
         for proc in procs:
@@ -262,7 +269,7 @@ def _run_workers(plan: _Plan, workers: int) -> int:
             pipe.close()
         return 0 if not errors and all(c == 0 for c in codes) else 1
     finally:
-        for sock in [*udp_socks, *(feed for row in feeds for feed in row)]:
+        for sock in [*udp_socks, *(end for row in inboxes for pair in row for end in pair)]:
             sock.close()
         for s, handler in old.items():
             signal.signal(s, handler)

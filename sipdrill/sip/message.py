@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sipmessage import URI, Address, CSeq, Request, Response, Via
 
@@ -48,6 +48,10 @@ __all__ = [
 Message = Request | Response
 
 
+# Lower-cased spellings of the canonical header names (see _canonical_name).
+_LOWER: dict[str, str] = {}
+
+
 class IndexedHeaders(Headers):
     """sipmessage's :class:`Headers` with an index by lower-cased name.
 
@@ -76,6 +80,19 @@ class IndexedHeaders(Headers):
             self._list.append((key, values))
         else:
             values.append(value)
+
+    def extend(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """``add`` each (name, value) in order."""
+        index = self._index
+        stored = self._list
+        for key, value in pairs:
+            ikey = _LOWER.get(key) or key.lower()
+            values = index.get(ikey)
+            if values is None:
+                index[ikey] = values = [value]
+                stored.append((key, values))
+            else:
+                values.append(value)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         values = self._index.get(key.lower())
@@ -146,8 +163,12 @@ class _ParsedHeaders:
     headers: Headers
     _parsed: dict[str, tuple[tuple[str, ...], Any]]
 
-    def _memo(self, name: str, parse: Callable[[tuple[str, ...]], _T]) -> _T:
-        texts = tuple(self.headers.getlist(name))
+    def _memo(self, name: str, key: str, parse: Callable[[tuple[str, ...]], _T]) -> _T:
+        headers = self.headers
+        if type(headers) is IndexedHeaders:  # the usual case: skip two calls
+            texts = tuple(headers._index.get(key, ()))
+        else:
+            texts = tuple(headers.getlist(name))
         hit = self._parsed.get(name)
         if hit is not None and hit[0] == texts:
             value: _T = hit[1]
@@ -158,7 +179,7 @@ class _ParsedHeaders:
 
     @property
     def via(self) -> list[Via]:
-        return list(self._memo("Via", _parse_vias))
+        return list(self._memo("Via", "via", _parse_vias))
 
     @via.setter
     def via(self, value: list[Via]) -> None:
@@ -166,7 +187,7 @@ class _ParsedHeaders:
 
     @property
     def contact(self) -> list[Address]:
-        return list(self._memo("Contact", _parse_addresses))
+        return list(self._memo("Contact", "contact", _parse_addresses))
 
     @contact.setter
     def contact(self, value: list[Address]) -> None:
@@ -174,7 +195,7 @@ class _ParsedHeaders:
 
     @property
     def from_address(self) -> Address:
-        return self._memo("From", _parse_address)
+        return self._memo("From", "from", _parse_address)
 
     @from_address.setter
     def from_address(self, value: Address) -> None:
@@ -182,7 +203,7 @@ class _ParsedHeaders:
 
     @property
     def to_address(self) -> Address:
-        return self._memo("To", _parse_address)
+        return self._memo("To", "to", _parse_address)
 
     @to_address.setter
     def to_address(self, value: Address) -> None:
@@ -190,7 +211,7 @@ class _ParsedHeaders:
 
     @property
     def cseq(self) -> CSeq:
-        return self._memo("CSeq", _parse_cseq)
+        return self._memo("CSeq", "cseq", _parse_cseq)
 
     @cseq.setter
     def cseq(self, value: CSeq) -> None:
@@ -287,6 +308,7 @@ _MAX_CSEQ = 2**31 - 1
 # Headers that must appear exactly once; a second copy makes the
 # message ambiguous (which To tag? which CSeq?), so it is rejected.
 _SINGLETONS = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
+_SINGLETON_KEYS = tuple((n, n.lower()) for n in _SINGLETONS if n != "Content-Length")
 
 
 # Spelling the common names one way means serialized messages look the
@@ -314,6 +336,7 @@ _KNOWN_NAMES = (
 )
 _CANONICAL = {name.lower(): name for name in _KNOWN_NAMES}
 _CANONICAL.update(_COMPACT_FORMS)
+_LOWER.update({name: name.lower() for name in _CANONICAL.values()})
 
 
 def _canonical_name(name: str) -> str:
@@ -424,9 +447,9 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
         message = ParsedResponse(code=int(m.group(1)), phrase=m.group(2) or "")
     else:
         message = _parse_request_line(start_line)
-    headers = _unfold(lines[1:], is_response, limits, ctl_free=ctl_free)
-    for name, value in headers:
-        message.headers.add(name, value)
+    cast(IndexedHeaders, message.headers).extend(
+        _unfold(lines[1:], is_response, limits, ctl_free=ctl_free)
+    )
     message.body = _check_body(message, body, is_response)
     _check_mandatory(message, is_response)
     return message
@@ -471,9 +494,11 @@ def _check_body(message: Message, body: bytes, is_response: bool) -> bytes:
 
 def _check_mandatory(message: ParsedRequest | ParsedResponse, is_response: bool) -> None:
     hdrs = message.headers
-    for name in _SINGLETONS:
+    index = hdrs._index if type(hdrs) is IndexedHeaders else None
+    for name, key in _SINGLETON_KEYS:
         # Content-Length duplicates with one value were let through above.
-        if name != "Content-Length" and len(hdrs.getlist(name)) > 1:
+        values = index.get(key) if index is not None else hdrs.getlist(name)
+        if values is not None and len(values) > 1:
             raise _fail(is_response, f"Duplicate {name}")
     # The parses below are memoized on the message: the transaction layer
     # and the core read these same values again.

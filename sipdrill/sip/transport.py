@@ -307,38 +307,104 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
         assert self.transport is not None
         self.transport.sendto(data, remote)
 
+    def usable(self) -> bool:
+        return self.transport is not None
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
 
-class _ShardedUdp(_Udp):
-    """A UDP listener's share of the datagrams, fed by a dispatcher (sipdrill.sip.shard).
+class _SharedUdp(_Udp):
+    """One worker's share of a UDP listener that several worker processes read.
 
-    Datagrams arrive on a Unix datagram socket, framed with the sender's
-    address; answers leave from the shared listening socket itself, so the
-    peer sees the address it sent to.
+    Every worker reads the shared listening socket (see :mod:`sipdrill.sip.shard`):
+    a datagram whose AoR this worker owns is handled here, any other is passed
+    to its owner's inbox (a Unix datagram socket) framed with the sender's
+    address. Answers leave from the shared socket, so the peer sees the
+    address it sent to. Each wake-up drains up to :attr:`BATCH` datagrams:
+    under load one epoll round trip then serves many requests.
     """
 
-    def __init__(self, owner: SipTransport, serial: int, shared: socket.socket) -> None:
+    BATCH = 64
+
+    def __init__(
+        self,
+        owner: SipTransport,
+        serial: int,
+        shared: socket.socket,
+        inbox: socket.socket,
+        peers: list[socket.socket],
+        me: int,
+    ) -> None:
         super().__init__(owner, serial)
         self.shared = shared
+        self.inbox = inbox
+        self.peers = peers
+        self.me = me
+        for sock in (shared, inbox, *peers):
+            sock.setblocking(False)
+        self.local = _addr(shared.getsockname())
+        self._open = True
+        owner.loop.add_reader(shared.fileno(), self._read_shared)
+        owner.loop.add_reader(inbox.fileno(), self._read_inbox)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        self.shared.setblocking(False)
-        self.local = _addr(self.shared.getsockname())
+    def usable(self) -> bool:
+        return self._open
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+    def _read_shared(self) -> None:
+        shards = len(self.peers)
+        stats = self.owner.stats
+        for _ in range(self.BATCH):
+            try:
+                data, addr = self.shared.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return  # another worker took it, or nothing left
+            except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+                log.debug("udp %s: %s", self.local, exc)
+                return
+            target = shard.shard_of(data, shards)
+            if target == self.me:
+                self.datagram_received(data, addr)
+                continue
+            try:
+                self.peers[target].send(shard.pack(_addr(addr), data))
+                stats["forwarded"] += 1
+            except OSError:  # a full inbox: UDP semantics, the client retransmits
+                stats["forward_dropped"] += 1
+
+    def _read_inbox(self) -> None:
+        for _ in range(self.BATCH):
+            try:
+                frame = self.inbox.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp %s inbox: %s", self.local, exc)
+                return
+            try:
+                remote, payload = shard.unpack(frame)
+            except (ValueError, UnicodeDecodeError):
+                log.warning("udp %s: an inbox frame without a sender address, dropped", self.local)
+                continue
+            self.datagram_received(payload, remote)
+
+    def write(self, data: bytes, remote: Addr) -> bool:
+        if not self._open:
+            return False
         try:
-            remote, payload = shard.unpack(data)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("udp %s: a feed frame without a sender address, dropped", self.local)
-            return
-        super().datagram_received(payload, remote)
+            self.shared.sendto(data, remote)
+        except OSError as exc:  # a full send buffer too: the peer retransmits
+            log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
+            return False
+        return True
 
-    def _sendto(self, data: bytes, remote: Addr) -> None:
-        self.shared.sendto(data, remote)
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.owner.loop.remove_reader(self.shared.fileno())
+            self.owner.loop.remove_reader(self.inbox.fileno())
+            self.owner._forget(self.serial)
 
 
 class _Stream(asyncio.Protocol, _Endpoint):
@@ -547,6 +613,8 @@ class SipTransport:
             "stalled": 0,
             "idle_closed": 0,
             "handler_errors": 0,
+            "forwarded": 0,
+            "forward_dropped": 0,
         }
         self._serials = itertools.count(1)
         self._endpoints: dict[int, _Endpoint] = {}
@@ -598,16 +666,17 @@ class SipTransport:
         self._servers.append((kind, server))
         return _addr(server.sockets[0].getsockname())
 
-    async def attach_shard(self, feed: socket.socket, shared: socket.socket) -> Addr:
-        """Serve the datagrams a dispatcher passes on ``feed`` for the UDP listener
-        ``shared`` (see :mod:`sipdrill.sip.shard`); returns the listener's address."""
+    def attach_shard(
+        self, shared: socket.socket, inbox: socket.socket, peers: list[socket.socket], me: int
+    ) -> Addr:
+        """Serve worker ``me``'s share of the UDP listener ``shared``, read by every
+        worker; ``peers[w]`` reaches worker ``w``'s ``inbox`` (see
+        :mod:`sipdrill.sip.shard`). Returns the listener's address."""
         serial = next(self._serials)
-        _, proto = await self.loop.create_datagram_endpoint(
-            lambda: _ShardedUdp(self, serial, shared), sock=feed
-        )
-        self._endpoints[serial] = proto
-        self._udp.append(proto)
-        return proto.local
+        endpoint = _SharedUdp(self, serial, shared, inbox, peers, me)
+        self._endpoints[serial] = endpoint
+        self._udp.append(endpoint)
+        return endpoint.local
 
     @property
     def listening(self) -> list[tuple[Kind, Addr]]:
@@ -707,7 +776,7 @@ class SipTransport:
             local = udp.local[0]
             if (
                 (":" in local) == v6
-                and (udp.transport is not None)
+                and udp.usable()
                 and (
                     local in ("0.0.0.0", "::")
                     or local.startswith("127.") == host.startswith("127.")

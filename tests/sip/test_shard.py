@@ -1,11 +1,10 @@
-"""sipdrill.sip.shard: the AoR key, the frames, the dispatcher, and workers behind it."""
+"""sipdrill.sip.shard: the AoR key, the frames, and workers sharing a UDP listener."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from sipdrill.sip.message import parse_message
 from sipdrill.sip.registrar import aor_of
-from sipdrill.sip.shard import aor_key, dispatch, pack, shard_of, unpack
+from sipdrill.sip.shard import aor_key, pack, shard_of, unpack
 
 HOST = "127.0.0.1"
 
@@ -94,53 +93,61 @@ def test_frames_round_trip() -> None:
             unpack(bad)
 
 
-def test_dispatch_hands_each_datagram_to_its_owner() -> None:
+async def test_each_worker_handles_what_it_owns_and_passes_on_the_rest() -> None:
+    """Two workers' transports read one listener; each request is handled once, by its
+    owner, and answered from the listener's address."""
+    from sipdrill.sip.transport import SipTransport
+
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener.bind((HOST, 0))
+    where = listener.getsockname()
+    # Each worker holds its own descriptor of the one socket, as after fork().
+    shared = [listener, socket.socket(fileno=os.dup(listener.fileno()))]
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
-    stop = threading.Event()
-    result: dict[str, int] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            dispatch(
-                [listener],
-                [[ours] for ours, _ in pairs],
-                lambda: not stop.is_set(),
-                check_every=0.05,
-            )
-        )
-    )
-    thread.start()
+    senders = [sender for sender, _ in pairs]
+    handled: list[tuple[int, bytes]] = []
+    transports: list[SipTransport] = []
+
+    def handler_for(me: int):
+        def handle(rx) -> None:
+            call_id = rx.message.headers["Call-ID"].encode()
+            handled.append((me, call_id))
+            transports[me].send(rx.flow, b"answer " + call_id)
+
+        return handle
+
+    for me in range(2):
+        transport = SipTransport(handler_for(me))
+        transports.append(transport)
+        transport.attach_shard(shared[me], pairs[me][1], senders, me)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind((HOST, 0))
+    client.setblocking(False)
     sent = [register(f"<sip:u{i}@lab.local>", call_id=str(i)) for i in range(40)]
+    loop = asyncio.get_running_loop()
+    answers: list[tuple[bytes, tuple[str, int]]] = []
     try:
         for data in sent:
-            client.sendto(data, listener.getsockname())
-        got: list[list[bytes]] = [[], []]
-        deadline = time.monotonic() + 5
-        for w, (_, theirs) in enumerate(pairs):
-            theirs.settimeout(0.2)
-            while sum(map(len, got)) < len(sent) and time.monotonic() < deadline:
-                try:
-                    remote, data = unpack(theirs.recv(65536))
-                except TimeoutError:
-                    break
-                assert remote == client.getsockname()
-                got[w].append(data)
+            client.sendto(data, where)
+        deadline = loop.time() + 5
+        while len(answers) < len(sent) and loop.time() < deadline:
+            try:
+                answers.append(client.recvfrom(65536))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
     finally:
-        stop.set()
-        thread.join(5)
+        for transport in transports:
+            await transport.close()
         client.close()
-        listener.close()
-        for a, b in pairs:
-            a.close()
-            b.close()
-    assert not thread.is_alive()
-    assert sorted(got[0] + got[1]) == sorted(sent)
-    for w in (0, 1):
-        assert got[w] and all(shard_of(d, 2) == w for d in got[w])
-    assert result == {"dispatched": 40, "dropped": 0}
+        for sock in [*shared, *(end for pair in pairs for end in pair)]:
+            sock.close()
+    assert sorted(call_id for _, call_id in handled) == sorted(str(i).encode() for i in range(40))
+    for me, call_id in handled:
+        assert shard_of(sent[int(call_id)], 2) == me
+    assert {me for me, _ in handled} == {0, 1}
+    assert sum(t.stats["forwarded"] for t in transports) > 0
+    assert len(answers) == len(sent)
+    assert all(addr == where for _, addr in answers)
 
 
 def _bindings_in(response: bytes) -> int:
