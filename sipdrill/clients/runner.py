@@ -159,6 +159,14 @@ class RunnerConfig:
     #: event loop until every one of them hits the 5 s connect timeout, a
     #: failure no real client (with a CPU of its own) would see.
     connect_concurrency: int = 256
+    #: A connect gives its slot back after this many seconds even if it is still
+    #: in progress (it goes on, with its own timeouts, outside the limit). The
+    #: limit is for this process's CPU, and a connect still going after this is
+    #: waiting on the network: a silent pool (a stopped process, a cut site)
+    #: answers no SYN or ClientHello, and with slots held until the 5 s timeouts
+    #: 256 slots let through 51 connects a second, so a simulated storm queued in
+    #: the simulator instead of on the wire.
+    connect_slot_hold: float = 1.0
     #: One DNS cache for all endpoints (a caching resolver), or one each.
     shared_dns_cache: bool = True
     dns_timeout: float = 2.0
@@ -597,8 +605,7 @@ class ClientRunner:
         self._connects_since_trim += 1
         try:
             if self._connect_sem is not None:
-                async with self._connect_sem:
-                    flow, local = await self._open_flow(target, index)
+                flow, local = await self._open_limited(self._connect_sem, target, index)
             else:
                 flow, local = await self._open_flow(target, index)
         except asyncio.CancelledError:
@@ -622,6 +629,28 @@ class ClientRunner:
         self._flow[index] = flow
         self._fconn[index] = conn
         self._call(index, lambda e: e.connected(conn, local))
+
+    async def _open_limited(
+        self, sem: asyncio.Semaphore, target: Target, index: int
+    ) -> tuple[StreamFlow | UdpFlow, Addr]:
+        """:meth:`_open_flow` in one of ``connect_concurrency`` slots, held at most
+        ``connect_slot_hold`` seconds (see :class:`RunnerConfig`)."""
+        assert self._loop is not None
+        await sem.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                sem.release()
+
+        timer = self._loop.call_later(self.config.connect_slot_hold, release)
+        try:
+            return await self._open_flow(target, index)
+        finally:
+            timer.cancel()
+            release()
 
     async def _open_flow(self, target: Target, index: int) -> tuple[StreamFlow | UdpFlow, Addr]:
         assert target.address is not None

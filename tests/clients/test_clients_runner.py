@@ -183,3 +183,47 @@ async def test_heap_trimmed_once_a_burst_of_connects_is_over(
         await wait_for(lambda: runner.counts()["by_mode"]["FullService"] == n, 10, "registered")
         await wait_for(lambda: runner.trims == 1, 3, "trimmed after the sign-in burst")
         assert runner._connecting == 0 and runner._connects_since_trim == 0
+
+
+async def test_a_connect_to_a_silent_peer_gives_its_slot_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One connect slot: a connect that hangs (a stopped pool answers nothing) must not
+    hold up the next one past ``connect_slot_hold``, and the slot is released once."""
+    import asyncio
+
+    from sipdrill.clients.endpoint import ClientProfile, Target
+    from sipdrill.clients.runner import ClientRunner, RunnerConfig
+    from sipdrill.sip.transport import Kind
+
+    runner = ClientRunner(
+        RunnerConfig(
+            profile=ClientProfile(domain="lab.local"),
+            users=[],
+            connect_concurrency=1,
+            connect_slot_hold=0.1,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    done: dict[str, float] = {}
+
+    async def fake_open(target: Target, index: int) -> tuple[object, tuple[str, int]]:
+        await asyncio.sleep(2.0 if target.host == "silent" else 0.0)
+        done[target.host] = loop.time()
+        return object(), ("127.0.0.1", 1)
+
+    monkeypatch.setattr(runner, "_open_flow", fake_open)
+    async with runner:
+        sem = runner._connect_sem
+        assert sem is not None
+        start = loop.time()
+        silent = Target("silent", 5061, Kind.TLS, "127.0.0.1")
+        live = Target("live", 5061, Kind.TLS, "127.0.0.1")
+        first = asyncio.create_task(runner._open_limited(sem, silent, 0))
+        await asyncio.sleep(0)
+        await runner._open_limited(sem, live, 1)
+        assert done["live"] - start < 0.5  # not after the silent connect's 2 s
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert sem._value == 1  # released once, not twice
