@@ -573,7 +573,10 @@ class ServerTransaction(_Transaction):
         key: TransactionKey | None = None,
     ) -> None:
         super().__init__(key or _branch_key(request, server=True), config, reliable, peer)
-        self.request = request
+        # Held until start() hands it to the TU: a UDP transaction lives on for
+        # 32 s (Timer J) answering retransmissions from last_response, and tens
+        # of thousands of parsed requests kept that long only fed the collector.
+        self.request: Request | None = request
         self.last_response: bytes | None = None
 
     @staticmethod
@@ -592,7 +595,10 @@ class ServerTransaction(_Transaction):
         return kind(request, config, reliable, peer, key)
 
     def start(self, now: float) -> list[TransactionEvent]:
-        return [DeliverRequest(self.key, self.request, self.peer)]
+        request, self.request = self.request, None
+        if request is None:
+            raise TransactionStateError(reason="server transaction started twice")
+        return [DeliverRequest(self.key, request, self.peer)]
 
     def receive_request(self, request: Request, now: float) -> list[TransactionEvent]:
         """A retransmission (or, for INVITE, the ACK) matched this transaction."""
@@ -661,6 +667,7 @@ class ServerInviteTransaction(ServerTransaction):
         # 17.2.1: a 100 at once spares the client its INVITE retransmissions,
         # whatever the TU takes to answer.
         trying = Response(100, "Trying")
+        assert self.request is not None
         for name in ("Via", "From", "To", "Call-ID", "CSeq"):
             trying.headers.setlist(name, list(self.request.headers.getlist(name)))
         data = serialize(trying)
