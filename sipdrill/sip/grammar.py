@@ -22,7 +22,14 @@ from sipmessage.cseq import CSEQ_PATTERN
 from sipmessage.uri import SIP_URI_PATTERN
 from sipmessage.via import VIA_PATTERN
 
-__all__ = ["parse_address", "parse_addresses", "parse_cseq", "parse_uri", "parse_vias"]
+__all__ = [
+    "parse_address",
+    "parse_addresses",
+    "parse_cseq",
+    "parse_uri",
+    "parse_vias",
+    "valid_address",
+]
 
 # What makes a value need sipmessage's full treatment: whitespace it would
 # normalise, a percent escape it would decode, a quoted string or a comma
@@ -89,6 +96,27 @@ def parse_address(text: str) -> Address:
                 },
             )
     return Address.parse(text)
+
+
+def valid_address(text: str) -> bool:
+    """Whether :func:`parse_address` accepts ``text``, without building the objects.
+
+    For a header a server only checks and copies (a REGISTER's From).
+    """
+    if _NOT_PLAIN.search(text) is None:
+        m = _NAME_ADDR.match(text)
+        if (
+            m is not None
+            and m.end() == len(text)
+            and not m.group("name")
+            and SIP_URI_PATTERN.match(m.group("uri")) is not None
+        ):
+            return True
+    try:
+        parse_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_addresses(text: str) -> list[Address]:

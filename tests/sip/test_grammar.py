@@ -94,6 +94,21 @@ def test_address(text: str) -> None:
 
 @FUZZ
 @given(VALUES)
+@example("<sip:u7@lab.local>;tag=1234T7")
+@example("<sip:u@h>;;x")
+@example('"A" <sip:u@h>')
+@example("<tel:+1555>")
+def test_valid_address_agrees_with_parsing(text: str) -> None:
+    try:
+        Address.parse(text)
+    except ValueError:
+        assert not grammar.valid_address(text)
+    else:
+        assert grammar.valid_address(text)
+
+
+@FUZZ
+@given(VALUES)
 @example("<sip:u7@127.0.0.1:5061;transport=UDP>;expires=600")
 def test_addresses(text: str) -> None:
     _same(grammar.parse_addresses, Address.parse_many, text)
@@ -129,3 +144,4 @@ def test_the_common_values_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -
     assert grammar.parse_addresses("<sip:u7@10.0.0.1:5061;transport=tls>")[0].uri.port == 5061
     assert grammar.parse_vias("SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKx")[0].host == "10.0.0.1"
     assert grammar.parse_cseq("2 REGISTER").sequence == 2
+    assert grammar.valid_address("<sip:u7@lab.local>;tag=1")
