@@ -300,8 +300,20 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _STATUS_RE = re.compile(r"SIP/2\.0 ([1-6][0-9][0-9])(?: (.*))?")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# The same over a whole header section: any of them except the CRLF line ends.
-_SECTION_CTL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# The same over a whole header section, but for CR and LF, which are checked
+# to come only as CRLF pairs by counting (a lookaround alternation in this
+# pattern cost 15 us per message, a tenth of a REGISTER's parse).
+_SECTION_CTL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _ctl_free(text: str) -> bool:
+    """No control character but HTAB, and CR and LF only as CRLF pairs."""
+    if _SECTION_CTL_RE.search(text) is not None:
+        return False
+    pairs = text.count("\r\n")
+    return text.count("\r") == pairs and text.count("\n") == pairs
+
+
 _SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 # RFC 3261 20.16: the sequence number must be below 2**31.
 _MAX_CSEQ = 2**31 - 1
@@ -374,7 +386,7 @@ def _split_header_section(data: bytes, limits: Limits) -> tuple[list[str], bytes
         text = section.decode("utf-8")
     except UnicodeDecodeError:
         raise SipParseError(reason="Header section is not valid UTF-8") from None
-    return text.split("\r\n"), body, _SECTION_CTL_RE.search(text) is None
+    return text.split("\r\n"), body, _ctl_free(text)
 
 
 # Raw header names (as sent, up to the colon) already found valid, with their

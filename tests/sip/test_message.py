@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -460,3 +461,31 @@ def test_make_response_reads_the_parsed_to_tag() -> None:
     assert response.headers.get("To") == "<sip:alice@example.com>;tag=t1"
     plain = make_response(parse_message(REGISTER), 200)  # type: ignore[arg-type]
     assert ";tag=" in (plain.headers.get("To") or "")
+
+
+# The lookaround pattern the section check used before counting CRLF pairs.
+_LOOKAROUND_CTL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", " ", "\t", "\r", "\n", "\r\n", "\x00", "\x7f", "é"])).map(
+        "".join
+    )
+)
+def test_section_control_check_counts_crlf_pairs_like_the_lookaround(text: str) -> None:
+    from sipdrill.sip.message import _ctl_free
+
+    assert _ctl_free(text) == (_LOOKAROUND_CTL.search(text) is None)
+
+
+def test_a_bare_cr_or_lf_in_a_header_value_is_refused() -> None:
+    for bad in ("x\ry", "x\ny", "x\r\ry"):
+        data = (
+            "REGISTER sip:lab.local SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+            f"From: <sip:a@lab.local>;tag=1\r\nTo: <sip:a@lab.local>\r\nCall-ID: {bad}\r\n"
+            "CSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        with pytest.raises(SipParseError) as err:
+            parse_message(data)
+        assert err.value.status_code == 400
