@@ -564,8 +564,9 @@ def serialize(message: Message) -> bytes:
 def _stateless_tag(call_id: str, from_value: str, branch: str) -> str:
     # A deterministic To tag means a retransmitted request gets a response
     # with the same tag even from a stateless responder, without an RNG.
-    digest = hashlib.sha256(f"{call_id}\n{from_value}\n{branch}".encode()).hexdigest()
-    return digest[:16]
+    # Not a secret, just unique enough: a 64-bit BLAKE2b costs half a SHA-256.
+    data = f"{call_id}\n{from_value}\n{branch}".encode()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def _has_tag(to_value: str) -> bool:
