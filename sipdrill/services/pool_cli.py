@@ -79,6 +79,11 @@ async def _run(service: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with service:
+        from sipdrill.sip.server import tune_gc
+
+        # A pool holds thousands of registrations and live transactions (see
+        # tune_gc, and "Garbage-collector thresholds in servers" in docs/decisions.md).
+        tune_gc()
         sip = ", ".join(f"{k}:{h}:{p}" for k, (h, p) in service.sip_addresses)
         print(f"sipdrill pool {service.fqdn}: sip {sip}, control {service.control_url}",
               flush=True)

@@ -453,3 +453,33 @@ async def test_idle_timeout_applies_to_accepted_flows_only(server) -> None:
         assert client.is_open(flow)
     finally:
         await client.close()
+
+
+async def test_tls_flows_read_into_16_kib_not_asyncios_256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10,000 TLS flows on a pool cost 2.8 GB with asyncio's 256 KiB read buffers."""
+    import asyncio.sslproto
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", 256 * 1024)
+    transport, echo, ports = await make_server(tls_dir=tmp_path)
+    responses: list[Received] = []
+    client = SipTransport(responses.append)
+    try:
+        ctx = client_context(tmp_path / "ca.pem")
+        flow = await client.open_flow(
+            Kind.TLS, HOST, ports[Kind.TLS], ssl_context=ctx, server_hostname="pool1.lab.local"
+        )
+        body = b"x" * 40_000  # bigger than the buffer: read in several calls
+        assert client.send(flow, request(42, transport="TLS", body=body))
+        await eventually(lambda: len(responses) >= 1)
+        assert echo.received[0].message.body == body
+        # asyncio internals, read on purpose: the buffer each side allocated.
+        streams = [*transport._streams.values(), *client._streams.values()]
+        assert len(streams) == 2
+        for stream in streams:
+            assert stream.transport is not None
+            assert len(stream.transport._ssl_protocol._ssl_buffer) == 16 * 1024
+    finally:
+        await client.close()
+        await transport.close()
