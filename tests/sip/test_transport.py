@@ -264,18 +264,21 @@ async def test_connection_cap() -> None:
         await transport.close()
 
 
+async def open_tls(client: SipTransport, ports: dict[Kind, int], ca_dir: Path) -> Flow:
+    """A verified TLS flow to the test server's TLS listener, by the pool's name."""
+    ctx = client_context(ca_dir / "ca.pem")
+    return await client.open_flow(
+        Kind.TLS, HOST, ports[Kind.TLS], ssl_context=ctx, server_hostname="pool1.lab.local"
+    )
+
+
 async def test_tls_client_verifies_and_reuses_flow(server, tmp_path: Path) -> None:
     _, echo, ports = server
     responses: list[Received] = []
     client = SipTransport(responses.append)
     try:
-        ctx = client_context(tmp_path / "ca.pem")
-        flow = await client.open_flow(
-            Kind.TLS, HOST, ports[Kind.TLS], ssl_context=ctx, server_hostname="pool1.lab.local"
-        )
-        again = await client.open_flow(
-            Kind.TLS, HOST, ports[Kind.TLS], ssl_context=ctx, server_hostname="pool1.lab.local"
-        )
+        flow = await open_tls(client, ports, tmp_path)
+        again = await open_tls(client, ports, tmp_path)
         assert again == flow and flow.kind is Kind.TLS
         assert client.send(flow, request(40, transport="TLS"))
         assert client.send(flow, request(41, transport="TLS"))
@@ -466,10 +469,7 @@ async def test_tls_flows_read_into_16_kib_not_asyncios_256(
     responses: list[Received] = []
     client = SipTransport(responses.append)
     try:
-        ctx = client_context(tmp_path / "ca.pem")
-        flow = await client.open_flow(
-            Kind.TLS, HOST, ports[Kind.TLS], ssl_context=ctx, server_hostname="pool1.lab.local"
-        )
+        flow = await open_tls(client, ports, tmp_path)
         body = b"x" * 40_000  # bigger than the buffer: read in several calls
         assert client.send(flow, request(42, transport="TLS", body=body))
         await eventually(lambda: len(responses) >= 1)
