@@ -124,6 +124,27 @@ class TestBasics:
         assert len(reg.lookup("sip:alice@example.com")) == 1
 
 
+    def test_200_echoes_a_lone_contact_as_sent(self) -> None:
+        sent = '<sip:alice@10.0.0.1:5061;transport=TLS>;+sip.instance="<urn:uuid:1>";reg-id=1;q=0.5'
+        result = Registrar(DOMAIN).handle(register(contacts=[sent]), 100.0)
+        assert result.response.headers.getlist("Contact") == [f"{sent};expires=600"]
+
+    def test_200_rewrites_a_contact_that_carried_expires(self) -> None:
+        sent = "<sip:alice@10.0.0.1:5061>;expires=400;q=0.5"
+        result = Registrar(DOMAIN).handle(register(contacts=[sent]), 100.0)
+        assert result.response.headers.getlist("Contact") == [
+            "<sip:alice@10.0.0.1:5061>;q=0.5;expires=400"
+        ]
+
+    def test_200_formats_contacts_sent_as_a_list(self) -> None:
+        sent = "<sip:alice@10.0.0.1:5061>, <sip:alice@10.0.0.2:5061>"
+        result = Registrar(DOMAIN).handle(register(contacts=[sent]), 100.0)
+        assert sorted(result.response.headers.getlist("Contact")) == [
+            "<sip:alice@10.0.0.1:5061>;expires=600",
+            "<sip:alice@10.0.0.2:5061>;expires=600",
+        ]
+
+
 class TestRules:
     def test_expires_zero_removes(self) -> None:
         reg = Registrar(DOMAIN)
