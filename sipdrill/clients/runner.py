@@ -237,6 +237,9 @@ class ClientRunner:
         # (mode, registrar pool, home pool) per endpoint, and how many share each.
         self._key: list[tuple[Mode, str, str]] = []
         self._tally: Counter[tuple[Mode, str, str]] = Counter()
+        # counts() as last built, and the tally's version it was built from.
+        self._tally_version = 0
+        self._counts: tuple[int, dict[str, Any]] | None = None
         self._by_user: dict[str, int] = {}
         # Timer heap of (deadline, index); _deadline[index] says which entry is live.
         self._deadline: list[float | None] = []
@@ -292,6 +295,7 @@ class ClientRunner:
         self._by_user = {u.user_part: i for i, u in enumerate(cfg.users)}
         self._key = [(Mode.SIGNED_OUT, "", u.home_pool or "") for u in cfg.users]
         self._tally = Counter(self._key)
+        self._tally_version += 1
         self._flusher = loop.create_task(self._flush_events())
         if cfg.tune_gc and self._gc_thresholds is None:
             self._gc_thresholds = gc.get_threshold()
@@ -404,7 +408,17 @@ class ClientRunner:
     def counts(self) -> dict[str, Any]:
         """Endpoints by mode, by registrar pool and mode, and by home pool and mode.
 
-        Kept up to date as endpoints change, so asking is cheap even for 10,000."""
+        Kept up to date as endpoints change, so asking is cheap even for 10,000;
+        asking again before any endpoint changed returns the same dict (treat it
+        as read-only): a drill polls this many times a second."""
+        cached = self._counts
+        if cached is not None and cached[0] == self._tally_version:
+            return cached[1]
+        counts = self._build_counts()
+        self._counts = (self._tally_version, counts)
+        return counts
+
+    def _build_counts(self) -> dict[str, Any]:
         by_mode: Counter[str] = Counter()
         by_pool: dict[str, Counter[str]] = {}
         by_home: dict[str, Counter[str]] = {}
@@ -440,6 +454,7 @@ class ClientRunner:
             self._key[index] = key
             self._tally[old] -= 1
             self._tally[key] += 1
+            self._tally_version += 1
 
     # ------------------------------------------------------------------ driving endpoints
 

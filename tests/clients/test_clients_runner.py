@@ -227,3 +227,32 @@ async def test_a_connect_to_a_silent_peer_gives_its_slot_back(
         with pytest.raises(asyncio.CancelledError):
             await first
         assert sem._value == 1  # released once, not twice
+
+
+async def test_counts_are_rebuilt_once_an_endpoint_changes() -> None:
+    """counts() is remembered between polls, but never served stale: a mode change,
+    a sign-out and a replaced (faulty) endpoint each show at once."""
+    from sipdrill.clients.endpoint import ClientProfile, Endpoint, UserSpec
+    from sipdrill.clients.runner import ClientRunner, RunnerConfig
+
+    users = [UserSpec(f"sip:u{i}@lab.local", home_pool="pool1.lab.local") for i in range(3)]
+    runner = ClientRunner(
+        RunnerConfig(profile=ClientProfile(domain="lab.local"), users=users, seed=1)
+    )
+    async with runner:
+        first = runner.counts()
+        assert first["by_mode"]["SignedOut"] == 3
+        assert runner.counts() is first  # nothing changed: the same answer
+        runner._call(0, Endpoint.sign_in)  # no nameserver: it discovers, then backs off
+        second = runner.counts()
+        assert second is not first
+        assert second["by_mode"]["SignedOut"] == 2
+        assert sum(second["by_mode"].values()) == 3
+
+        def boom(ep: Endpoint) -> list[object]:
+            raise RuntimeError("bug")
+
+        runner._call(0, boom)  # type: ignore[arg-type]
+        third = runner.counts()
+        assert third["by_mode"]["SignedOut"] == 3
+        assert runner.faults == 1
