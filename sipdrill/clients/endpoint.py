@@ -558,18 +558,19 @@ class Endpoint:
         return (self.mode, trigger) in TRANSITIONS
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for d in (
-                self.transactions.next_deadline(),
-                self.keepalive.next_deadline() if self.keepalive is not None else None,
-                self._refresh_at,
-                self._backoff_until,
-                self._work_at,
-            )
-            if d is not None
-        ]
-        return min(deadlines) if deadlines else None
+        # Called after every input: no list, no generator (this runs ~50 times
+        # per endpoint in a failover storm).
+        best = self.transactions.next_deadline()
+        keepalive = self.keepalive
+        for d in (
+            keepalive.next_deadline() if keepalive is not None else None,
+            self._refresh_at,
+            self._backoff_until,
+            self._work_at,
+        ):
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
 
     # ------------------------------------------------------------------ inputs
 
