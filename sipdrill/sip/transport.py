@@ -316,7 +316,7 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
         self.owner._forget(self.serial)
 
     def write(self, data: bytes, remote: Addr) -> bool:
-        if self.transport is None or self.transport.is_closing():
+        if not self.usable():
             return False
         try:
             self._sendto(data, remote)
@@ -330,7 +330,7 @@ class _Udp(asyncio.DatagramProtocol, _Endpoint):
         self.transport.sendto(data, remote)
 
     def usable(self) -> bool:
-        return self.transport is not None
+        return self.transport is not None and not self.transport.is_closing()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -411,15 +411,8 @@ class _SharedUdp(_Udp):
                 continue
             self.datagram_received(payload, remote)
 
-    def write(self, data: bytes, remote: Addr) -> bool:
-        if not self._open:
-            return False
-        try:
-            self.shared.sendto(data, remote)
-        except OSError as exc:  # a full send buffer too: the peer retransmits
-            log.info("udp %s -> %s: send failed: %s", self.local, remote, exc)
-            return False
-        return True
+    def _sendto(self, data: bytes, remote: Addr) -> None:
+        self.shared.sendto(data, remote)
 
     def close(self) -> None:
         if self._open:
