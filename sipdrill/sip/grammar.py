@@ -82,19 +82,27 @@ def parse_uri(text: str) -> URI:
     return URI.parse(text)
 
 
-def parse_address(text: str) -> Address:
-    """:meth:`sipmessage.Address.parse` (one address)."""
+def _plain_name_addr(text: str) -> re.Match[str] | None:
+    """The name-addr match when ``text`` can take the fast path (no display name), else None."""
     if _NOT_PLAIN.search(text) is None:
         m = _NAME_ADDR.match(text)
         if m is not None and m.end() == len(text) and not m.group("name"):
-            return _new(  # type: ignore[no-any-return]
-                Address,
-                {
-                    "uri": parse_uri(m.group("uri")),
-                    "name": "",
-                    "parameters": _parameters(m.group("parameters")),
-                },
-            )
+            return m
+    return None
+
+
+def parse_address(text: str) -> Address:
+    """:meth:`sipmessage.Address.parse` (one address)."""
+    m = _plain_name_addr(text)
+    if m is not None:
+        return _new(  # type: ignore[no-any-return]
+            Address,
+            {
+                "uri": parse_uri(m.group("uri")),
+                "name": "",
+                "parameters": _parameters(m.group("parameters")),
+            },
+        )
     return Address.parse(text)
 
 
@@ -103,15 +111,9 @@ def valid_address(text: str) -> bool:
 
     For a header a server only checks and copies (a REGISTER's From).
     """
-    if _NOT_PLAIN.search(text) is None:
-        m = _NAME_ADDR.match(text)
-        if (
-            m is not None
-            and m.end() == len(text)
-            and not m.group("name")
-            and SIP_URI_PATTERN.match(m.group("uri")) is not None
-        ):
-            return True
+    m = _plain_name_addr(text)
+    if m is not None and SIP_URI_PATTERN.match(m.group("uri")) is not None:
+        return True
     try:
         parse_address(text)
     except ValueError:
