@@ -73,16 +73,10 @@ class IndexedHeaders(Headers):
         raise AssertionError("header index out of step with the header list")
 
     def add(self, key: str, value: str) -> None:
-        ikey = key.lower()
-        values = self._index.get(ikey)
-        if values is None:
-            self._index[ikey] = values = [value]
-            self._list.append((key, values))
-        else:
-            values.append(value)
+        self.extend(((key, value),))
 
     def extend(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """``add`` each (name, value) in order."""
+        """Add each (name, value) in order; one call for a parsed message's headers."""
         index = self._index
         stored = self._list
         for key, value in pairs:
@@ -165,7 +159,9 @@ class _ParsedHeaders:
 
     def _memo(self, name: str, key: str, parse: Callable[[tuple[str, ...]], _T]) -> _T:
         headers = self.headers
-        if type(headers) is IndexedHeaders:  # the usual case: skip two calls
+        # Read about a dozen times per REGISTER: straight from the index when the
+        # headers are ours (they always are, unless a caller swapped them).
+        if type(headers) is IndexedHeaders:
             texts = tuple(headers._index.get(key, ()))
         else:
             texts = tuple(headers.getlist(name))
@@ -320,7 +316,6 @@ _MAX_CSEQ = 2**31 - 1
 # Headers that must appear exactly once; a second copy makes the
 # message ambiguous (which To tag? which CSeq?), so it is rejected.
 _SINGLETONS = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
-_SINGLETON_KEYS = tuple((n, n.lower()) for n in _SINGLETONS if n != "Content-Length")
 
 
 # Spelling the common names one way means serialized messages look the
@@ -506,11 +501,9 @@ def _check_body(message: Message, body: bytes, is_response: bool) -> bytes:
 
 def _check_mandatory(message: ParsedRequest | ParsedResponse, is_response: bool) -> None:
     hdrs = message.headers
-    index = hdrs._index if type(hdrs) is IndexedHeaders else None
-    for name, key in _SINGLETON_KEYS:
+    for name in _SINGLETONS:
         # Content-Length duplicates with one value were let through above.
-        values = index.get(key) if index is not None else hdrs.getlist(name)
-        if values is not None and len(values) > 1:
+        if name != "Content-Length" and len(hdrs.getlist(name)) > 1:
             raise _fail(is_response, f"Duplicate {name}")
     # The parses below are memoized on the message: the transaction layer
     # and the core read these same values again.
