@@ -209,6 +209,7 @@ def _run_workers(plan: _Plan, workers: int) -> int:
     udp_socks = _bind_udp([spec for spec in plan.config.listens if spec.kind is Kind.UDP])
     # inboxes[i][w]: (sending end, inbox) of worker w for listener i
     inboxes = [[_inbox_pair() for _ in range(workers)] for _ in udp_socks]
+    opened = [*udp_socks, *(end for row in inboxes for pair in row for end in pair)]
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for w in range(workers):
@@ -223,7 +224,7 @@ def _run_workers(plan: _Plan, workers: int) -> int:
             procs.append(worker)
             pipes.append(parent_end)
         # The workers hold their own copies now.
-        for sock in [*udp_socks, *(end for row in inboxes for pair in row for end in pair)]:
+        for sock in opened:
             sock.close()
         reports: list[tuple[str, str]] = []
         for pipe in pipes:
@@ -269,7 +270,7 @@ def _run_workers(plan: _Plan, workers: int) -> int:
             pipe.close()
         return 0 if not errors and all(c == 0 for c in codes) else 1
     finally:
-        for sock in [*udp_socks, *(end for row in inboxes for pair in row for end in pair)]:
+        for sock in opened:  # closing twice is harmless
             sock.close()
         for s, handler in old.items():
             signal.signal(s, handler)
