@@ -70,6 +70,7 @@ async def pool(topology_path: str, fqdn: str, state_dir: str, ca_dir: str) -> No
     from pathlib import Path
 
     from sipdrill.services.pool import PoolService, PoolSettings
+    from sipdrill.sip.server import tune_gc
     from sipdrill.topology import load_topology
 
     logging.basicConfig(  # as `sipdrill serve pool` sets it up
@@ -78,6 +79,7 @@ async def pool(topology_path: str, fqdn: str, state_dir: str, ca_dir: str) -> No
     topology = load_topology(topology_path).topology
     settings = PoolSettings(pool=fqdn, state_dir=Path(state_dir), ca_dir=Path(ca_dir))
     async with PoolService(topology, settings) as service:
+        tune_gc()  # as `sipdrill serve pool` does once the pool has started
         tls = dict(service.sip_addresses)["tls"]
         print(f"ready {tls[1]}", flush=True)
         await _until_stopped()
