@@ -46,11 +46,12 @@ import enum
 import functools
 import ipaddress
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from sipmessage import URI, Address, Request, Response
 
@@ -70,7 +71,7 @@ from sipdrill.clients.events import (
 )
 from sipdrill.errors import SipdrillError
 from sipdrill.sip.keepalive import Backoff, FlowFailed, KeepAlive, KeepAliveConfig, SendPing
-from sipdrill.sip.message import make_response, serialize
+from sipdrill.sip.message import IndexedHeaders, ParsedRequest, make_response, serialize
 from sipdrill.sip.srv import order_srv
 from sipdrill.sip.transaction import (
     DeliverRequest,
@@ -398,6 +399,10 @@ def _unquote(value: str | None) -> str:
     return (value or "").strip().strip('"')
 
 
+#: The rest of a Contact that is ours as sent, plus the registrar's expires.
+_ECHOED_EXPIRES: Final = re.compile(r";(?i:expires)=([0-9]{1,10})")
+
+
 def _int(value: str | None) -> int | None:
     if value is None:
         return None
@@ -453,6 +458,7 @@ class Endpoint:
         "_queue",
         "_redirects",
         "_refresh_at",
+        "_reg_contact",
         "_reg_expires",
         "_reg_key",
         "_reg_refresh",
@@ -517,6 +523,8 @@ class Endpoint:
         self._reg_key: TransactionKey | None = None
         self._reg_refresh = False
         self._reg_expires = profile.expires
+        #: The Contact of the last REGISTER, as sent.
+        self._reg_contact = ""
         self._interval_retries = 0
         self._srv_ports: dict[str, int] = {}
         self._pool: str | None = None
@@ -1018,17 +1026,21 @@ class Endpoint:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> Request:
-        request = Request(method, URI.parse(ruri), body)
-        h = request.headers
-        h.add("Via", self._via(self.transactions.new_branch()))
-        h.add("Max-Forwards", "70")
-        h.add("From", f"<{self.user.uri}>;tag={from_tag}")
-        h.add("To", f"<{to}>" + (f";tag={to_tag}" if to_tag else ""))
-        h.add("Call-ID", call_id)
-        h.add("CSeq", f"{cseq} {method}")
-        for name, value in headers:
-            h.add(name, value)
-        h.add("User-Agent", self.profile.user_agent)
+        # A ParsedRequest memoizes Via and CSeq, which the transaction layer
+        # reads back at once (sipmessage's Request parses them on every read).
+        request = ParsedRequest(method, URI.parse(ruri), body)
+        cast(IndexedHeaders, request.headers).extend(
+            (
+                ("Via", self._via(self.transactions.new_branch())),
+                ("Max-Forwards", "70"),
+                ("From", f"<{self.user.uri}>;tag={from_tag}"),
+                ("To", f"<{to}>" + (f";tag={to_tag}" if to_tag else "")),
+                ("Call-ID", call_id),
+                ("CSeq", f"{cseq} {method}"),
+                *headers,
+                ("User-Agent", self.profile.user_agent),
+            )
+        )
         return request
 
     def _send_register(self, now: float, *, expires: int, refresh: bool) -> None:
@@ -1036,6 +1048,7 @@ class Endpoint:
         assert target is not None
         reg = self._reg_state(target.host)
         reg.cseq += 1
+        contact = self._reg_contact = self._contact()
         request = self._request(
             "REGISTER",
             f"sip:{normalise_name(self.profile.domain)}",
@@ -1044,7 +1057,7 @@ class Endpoint:
             reg.cseq,
             reg.from_tag,
             headers=(
-                ("Contact", self._contact()),
+                ("Contact", contact),
                 ("Expires", str(expires)),
                 ("Supported", "outbound, path"),
             ),
@@ -1136,7 +1149,16 @@ class Endpoint:
         requested = self._reg_expires
         header = _int(response.headers.get("Expires"))
         mine: int | None = None
-        for value in response.headers.getlist("Contact"):
+        values = response.headers.getlist("Contact")
+        if len(values) == 1 and self._reg_contact and values[0].startswith(self._reg_contact):
+            # The registrar echoed the one Contact we sent with its expires: that
+            # is what the parse below finds, without parsing (a reconnect storm
+            # does this 10,000 times).
+            echoed = _ECHOED_EXPIRES.fullmatch(values[0], len(self._reg_contact))
+            if echoed is not None:
+                mine = int(echoed.group(1))
+                values = []
+        for value in values:
             try:
                 contacts = Address.parse_many(value)
             except ValueError:
@@ -1151,7 +1173,13 @@ class Endpoint:
                         self._local[1],
                     )
                 if ours:
-                    mine = _int(contact.parameters.get("expires"))
+                    # Parameter names are case-insensitive (RFC 3261 7.3.1).
+                    mine = _int(
+                        next(
+                            (v for k, v in contact.parameters.items() if k.lower() == "expires"),
+                            None,
+                        )
+                    )
                     break
             if mine is not None:
                 break

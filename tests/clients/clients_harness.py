@@ -89,6 +89,8 @@ class FakeRegistrar:
     pong: bool = True
     flow_timer: int | None = None
     granted: int | None = None
+    #: The 200's Contact value: the request's Contact as ``{contact}``.
+    contact_template: str = "{contact};expires={granted}"
     min_expires: int | None = None
     work_status: int = 200
     extra_headers: tuple[tuple[str, str], ...] = ()
@@ -113,7 +115,9 @@ class FakeRegistrar:
         response = make_response(request, 200)
         contact = request.headers.get("Contact") or ""
         granted = self.granted if self.granted is not None else expires
-        response.headers.add("Contact", f"{contact};expires={granted}")
+        response.headers.add(
+            "Contact", self.contact_template.format(contact=contact, granted=granted)
+        )
         if self.mode is not None:
             response.headers.add("X-Sipdrill-Mode", self.mode)
         if self.flow_timer is not None:

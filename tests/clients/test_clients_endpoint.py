@@ -551,6 +551,28 @@ def test_refresh_honours_a_short_grant_with_a_margin() -> None:
     assert 9.5 <= t <= 10.5  # min(40/2, 40-30)
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{contact};expires={granted}",  # echoed as sent: read without a parse
+        "{contact};expires={granted};x-note=1",
+        "{contact};EXPIRES={granted}",
+        "<sip:other@192.0.2.1:5061;transport=tls>;expires=900, {contact};expires={granted}",
+        "{contact};reg-id=2;expires={granted}",
+    ],
+)
+def test_the_grant_is_read_from_our_own_contact(template: str) -> None:
+    w = World()
+    reg = w.registrars[POOL1]
+    reg.granted = 40
+    reg.contact_template = template
+    reg.extra_headers = (("Expires", "900"),)
+    w.sign_in()
+    w.run_until(lambda: len(reg.registers) == 2, limit=60, step=0.5)
+    t = w.of(Registered)[-1].monotonic - w.of(Registered)[0].monotonic
+    assert 9.5 <= t <= 10.5  # min(40/2, 40-30): the Contact's 40, not the header's 900
+
+
 def test_same_call_id_per_registrar_across_sign_ins() -> None:
     w = World()
     w.sign_in()
