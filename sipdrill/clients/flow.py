@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import ssl
 import sys
 from collections import Counter
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeAlias
 
 from sipdrill.sip.framing import (
     FramerRole,
@@ -74,6 +77,10 @@ class FlowSink(Protocol):
     def flow_closed(self, flow: StreamFlow) -> None: ...
 
 
+#: ``on_done(flow, error)`` of :meth:`StreamFlow.connect`: error None once open.
+ConnectDone: TypeAlias = "Callable[[StreamFlow, TransportError | None], None]"
+
+
 def _addr(raw: object) -> Addr:
     if isinstance(raw, tuple) and len(raw) >= 2:
         return (sys.intern(str(raw[0])), int(raw[1]))
@@ -81,7 +88,7 @@ def _addr(raw: object) -> Addr:
 
 
 class StreamFlow:
-    """A client stream flow; create it with :func:`open_stream`."""
+    """A client stream flow; open it with :meth:`connect` or :func:`open_stream`."""
 
     __slots__ = (
         "_closing",
@@ -89,10 +96,12 @@ class StreamFlow:
         "_framer",
         "_in",
         "_loop",
+        "_on_done",
         "_out",
         "_ssl",
-        "_waiter",
+        "_timer",
         "_wbuf",
+        "_where",
         "index",
         "kind",
         "limits",
@@ -132,7 +141,11 @@ class StreamFlow:
         self._closing = False
         self._wbuf: bytearray | None = None
         self._framer: StreamFramer | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        #: Called once when the connect (and handshake) ends, see :meth:`connect`.
+        self._on_done: ConnectDone | None = None
+        #: The connect or handshake timeout while one is pending.
+        self._timer: asyncio.TimerHandle | None = None
+        self._where = ""
         if kind is Kind.TLS:
             if ssl_context is None:
                 raise ValueError("a TLS flow needs an ssl_context")
@@ -151,19 +164,6 @@ class StreamFlow:
         return self.sock is None
 
     # -- the socket ------------------------------------------------------------
-    def _start(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        """Take over a connected non-blocking socket; TLS: send the ClientHello."""
-        self._loop = loop
-        self.sock = sock
-        self._fd = sock.fileno()
-        self.local = _addr(sock.getsockname())
-        self.remote = _addr(sock.getpeername())
-        loop.add_reader(self._fd, self._readable)
-        if self._ssl is None:
-            self._established()
-        else:
-            self._handshake()
-
     def _readable(self) -> None:
         sock = self.sock
         if sock is None:
@@ -181,7 +181,7 @@ class StreamFlow:
         try:
             self._data(data)
         except Exception as exc:
-            if self._waiter is not None:
+            if self._on_done is not None:
                 self._fail(exc)
             else:
                 log.exception("%s %s: error on data from %s", self.kind, self.local, self.remote)
@@ -249,17 +249,15 @@ class StreamFlow:
         if sock is None or loop is None:
             return
         loop.remove_reader(self._fd)
-        if self._wbuf is not None:
+        if self._wbuf is not None or not self.open:  # not open: maybe still connecting
             loop.remove_writer(self._fd)
             self._wbuf = None
         sock.close()
         self.sock = None
         was_open = self.open
         self.open = False
-        waiter = self._waiter
-        self._waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("closed during the handshake"))
+        if self._on_done is not None:
+            self._done(ConnectionResetError("closed during the handshake"))
         # Free OpenSSL's state now, not when the last reference goes.
         self._ssl = self._in = self._out = None
         self._framer = None
@@ -329,17 +327,104 @@ class StreamFlow:
     def _established(self) -> None:
         self.open = True
         self._framer = StreamFramer(self.limits, FramerRole.CLIENT)
-        waiter = self._waiter
-        self._waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._on_done is not None:
+            self._done(None)
 
     def _fail(self, exc: BaseException) -> None:
-        waiter = self._waiter
-        self._waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        self._done(exc)
         self.abort()
+
+    # -- connecting ------------------------------------------------------------
+    def connect(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        on_done: ConnectDone,
+        *,
+        bind: str | None = None,
+        connect_timeout: float = 5.0,
+        handshake_timeout: float = 5.0,
+    ) -> None:
+        """Connect (and for TLS, hand-shake and verify) without a task or a future.
+
+        ``on_done(flow, None)`` once the flow is open, or ``on_done(flow, error)``
+        with a :class:`~sipdrill.sip.transport.TransportError` (the cause chained)
+        when the peer cannot be reached, the handshake fails or either takes too
+        long; called once, from the event loop, never from inside this call.
+        A storm makes ~5 connects per endpoint: a task, a future and two
+        ``asyncio.timeout`` blocks each were ~10 event-loop callbacks a connect.
+        """
+        self._loop = loop
+        self._on_done = on_done
+        self._where = f"{host}:{port}"
+        try:
+            sock = socket.socket(
+                socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+            )
+        except OSError as exc:
+            loop.call_soon(self._done, exc)
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if bind:
+                sock.bind((bind, 0))
+            err = sock.connect_ex((host, port))
+        except OSError as exc:
+            sock.close()
+            loop.call_soon(self._done, exc)
+            return
+        if err in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self.sock = sock
+            self._fd = sock.fileno()
+            loop.add_writer(self._fd, self._connected, handshake_timeout)
+            self._timer = loop.call_later(connect_timeout, self._timed_out)
+        else:
+            sock.close()
+            loop.call_soon(self._done, OSError(err, os.strerror(err)))
+
+    def _connected(self, handshake_timeout: float) -> None:
+        sock, loop = self.sock, self._loop
+        if sock is None or loop is None:
+            return
+        loop.remove_writer(self._fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, os.strerror(err)))
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            self.local = _addr(sock.getsockname())
+            self.remote = _addr(sock.getpeername())
+        except OSError as exc:  # reset between the connect and now
+            self._fail(exc)
+            return
+        loop.add_reader(self._fd, self._readable)
+        if self._ssl is None:
+            self._established()
+            return
+        self._timer = loop.call_later(handshake_timeout, self._timed_out)
+        self._handshake()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError())
+
+    def _done(self, exc: BaseException | None) -> None:
+        """Report the end of :meth:`connect` once, from the loop."""
+        on_done, self._on_done = self._on_done, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if on_done is None or self._loop is None:
+            return
+        if exc is None and not self.open:
+            exc = ConnectionResetError("closed during the handshake")
+        error = None if exc is None else _connect_error(self.kind, self._where, exc)
+        self._loop.call_soon(on_done, self, error)
 
     # -- SIP -------------------------------------------------------------------
     def _plaintext(self, data: bytes) -> None:
@@ -427,8 +512,25 @@ class StreamFlow:
         """Close now, dropping anything unsent."""
         self._gone()
 
+    def cancel(self) -> None:
+        """Give up a :meth:`connect` in progress without its report, and close."""
+        self._on_done = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._gone()
+
     def __repr__(self) -> str:
         return f"<StreamFlow {self.kind} {self.local} -> {self.remote} open={self.open}>"
+
+
+def _connect_error(kind: Kind, where: str, exc: BaseException) -> TransportError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        error = TransportError(kind, where, f"certificate rejected: {exc.verify_message}")
+    else:
+        error = TransportError(kind, where, str(exc) or "timeout")
+    error.__cause__ = exc
+    return error
 
 
 async def open_stream(
@@ -446,16 +548,12 @@ async def open_stream(
     max_write_buffer: int = 1024 * 1024,
     index: int = -1,
 ) -> StreamFlow:
-    """Connect (and for TLS, hand-shake and verify) a :class:`StreamFlow`.
-
-    Raises :class:`~sipdrill.sip.transport.TransportError` (the cause chained)
-    when the peer cannot be reached, the handshake fails or either takes too long.
-    """
+    """:meth:`StreamFlow.connect` as a coroutine: the open flow, or it raises
+    :class:`~sipdrill.sip.transport.TransportError` (the cause chained)."""
     if kind is Kind.UDP:
         raise ValueError("open_stream is for TCP and TLS")
-    where = f"{host}:{port}"
     if kind is Kind.TLS and ssl_context is None:
-        raise TransportError(kind, where, "no TLS context (--ca) for a TLS target")
+        raise TransportError(kind, f"{host}:{port}", "no TLS context (--ca) for a TLS target")
     loop = asyncio.get_running_loop()
     flow = StreamFlow(
         sink,
@@ -466,33 +564,27 @@ async def open_stream(
         max_write_buffer=max_write_buffer,
         index=index,
     )
-    waiter: asyncio.Future[None] | None = None
-    if kind is Kind.TLS:
-        waiter = flow._waiter = loop.create_future()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    done: asyncio.Future[TransportError | None] = loop.create_future()
+
+    def finished(_flow: StreamFlow, error: TransportError | None) -> None:
+        if not done.done():
+            done.set_result(error)
+
+    flow.connect(
+        loop,
+        host,
+        port,
+        finished,
+        bind=bind,
+        connect_timeout=connect_timeout,
+        handshake_timeout=handshake_timeout,
+    )
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if bind:
-            sock.bind((bind, 0))
-        async with asyncio.timeout(connect_timeout):
-            await loop.sock_connect(sock, (host, port))
-        flow._start(loop, sock)
-        if waiter is not None:
-            async with asyncio.timeout(handshake_timeout):
-                await waiter
-    except ssl.SSLCertVerificationError as exc:
-        flow.abort()
-        sock.close()
-        raise TransportError(kind, where, f"certificate rejected: {exc.verify_message}") from exc
-    except (OSError, TimeoutError, ssl.SSLError, ssl.CertificateError) as exc:
-        flow.abort()
-        sock.close()
-        raise TransportError(kind, where, str(exc) or "timeout") from exc
+        error = await done
     except BaseException:
+        flow._on_done = None
         flow.abort()
-        sock.close()
         raise
-    if not flow.open:
-        raise TransportError(kind, where, "closed during the handshake")
+    if error is not None:
+        raise error
     return flow

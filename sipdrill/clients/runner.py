@@ -23,6 +23,7 @@ second, so 10,000 of them do not all connect in the same millisecond.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import gc
@@ -54,7 +55,7 @@ from sipdrill.clients.endpoint import (
     UserSpec,
 )
 from sipdrill.clients.events import ClientEvent, EndpointFault, Failure, Mode
-from sipdrill.clients.flow import StreamFlow, open_stream
+from sipdrill.clients.flow import StreamFlow
 from sipdrill.clients.metrics import ClientMetrics, EventLog
 from sipdrill.clients.resolver import Resolver
 from sipdrill.sip.transport import (
@@ -249,7 +250,12 @@ class ClientRunner:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ramp_task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._connect_sem: asyncio.Semaphore | None = None
+        # Free connect slots (None: no limit), the connects waiting for one as
+        # (index, conn, target, endpoint), and the stream connects in progress:
+        # flow -> (index, conn, endpoint, slot-hold timer while the slot is held).
+        self._slots: int | None = None
+        self._slot_queue: collections.deque[tuple[int, int, Target, Endpoint]] = collections.deque()
+        self._connects: dict[StreamFlow, tuple[int, int, Endpoint, asyncio.TimerHandle | None]] = {}
         self.faults = 0
         # Connects in progress, and connects since the heap was last trimmed.
         self._connecting = 0
@@ -286,7 +292,7 @@ class ClientRunner:
                 clock=loop.time,
             )
         if cfg.connect_concurrency > 0:
-            self._connect_sem = asyncio.Semaphore(cfg.connect_concurrency)
+            self._slots = cfg.connect_concurrency
         self.endpoints = [self._new_endpoint(u) for u in cfg.users]
         n = len(self.endpoints)
         self._flow = [None] * n
@@ -337,6 +343,13 @@ class ClientRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._slot_queue.clear()
+        connects, self._connects = self._connects, {}
+        for flow, (_index, _conn, _ep, hold) in connects.items():
+            if hold is not None:
+                hold.cancel()
+            flow.cancel()
+        self._connecting -= len(connects)
         streams = [f for f in self._flow if isinstance(f, StreamFlow)]
         self._flow = [None] * len(self._flow)
         self._fconn = [0] * len(self._fconn)
@@ -512,7 +525,7 @@ class ClientRunner:
             elif isinstance(out, Resolve):
                 self._spawn(self._resolve(index, out))
             elif isinstance(out, Connect):
-                self._spawn(self._connect(index, out.conn, out.target))
+                self._begin_connect(index, out.conn, out.target)
             elif isinstance(out, Close) and self._fconn[index] == out.conn:
                 self._drop_flow(index)
 
@@ -614,26 +627,96 @@ class ClientRunner:
         if self.endpoints[index] is ep:
             self._call(index, lambda e: e.dns_result(answer))
 
-    async def _connect(self, index: int, conn: int, target: Target) -> None:
+    def _begin_connect(self, index: int, conn: int, target: Target) -> None:
+        if target.transport is Kind.UDP:
+            self._spawn(self._connect_udp(index, conn, target))
+            return
+        if self._slots is None:
+            self._open_stream(index, conn, target, slot=False)
+        elif self._slots > 0:
+            self._slots -= 1
+            self._open_stream(index, conn, target, slot=True)
+        else:
+            self._slot_queue.append((index, conn, target, self.endpoints[index]))
+
+    def _release_slot(self) -> None:
+        """A slot is free: the next connect still wanted takes it (see RunnerConfig)."""
+        assert self._slots is not None
+        while self._slot_queue:
+            index, conn, target, ep = self._slot_queue.popleft()
+            if self.endpoints[index] is ep and ep.conn == conn:
+                self._open_stream(index, conn, target, slot=True)
+                return
+        self._slots += 1
+
+    def _slot_held_long_enough(self, flow: StreamFlow) -> None:
+        state = self._connects.get(flow)
+        if state is not None and state[3] is not None:
+            self._connects[flow] = (*state[:3], None)
+            self._release_slot()
+
+    def _open_stream(self, index: int, conn: int, target: Target, *, slot: bool) -> None:
+        """Connect a StreamFlow with callbacks: a storm makes ~5 connects per endpoint."""
+        assert self._loop is not None and target.address is not None
         ep = self.endpoints[index]
+        kind = target.transport
+        tls = kind is Kind.TLS
+        if tls and self.config.ssl_context is None:
+            if slot:
+                self._release_slot()
+            detail = f"{target.address}:{target.port}: no TLS context (--ca) for a TLS target"
+            self._call(index, lambda e: e.connect_failed(conn, Failure.TLS, detail))
+            return
+        limits = self.transport.limits
+        flow = StreamFlow(
+            self,
+            kind,
+            ssl_context=self.config.ssl_context if tls else None,
+            server_hostname=target.host if tls else None,
+            limits=limits.message,
+            max_write_buffer=limits.max_write_buffer,
+            index=index,
+        )
+        hold = (
+            self._loop.call_later(self.config.connect_slot_hold, self._slot_held_long_enough, flow)
+            if slot
+            else None
+        )
+        self._connects[flow] = (index, conn, ep, hold)
         self._connecting += 1
         self._connects_since_trim += 1
-        try:
-            if self._connect_sem is not None:
-                flow, local = await self._open_limited(self._connect_sem, target, index)
-            else:
-                flow, local = await self._open_flow(target, index)
-        except asyncio.CancelledError:
-            raise
-        except (TransportError, OSError, ssl.SSLError, ValueError) as exc:
-            failure = classify_connect_error(exc)
-            detail = str(exc)[:300]
-            _drop_traceback(exc)
+        flow.connect(
+            self._loop,
+            target.address,
+            target.port,
+            self._stream_connected,
+            bind=self.config.bind,
+            connect_timeout=limits.connect_timeout,
+            handshake_timeout=limits.tls_handshake_timeout,
+        )
+
+    def _stream_connected(self, flow: StreamFlow, error: TransportError | None) -> None:
+        state = self._connects.pop(flow, None)
+        if state is None:  # closed meanwhile
+            return
+        index, conn, ep, hold = state
+        self._connecting -= 1
+        if hold is not None:
+            hold.cancel()
+            self._release_slot()
+        if error is not None:
+            failure = classify_connect_error(error)
+            detail = str(error)[:300]
+            _drop_traceback(error)
             if self.endpoints[index] is ep:
                 self._call(index, lambda e: e.connect_failed(conn, failure, detail))
             return
-        finally:
-            self._connecting -= 1
+        self._adopt(index, conn, ep, flow, flow.local)
+
+    def _adopt(
+        self, index: int, conn: int, ep: Endpoint, flow: StreamFlow | UdpFlow, local: Addr
+    ) -> None:
+        """A flow is open: it is the endpoint's, unless the endpoint has moved on."""
         if self.endpoints[index] is not ep or ep.conn != conn or not flow.open:
             if flow.open:
                 self._close(flow)
@@ -645,54 +728,28 @@ class ClientRunner:
         self._fconn[index] = conn
         self._call(index, lambda e: e.connected(conn, local))
 
-    async def _open_limited(
-        self, sem: asyncio.Semaphore, target: Target, index: int
-    ) -> tuple[StreamFlow | UdpFlow, Addr]:
-        """:meth:`_open_flow` in one of ``connect_concurrency`` slots, held at most
-        ``connect_slot_hold`` seconds (see :class:`RunnerConfig`)."""
-        assert self._loop is not None
-        await sem.acquire()
-        held = True
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                held = False
-                sem.release()
-
-        timer = self._loop.call_later(self.config.connect_slot_hold, release)
-        try:
-            return await self._open_flow(target, index)
-        finally:
-            timer.cancel()
-            release()
-
-    async def _open_flow(self, target: Target, index: int) -> tuple[StreamFlow | UdpFlow, Addr]:
+    async def _connect_udp(self, index: int, conn: int, target: Target) -> None:
         assert target.address is not None
-        kind = target.transport
-        bind = self.config.bind
-        if kind is Kind.UDP:
+        ep = self.endpoints[index]
+        self._connecting += 1
+        try:
             flow = await self.transport.open_flow(Kind.UDP, target.address, target.port)
-            host = flow.local[0]
-            if host in ("0.0.0.0", "::", ""):
-                host = bind or ("127.0.0.1" if target.address.startswith("127.") else host)
-            return UdpFlow(self.transport, flow, index), (host, flow.local[1])
-        limits = self.transport.limits
-        stream = await open_stream(
-            self,
-            kind,
-            target.address,
-            target.port,
-            ssl_context=self.config.ssl_context if kind is Kind.TLS else None,
-            server_hostname=target.host if kind is Kind.TLS else None,
-            bind=bind,
-            connect_timeout=limits.connect_timeout,
-            handshake_timeout=limits.tls_handshake_timeout,
-            limits=limits.message,
-            max_write_buffer=limits.max_write_buffer,
-            index=index,
-        )
-        return stream, stream.local
+        except asyncio.CancelledError:
+            raise
+        except (TransportError, OSError, ValueError) as exc:
+            failure = classify_connect_error(exc)
+            detail = str(exc)[:300]
+            _drop_traceback(exc)
+            if self.endpoints[index] is ep:
+                self._call(index, lambda e: e.connect_failed(conn, failure, detail))
+            return
+        finally:
+            self._connecting -= 1
+        bind = self.config.bind
+        host = flow.local[0]
+        if host in ("0.0.0.0", "::", ""):
+            host = bind or ("127.0.0.1" if target.address.startswith("127.") else host)
+        self._adopt(index, conn, ep, UdpFlow(self.transport, flow, index), (host, flow.local[1]))
 
     # ------------------------------------------------------------------ transport callbacks
 

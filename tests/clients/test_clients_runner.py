@@ -188,45 +188,55 @@ async def test_heap_trimmed_once_a_burst_of_connects_is_over(
 async def test_a_connect_to_a_silent_peer_gives_its_slot_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One connect slot: a connect that hangs (a stopped pool answers nothing) must not
-    hold up the next one past ``connect_slot_hold``, and the slot is released once."""
+    """One connect slot: a TLS connect that hangs (a stopped pool answers no
+    ClientHello) must not hold up the next one past ``connect_slot_hold``; the
+    slot is released once, and the hung connect still ends in its timeout."""
     import asyncio
+    import socket
+    import ssl
 
-    from sipdrill.clients.endpoint import ClientProfile, Target
+    from sipdrill.clients.endpoint import ClientProfile, Target, UserSpec
     from sipdrill.clients.runner import ClientRunner, RunnerConfig
-    from sipdrill.sip.transport import Kind
+    from sipdrill.sip.transport import Kind, TransportLimits
 
+    users = [UserSpec(f"sip:u{i}@lab.local", home_pool="pool1.lab.local") for i in range(2)]
     runner = ClientRunner(
         RunnerConfig(
             profile=ClientProfile(domain="lab.local"),
-            users=[],
+            users=users,
+            ssl_context=ssl.create_default_context(),
             connect_concurrency=1,
             connect_slot_hold=0.1,
+            transport_limits=TransportLimits(tls_handshake_timeout=1.0),
         )
     )
     loop = asyncio.get_running_loop()
-    done: dict[str, float] = {}
+    adopted: dict[int, float] = {}
+    failed: dict[int, float] = {}
 
-    async def fake_open(target: Target, index: int) -> tuple[object, tuple[str, int]]:
-        await asyncio.sleep(2.0 if target.host == "silent" else 0.0)
-        done[target.host] = loop.time()
-        return object(), ("127.0.0.1", 1)
+    def adopt(index: int, conn: int, ep: object, flow: object, local: object) -> None:
+        adopted[index] = loop.time()
+        flow.abort()  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(runner, "_open_flow", fake_open)
-    async with runner:
-        sem = runner._connect_sem
-        assert sem is not None
-        start = loop.time()
-        silent = Target("silent", 5061, Kind.TLS, "127.0.0.1")
-        live = Target("live", 5061, Kind.TLS, "127.0.0.1")
-        first = asyncio.create_task(runner._open_limited(sem, silent, 0))
-        await asyncio.sleep(0)
-        await runner._open_limited(sem, live, 1)
-        assert done["live"] - start < 0.5  # not after the silent connect's 2 s
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        assert sem._value == 1  # released once, not twice
+    monkeypatch.setattr(runner, "_adopt", adopt)
+    monkeypatch.setattr(runner, "_call", lambda index, fn: failed.setdefault(index, loop.time()))
+    # Listening sockets that never accept: the kernel completes the TCP
+    # handshake, nothing ever answers the ClientHello.
+    with socket.create_server((HOST, 0)) as silent, socket.create_server((HOST, 0)) as live:
+        async with runner:
+            start = loop.time()
+            conn = runner.endpoints[0].conn
+            hung = Target("silent", silent.getsockname()[1], Kind.TLS, HOST)
+            runner._begin_connect(0, conn, hung)
+            runner._begin_connect(1, conn, Target("live", live.getsockname()[1], Kind.TCP, HOST))
+            assert runner._slots == 0 and len(runner._slot_queue) == 1
+            await wait_for(lambda: 1 in adopted, 2.0, "the live connect")
+            assert adopted[1] - start < 0.5  # not after the silent connect's 1 s timeout
+            await wait_for(lambda: 0 in failed, 3.0, "the silent connect's timeout")
+            assert 0.9 <= failed[0] - start < 2.0
+            assert 0 not in adopted and 1 not in failed
+            assert runner._slots == 1  # released once, not twice
+            assert runner._connecting == 0 and not runner._connects
 
 
 async def test_counts_are_rebuilt_once_an_endpoint_changes() -> None:
