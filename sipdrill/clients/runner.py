@@ -705,13 +705,16 @@ class ClientRunner:
             hold.cancel()
             self._release_slot()
         if error is not None:
-            failure = classify_connect_error(error)
-            detail = str(error)[:300]
-            _drop_traceback(error)
-            if self.endpoints[index] is ep:
-                self._call(index, lambda e: e.connect_failed(conn, failure, detail))
+            self._connect_failed(index, conn, ep, error)
             return
         self._adopt(index, conn, ep, flow, flow.local)
+
+    def _connect_failed(self, index: int, conn: int, ep: Endpoint, exc: BaseException) -> None:
+        failure = classify_connect_error(exc)
+        detail = str(exc)[:300]
+        _drop_traceback(exc)
+        if self.endpoints[index] is ep:
+            self._call(index, lambda e: e.connect_failed(conn, failure, detail))
 
     def _adopt(
         self, index: int, conn: int, ep: Endpoint, flow: StreamFlow | UdpFlow, local: Addr
@@ -737,11 +740,7 @@ class ClientRunner:
         except asyncio.CancelledError:
             raise
         except (TransportError, OSError, ValueError) as exc:
-            failure = classify_connect_error(exc)
-            detail = str(exc)[:300]
-            _drop_traceback(exc)
-            if self.endpoints[index] is ep:
-                self._call(index, lambda e: e.connect_failed(conn, failure, detail))
+            self._connect_failed(index, conn, ep, exc)
             return
         finally:
             self._connecting -= 1
