@@ -146,9 +146,8 @@ class StreamFlow:
         #: The connect or handshake timeout while one is pending.
         self._timer: asyncio.TimerHandle | None = None
         self._where = ""
-        if kind is Kind.TLS:
-            if ssl_context is None:
-                raise ValueError("a TLS flow needs an ssl_context")
+        # A TLS flow without a context is refused by connect(), as a failed connect.
+        if kind is Kind.TLS and ssl_context is not None:
             self._in: ssl.MemoryBIO | None = ssl.MemoryBIO()
             self._out: ssl.MemoryBIO | None = ssl.MemoryBIO()
             self._ssl: ssl.SSLObject | None = ssl_context.wrap_bio(
@@ -358,6 +357,9 @@ class StreamFlow:
         self._loop = loop
         self._on_done = on_done
         self._where = f"{host}:{port}"
+        if self.kind is Kind.TLS and self._ssl is None:
+            loop.call_soon(self._done, ValueError("no TLS context (--ca) for a TLS target"))
+            return
         try:
             sock = socket.socket(
                 socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
@@ -393,9 +395,7 @@ class StreamFlow:
         if err:
             self._fail(OSError(err, os.strerror(err)))
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         try:
             self.local = _addr(sock.getsockname())
             self.remote = _addr(sock.getpeername())
@@ -413,12 +413,15 @@ class StreamFlow:
         self._timer = None
         self._fail(TimeoutError())
 
-    def _done(self, exc: BaseException | None) -> None:
-        """Report the end of :meth:`connect` once, from the loop."""
-        on_done, self._on_done = self._on_done, None
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _done(self, exc: BaseException | None) -> None:
+        """Report the end of :meth:`connect` once, from the loop."""
+        on_done, self._on_done = self._on_done, None
+        self._cancel_timer()
         if on_done is None or self._loop is None:
             return
         if exc is None and not self.open:
@@ -515,9 +518,7 @@ class StreamFlow:
     def cancel(self) -> None:
         """Give up a :meth:`connect` in progress without its report, and close."""
         self._on_done = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         self._gone()
 
     def __repr__(self) -> str:
@@ -552,8 +553,6 @@ async def open_stream(
     :class:`~sipdrill.sip.transport.TransportError` (the cause chained)."""
     if kind is Kind.UDP:
         raise ValueError("open_stream is for TCP and TLS")
-    if kind is Kind.TLS and ssl_context is None:
-        raise TransportError(kind, f"{host}:{port}", "no TLS context (--ca) for a TLS target")
     loop = asyncio.get_running_loop()
     flow = StreamFlow(
         sink,
@@ -582,8 +581,7 @@ async def open_stream(
     try:
         error = await done
     except BaseException:
-        flow._on_done = None
-        flow.abort()
+        flow.cancel()
         raise
     if error is not None:
         raise error

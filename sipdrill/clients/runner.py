@@ -661,12 +661,6 @@ class ClientRunner:
         ep = self.endpoints[index]
         kind = target.transport
         tls = kind is Kind.TLS
-        if tls and self.config.ssl_context is None:
-            if slot:
-                self._release_slot()
-            detail = f"{target.address}:{target.port}: no TLS context (--ca) for a TLS target"
-            self._call(index, lambda e: e.connect_failed(conn, Failure.TLS, detail))
-            return
         limits = self.transport.limits
         flow = StreamFlow(
             self,

@@ -201,6 +201,13 @@ async def test_refused_and_handshake_timeout(ca: LabCA) -> None:
     assert classify_connect_error(info.value) is Failure.REFUSED
 
 
+async def test_a_tls_connect_without_a_context_fails_without_a_socket() -> None:
+    with pytest.raises(TransportError) as info:
+        await open_stream(Sink(), Kind.TLS, HOST, 5061)  # nothing listens: never dialled
+    assert "no TLS context (--ca)" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 async def test_tcp_flow_and_framing_error_closes(ca: LabCA) -> None:
     sink = Sink()
     async with server(None) as (port, peers):
