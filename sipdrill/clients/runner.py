@@ -202,6 +202,16 @@ def classify_connect_error(exc: BaseException) -> Failure:
     return Failure.UNREACHABLE
 
 
+@dataclass(slots=True)
+class _Connect:
+    """A stream connect in progress; ``hold`` is its slot-hold timer while it holds a slot."""
+
+    index: int
+    conn: int
+    endpoint: Endpoint
+    hold: asyncio.TimerHandle | None
+
+
 class ClientRunner:
     """Runs ``config.users`` as endpoints. Use inside a running loop::
 
@@ -251,11 +261,10 @@ class ClientRunner:
         self._ramp_task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         # Free connect slots (None: no limit), the connects waiting for one as
-        # (index, conn, target, endpoint), and the stream connects in progress:
-        # flow -> (index, conn, endpoint, slot-hold timer while the slot is held).
+        # (index, conn, target, endpoint), and the stream connects in progress.
         self._slots: int | None = None
         self._slot_queue: collections.deque[tuple[int, int, Target, Endpoint]] = collections.deque()
-        self._connects: dict[StreamFlow, tuple[int, int, Endpoint, asyncio.TimerHandle | None]] = {}
+        self._connects: dict[StreamFlow, _Connect] = {}
         self.faults = 0
         # Connects in progress, and connects since the heap was last trimmed.
         self._connecting = 0
@@ -345,9 +354,9 @@ class ClientRunner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._slot_queue.clear()
         connects, self._connects = self._connects, {}
-        for flow, (_index, _conn, _ep, hold) in connects.items():
-            if hold is not None:
-                hold.cancel()
+        for flow, pending in connects.items():
+            if pending.hold is not None:
+                pending.hold.cancel()
             flow.cancel()
         self._connecting -= len(connects)
         streams = [f for f in self._flow if isinstance(f, StreamFlow)]
@@ -650,9 +659,9 @@ class ClientRunner:
         self._slots += 1
 
     def _slot_held_long_enough(self, flow: StreamFlow) -> None:
-        state = self._connects.get(flow)
-        if state is not None and state[3] is not None:
-            self._connects[flow] = (*state[:3], None)
+        pending = self._connects.get(flow)
+        if pending is not None and pending.hold is not None:
+            pending.hold = None
             self._release_slot()
 
     def _open_stream(self, index: int, conn: int, target: Target, *, slot: bool) -> None:
@@ -676,7 +685,7 @@ class ClientRunner:
             if slot
             else None
         )
-        self._connects[flow] = (index, conn, ep, hold)
+        self._connects[flow] = _Connect(index, conn, ep, hold)
         self._connecting += 1
         self._connects_since_trim += 1
         flow.connect(
@@ -690,18 +699,17 @@ class ClientRunner:
         )
 
     def _stream_connected(self, flow: StreamFlow, error: TransportError | None) -> None:
-        state = self._connects.pop(flow, None)
-        if state is None:  # closed meanwhile
+        pending = self._connects.pop(flow, None)
+        if pending is None:  # closed meanwhile
             return
-        index, conn, ep, hold = state
         self._connecting -= 1
-        if hold is not None:
-            hold.cancel()
+        if pending.hold is not None:
+            pending.hold.cancel()
             self._release_slot()
         if error is not None:
-            self._connect_failed(index, conn, ep, error)
+            self._connect_failed(pending.index, pending.conn, pending.endpoint, error)
             return
-        self._adopt(index, conn, ep, flow, flow.local)
+        self._adopt(pending.index, pending.conn, pending.endpoint, flow, flow.local)
 
     def _connect_failed(self, index: int, conn: int, ep: Endpoint, exc: BaseException) -> None:
         failure = classify_connect_error(exc)
