@@ -70,6 +70,7 @@ from sipdrill.clients.events import (
     WorkloadResult,
 )
 from sipdrill.errors import SipdrillError
+from sipdrill.sip import grammar
 from sipdrill.sip.keepalive import Backoff, FlowFailed, KeepAlive, KeepAliveConfig, SendPing
 from sipdrill.sip.message import IndexedHeaders, ParsedRequest, make_response, serialize
 from sipdrill.sip.srv import order_srv
@@ -1173,13 +1174,8 @@ class Endpoint:
                         self._local[1],
                     )
                 if ours:
-                    # Parameter names are case-insensitive (RFC 3261 7.3.1).
-                    mine = _int(
-                        next(
-                            (v for k, v in contact.parameters.items() if k.lower() == "expires"),
-                            None,
-                        )
-                    )
+                    spelled = grammar.param_name(contact.parameters, "expires")
+                    mine = _int(contact.parameters.get(spelled) if spelled else None)
                     break
             if mine is not None:
                 break

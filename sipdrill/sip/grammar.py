@@ -51,6 +51,20 @@ def _new(cls: type[Any], fields: dict[str, Any]) -> Any:
 _EMPTY_PARAMETERS = Parameters()
 
 
+def param_name(parameters: Parameters, name: str) -> str | None:
+    """The parameter ``name`` (lower case) as spelled in ``parameters``, or None.
+
+    RFC 3261 7.3.1: parameter names are case-insensitive; sipmessage keeps them
+    as sent, so ``parameters.get("expires")`` misses ``;EXPIRES=0``.
+    """
+    if name in parameters:
+        return name
+    for key in parameters:
+        if key.lower() == name:
+            return str(key)
+    return None
+
+
 def _parameters(text: str) -> Parameters:
     """``;a=b;c`` already validated by a sipmessage pattern, with nothing to decode."""
     if not text:

@@ -23,6 +23,7 @@ from typing import Protocol
 from sipmessage import URI, Address, Parameters, Request, Response
 from sipmessage.address import quote
 
+from sipdrill.sip.grammar import param_name
 from sipdrill.sip.message import make_response
 
 __all__ = [
@@ -348,10 +349,11 @@ class Registrar:
             raise _BadRequest(400, "Bad Contact") from None
         # The raw value can stand for the binding only if it is the one contact.
         echo = raw[0] if len(raw) == 1 and len(contacts) == 1 else ""
-        plans: list[tuple[Address, str, int]] = []
+        plans: list[tuple[Address, str, int, str | None]] = []
         for contact in contacts:
+            spelled = param_name(contact.parameters, "expires")
             try:
-                param = _parse_delta(contact.parameters.get("expires"))
+                param = _parse_delta(contact.parameters.get(spelled) if spelled else None)
             except ValueError:
                 raise _BadRequest(400, "Bad Contact expires") from None
             expires = param if param is not None else header_expires
@@ -361,24 +363,24 @@ class Registrar:
                 raise _BadRequest(
                     423, "Interval Too Brief", (("Min-Expires", str(self.expiry_min)),)
                 )
-            plans.append((contact, _contact_key(contact), min(expires, self.expiry_max)))
+            plans.append((contact, _contact_key(contact), min(expires, self.expiry_max), spelled))
         current = self._bindings.get(aor, {})
         # RFC 10.3 step 7: a lower (or equal) CSeq from the same Call-ID
         # aborts the whole request before anything changes.
-        for _, key, _ in plans:
+        for _, key, _, _ in plans:
             old = current.get(key)
             if old is not None and old.call_id == call_id and cseq <= old.cseq:
                 raise _BadRequest(500, "Out of order CSeq")
         events: list[RegistrarEvent] = []
-        for contact, key, expires in plans:
+        for contact, key, expires, spelled in plans:
             old = current.get(key)
             if expires == 0:
                 if old is not None:
                     events.append(BindingRemoved(self._drop(aor, key)))
                 continue
             text = echo
-            if "expires" in contact.parameters:
-                params = {k: v for k, v in contact.parameters.items() if k != "expires"}
+            if spelled is not None:
+                params = {k: v for k, v in contact.parameters.items() if k != spelled}
                 contact = Address(contact.uri, contact.name, Parameters(**params))
                 text = ""
             binding = Binding(

@@ -123,7 +123,6 @@ class TestBasics:
         assert reg.handle(register(user="Alice", domain="EXAMPLE.com"), 0.0).status == 200
         assert len(reg.lookup("sip:alice@example.com")) == 1
 
-
     def test_200_echoes_a_lone_contact_as_sent(self) -> None:
         sent = '<sip:alice@10.0.0.1:5061;transport=TLS>;+sip.instance="<urn:uuid:1>";reg-id=1;q=0.5'
         result = Registrar(DOMAIN).handle(register(contacts=[sent]), 100.0)
@@ -164,6 +163,19 @@ class TestRules:
         )
         assert [type(e) for e in result.events] == [BindingRemoved]
         assert list(contact_expires(result.response)) == ["sip:a@10.0.0.2"]
+
+    @pytest.mark.parametrize("spelled", ["EXPIRES", "Expires"])
+    def test_the_expires_parameter_name_is_case_insensitive(self, spelled: str) -> None:
+        """RFC 3261 7.3.1: ;EXPIRES=0 removes like ;expires=0, and a granted
+        contact is echoed with one expires parameter, ours."""
+        reg = Registrar(DOMAIN)
+        result = reg.handle(register(contacts=[f"<sip:a@10.0.0.1>;{spelled}=400;q=0.5"]), 0.0)
+        assert result.response.headers.getlist("Contact") == ["<sip:a@10.0.0.1>;q=0.5;expires=400"]
+        result = reg.handle(
+            register(contacts=[f"<sip:a@10.0.0.1>;{spelled}=0"], expires=800, cseq=2), 1.0
+        )
+        assert [type(e) for e in result.events] == [BindingRemoved]
+        assert len(reg) == 0
 
     def test_star_with_expires_zero_removes_all(self) -> None:
         reg = Registrar(DOMAIN)
