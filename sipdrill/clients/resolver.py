@@ -8,14 +8,15 @@ RRset's TTL, NXDOMAIN/NODATA for the SOA's negative TTL, RFC 2308), and
 identical queries in flight are asked once: a storm of 10,000 endpoints
 re-resolving the same SRV name costs one query.
 
-:meth:`Resolver.resolve` never raises for DNS trouble: a timeout or a
-SERVFAIL comes back as a :class:`~sipdrill.clients.dnscache.DnsAnswer`
+:meth:`Resolver.lookup` and :meth:`Resolver.resolve` never raise for DNS
+trouble: a timeout or a SERVFAIL comes back as a :class:`~sipdrill.clients.dnscache.DnsAnswer`
 with that status, which the endpoint treats as "try the next name".
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,6 +32,8 @@ from sipdrill.clients.dnscache import DnsAnswer, DnsStatus, TtlCache, normalise_
 from sipdrill.sip.srv import SrvRecord
 
 __all__ = ["Resolver", "parse_nameserver"]
+
+log = logging.getLogger(__name__)
 
 
 def parse_nameserver(text: str, default_port: int = 53) -> tuple[str, int]:
@@ -90,30 +93,62 @@ class Resolver:
         self.source = source
         self.clock = clock
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self._queries_in_flight: set[asyncio.Task[None]] = set()
         self.queries = 0
 
-    async def resolve(self, qname: str, rtype: str) -> DnsAnswer:
-        """The answer for ``qname``/``rtype`` (``A`` or ``SRV``), from the cache if fresh."""
+    def lookup(self, qname: str, rtype: str) -> asyncio.Future[DnsAnswer]:
+        """The answer for ``qname``/``rtype`` (``A`` or ``SRV``) as a future.
+
+        Done at once from the cache if fresh; otherwise the query in flight for
+        the same name, or a new one. A storm of endpoints waits on one future
+        with a callback each instead of a task each. Only :meth:`close` cancels
+        a query; a waiter that gives up leaves it to the others.
+        """
+        loop = asyncio.get_running_loop()
         rtype = rtype.upper()
         cached = self.cache.get(qname, rtype, self.clock())
         if cached is not None:
-            return cached
+            done: asyncio.Future[DnsAnswer] = loop.create_future()
+            done.set_result(cached)
+            return done
         key = TtlCache.key(qname, rtype)
         pending = self._inflight.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
+            return pending
+        future: asyncio.Future[DnsAnswer] = loop.create_future()
         self._inflight[key] = future
+        task = loop.create_task(self._fill(key, rtype, future))
+        self._queries_in_flight.add(task)
+        task.add_done_callback(self._queries_in_flight.discard)
+        return future
+
+    async def resolve(self, qname: str, rtype: str) -> DnsAnswer:
+        """The answer for ``qname``/``rtype`` (``A`` or ``SRV``), from the cache if fresh."""
+        return await asyncio.shield(self.lookup(qname, rtype))
+
+    async def close(self) -> None:
+        """Cancel the queries in flight; their waiters see the cancellation."""
+        tasks = list(self._queries_in_flight)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fill(
+        self, key: tuple[str, str], rtype: str, future: asyncio.Future[DnsAnswer]
+    ) -> None:
         try:
             answer = await self._query(key[0], rtype)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:  # a resolver bug: logged once, every waiter sees it
+            log.exception("resolving %s %s", key[0], rtype)
+            future.set_exception(exc)
+            future.exception()  # retrieved here: waiters that gave up must not warn
+        else:
             self.cache.put(answer, self.clock())
             future.set_result(answer)
-            return answer
-        except BaseException as exc:
-            # Cancelled: waiters see the cancellation too, and ask again.
-            future.set_exception(exc)
-            future.exception()
-            raise
         finally:
             del self._inflight[key]
 

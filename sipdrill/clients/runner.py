@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import functools
 import gc
 import heapq
 import logging
@@ -352,6 +353,8 @@ class ClientRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._resolver is not None:
+            await self._resolver.close()
         self._slot_queue.clear()
         connects, self._connects = self._connects, {}
         for flow, pending in connects.items():
@@ -532,7 +535,7 @@ class ClientRunner:
                 if flow is not None and not flow.ping():
                     self._lost(index, out.conn, "ping failed: the flow is closed")
             elif isinstance(out, Resolve):
-                self._spawn(self._resolve(index, out))
+                self._resolve(index, out)
             elif isinstance(out, Connect):
                 self._begin_connect(index, out.conn, out.target)
             elif isinstance(out, Close) and self._fconn[index] == out.conn:
@@ -621,20 +624,30 @@ class ClientRunner:
         if not flow.send(out.data):
             self._lost(index, out.conn, "send failed: the flow is closed")
 
-    async def _resolve(self, index: int, query: Resolve) -> None:
+    def _resolve(self, index: int, query: Resolve) -> None:
+        """Wait for the answer with a callback on the resolver's future (one per name)."""
+        assert self._loop is not None
         ep = self.endpoints[index]
         if self._resolver is None:
             answer = DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail="no nameserver")
+            done: asyncio.Future[DnsAnswer] = self._loop.create_future()
+            done.set_result(answer)
         else:
-            try:
-                answer = await self._resolver.resolve(query.qname, query.rtype)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a resolver bug must not lose the endpoint
-                log.exception("resolving %s %s", query.qname, query.rtype)
-                answer = DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail=str(exc))
-        if self.endpoints[index] is ep:
-            self._call(index, lambda e: e.dns_result(answer))
+            done = self._resolver.lookup(query.qname, query.rtype)
+        done.add_done_callback(functools.partial(self._resolved, index, ep, query))
+
+    def _resolved(
+        self, index: int, ep: Endpoint, query: Resolve, done: asyncio.Future[DnsAnswer]
+    ) -> None:
+        if done.cancelled() or self.endpoints[index] is not ep:
+            return  # closing, or the endpoint was replaced
+        exc = done.exception()
+        answer = (
+            DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail=str(exc))
+            if exc is not None
+            else done.result()
+        )
+        self._call(index, lambda e: e.dns_result(answer))
 
     def _begin_connect(self, index: int, conn: int, target: Target) -> None:
         if target.transport is Kind.UDP:

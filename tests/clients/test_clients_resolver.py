@@ -56,6 +56,50 @@ async def test_identical_queries_in_flight_are_asked_once(tmp_path: Path) -> Non
     assert all(x is answers[0] for x in answers)
 
 
+async def test_a_waiter_that_gives_up_leaves_the_query_to_the_others(tmp_path: Path) -> None:
+    topology = write_topology(tmp_path / "lab.yaml", 5061, 5062)
+    async with lab_dns(topology) as (port, _store):
+        resolver = Resolver([(HOST, port)])
+        quitter = asyncio.create_task(resolver.resolve("pool1.lab.local", "A"))
+        await asyncio.sleep(0)
+        waiter = resolver.lookup("pool1.lab.local", "A")
+        quitter.cancel()
+        answer = await waiter
+        cached = resolver.lookup("pool1.lab.local", "A")
+    assert quitter.cancelled()
+    assert answer.status is DnsStatus.OK and answer.addresses == (HOST,)
+    assert cached.done() and cached.result() is answer  # from the cache, at once
+    assert resolver.queries == 1
+
+
+async def test_close_cancels_the_query_in_flight_for_every_waiter() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((HOST, 0))
+        resolver = Resolver([(HOST, silent.getsockname()[1])], timeout=5, lifetime=5)
+        waiters = [resolver.lookup("pool1.lab.local", "A") for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiters)
+        await asyncio.wait_for(resolver.close(), 1)
+    assert all(w.cancelled() for w in waiters)
+    assert resolver._inflight == {}
+
+
+async def test_a_resolver_bug_reaches_every_waiter_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = Resolver([(HOST, 9)])
+
+    async def broken(qname: str, rtype: str) -> object:
+        raise RuntimeError("bug")
+
+    resolver._query = broken  # type: ignore[method-assign,assignment]
+    waiters = [resolver.lookup("pool1.lab.local", "A") for _ in range(3)]
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(w.exception(), RuntimeError) for w in waiters)
+    assert [r.message for r in caplog.records] == ["resolving pool1.lab.local A"]
+    assert resolver.cache.get("pool1.lab.local", "A", 0) is None
+
+
 async def test_a_silent_server_is_a_timeout_not_an_exception() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind((HOST, 0))
