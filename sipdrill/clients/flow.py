@@ -380,11 +380,38 @@ class StreamFlow:
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.sock = sock
             self._fd = sock.fileno()
+            if self._ssl is not None:
+                # A connect to a local peer is done before connect() returns: the
+                # ClientHello goes now, without a writer to wait for (two epoll_ctl
+                # and a loop turn per connect); if it is not, the hello waits.
+                try:
+                    connected = self._send_hello(sock)
+                except OSError as exc:  # refused or reset: the connect's own error
+                    self._fail(exc)
+                    return
+                if connected:
+                    self._start(handshake_timeout)
+                    return
             loop.add_writer(self._fd, self._connected, handshake_timeout)
             self._timer = loop.call_later(connect_timeout, self._timed_out)
         else:
             sock.close()
             loop.call_soon(self._done, OSError(err, os.strerror(err)))
+
+    def _send_hello(self, sock: socket.socket) -> bool:
+        """Make the ClientHello and send it; False (the hello kept) if not yet connected."""
+        assert self._ssl is not None and self._out is not None
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self._ssl.do_handshake()
+        hello = self._out.read()
+        try:
+            sent = sock.send(hello)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(hello):
+            self._wbuf = bytearray(hello[sent:])
+            return sent > 0
+        return True
 
     def _connected(self, handshake_timeout: float) -> None:
         sock, loop = self.sock, self._loop
@@ -396,6 +423,12 @@ class StreamFlow:
             self._fail(OSError(err, os.strerror(err)))
             return
         self._cancel_timer()
+        self._start(handshake_timeout)
+
+    def _start(self, handshake_timeout: float) -> None:
+        """The TCP connect is done: read, and (TLS) hand-shake within the timeout."""
+        sock, loop = self.sock, self._loop
+        assert sock is not None and loop is not None
         try:
             self.local = _addr(sock.getsockname())
             self.remote = _addr(sock.getpeername())
@@ -407,7 +440,12 @@ class StreamFlow:
             self._established()
             return
         self._timer = loop.call_later(handshake_timeout, self._timed_out)
-        self._handshake()
+        pending = self._wbuf
+        if pending is None:
+            self._handshake()
+        else:  # the ClientHello (or its rest) made before the connect was done
+            self._wbuf = None
+            self._write(bytes(pending))
 
     def _timed_out(self) -> None:
         self._timer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -199,6 +200,48 @@ async def test_refused_and_handshake_timeout(ca: LabCA) -> None:
     with pytest.raises(TransportError) as info:
         await open_stream(sink, Kind.TLS, HOST, port, ssl_context=client_context(ca))
     assert classify_connect_error(info.value) is Failure.REFUSED
+
+
+async def test_a_connect_not_done_at_once_sends_its_hello_when_it_is(
+    ca: LabCA, server_ctx: ssl.SSLContext
+) -> None:
+    # A full accept queue drops our SYN, so the connect is still in progress
+    # when connect() returns (on loopback it never is otherwise): the ClientHello
+    # must wait for the connect, then go exactly once.
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection((HOST, port))
+    sink = Sink()
+    connecting = asyncio.create_task(
+        open_stream(
+            sink, Kind.TLS, HOST, port, ssl_context=client_context(ca), server_hostname=NAME
+        )
+    )
+    peers: list[Peer] = []
+    try:
+        await asyncio.sleep(0.3)
+        assert not connecting.done()
+        listener.setblocking(False)
+        # create_server listens again with room: the client's SYN retry gets in.
+        srv = await asyncio.get_running_loop().create_server(
+            lambda: Peer(peers), sock=listener, ssl=server_ctx
+        )
+        flow = await asyncio.wait_for(connecting, 8)
+        assert flow.open and flow.remote == (HOST, port)
+        assert flow.ping()
+        await wait_for(lambda: sink.pongs == 1, 2, "the pong")
+        flow.abort()
+        srv.close()
+        for peer in peers:
+            if peer.transport is not None:
+                peer.transport.abort()
+        await srv.wait_closed()
+    finally:
+        connecting.cancel()
+        filler.close()
+        listener.close()
 
 
 async def test_a_tls_connect_without_a_context_fails_without_a_socket() -> None:
