@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import fields
 
-from sipdrill.clients.events import Failure, Mode, ModeChanged, TargetFailed, event_to_dict
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from sipdrill.clients.events import (
+    ClientEvent,
+    Failure,
+    Mode,
+    ModeChanged,
+    TargetFailed,
+    event_to_dict,
+    event_to_json,
+)
 from sipdrill.clients.metrics import EventLog
 
 
@@ -73,3 +85,31 @@ def test_compressed_blocks_answer_like_a_plain_buffer() -> None:
             ]
     # Old blocks are let go, not just skipped.
     assert len(log._blocks) <= 10 // _SmallBlocks.BLOCK + 2
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(),
+    st.booleans(),
+    st.sampled_from(list(Mode)),
+    st.sampled_from(list(Failure)),
+    st.tuples(st.text(max_size=4), st.sampled_from(list(Mode))),
+)
+_KINDS = ClientEvent.__subclasses__()
+
+
+@example(cls=ModeChanged, values=[float("nan"), float("-inf"), True, *[None] * 13], seq=None)
+@given(
+    cls=st.sampled_from(_KINDS),
+    values=st.lists(_ANY, min_size=16, max_size=16),
+    seq=st.none() | st.integers(min_value=0),
+)
+def test_the_per_class_encoder_writes_what_the_generic_encoder_writes(
+    cls: type[ClientEvent], values: list[object], seq: int | None
+) -> None:
+    # Any value in any field, of its declared type or not: the same JSON text.
+    event = cls(**{f.name: v for f, v in zip(fields(cls), values, strict=False)})
+    generic = json.dumps(event_to_dict(event, seq), separators=(",", ":"))
+    assert event_to_json(event, seq) == generic
