@@ -61,9 +61,18 @@ class DnsAnswer:
         return self.addresses
 
 
+_NORMALISED: dict[str, str] = {}
+
+
 def normalise_name(name: str) -> str:
-    # Interned: 10,000 endpoints keep the same few pool names, once.
-    return sys.intern(name.lower().rstrip("."))
+    # Interned: 10,000 endpoints keep the same few pool names, once. Remembered:
+    # a reconnect normalises the same dozen names again (~14 calls).
+    done = _NORMALISED.get(name)
+    if done is None:
+        done = sys.intern(name.lower().rstrip("."))
+        if len(_NORMALISED) < 4096:
+            _NORMALISED[name] = done
+    return done
 
 
 class TtlCache:

@@ -421,6 +421,13 @@ def _q(address: Address) -> float:
     return q if 0.0 <= q <= 1.0 else 0.0
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_uri(text: str) -> URI:
+    # Every REGISTER of every endpoint has the same Request-URI (the domain);
+    # URIs are frozen, and no request's URI is changed in place.
+    return URI.parse(text)
+
+
 def _has_service(answer: DnsAnswer) -> bool:
     """RFC 2782: a lone "." target means the service is decidedly not available."""
     srv = answer.srv
@@ -1029,7 +1036,7 @@ class Endpoint:
     ) -> Request:
         # A ParsedRequest memoizes Via and CSeq, which the transaction layer
         # reads back at once (sipmessage's Request parses them on every read).
-        request = ParsedRequest(method, URI.parse(ruri), body)
+        request = ParsedRequest(method, _parse_uri(ruri), body)
         cast(IndexedHeaders, request.headers).extend(
             (
                 ("Via", self._via(self.transactions.new_branch())),
