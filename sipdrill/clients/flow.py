@@ -399,7 +399,8 @@ class StreamFlow:
             loop.call_soon(self._done, OSError(err, os.strerror(err)))
 
     def _send_hello(self, sock: socket.socket) -> bool:
-        """Make the ClientHello and send it; False (the hello kept) if not yet connected."""
+        """Make the ClientHello and send it: False if not yet connected. What is not
+        sent waits in the write buffer for :meth:`_start`."""
         assert self._ssl is not None and self._out is not None
         with contextlib.suppress(ssl.SSLWantReadError):
             self._ssl.do_handshake()
@@ -440,10 +441,9 @@ class StreamFlow:
             self._established()
             return
         self._timer = loop.call_later(handshake_timeout, self._timed_out)
+        # connect() made the ClientHello; what it could not send goes now.
         pending = self._wbuf
-        if pending is None:
-            self._handshake()
-        else:  # the ClientHello (or its rest) made before the connect was done
+        if pending is not None:
             self._wbuf = None
             self._write(bytes(pending))
 

@@ -9,8 +9,9 @@ identical queries in flight are asked once: a storm of 10,000 endpoints
 re-resolving the same SRV name costs one query.
 
 :meth:`Resolver.lookup` and :meth:`Resolver.resolve` never raise for DNS
-trouble: a timeout or a SERVFAIL comes back as a :class:`~sipdrill.clients.dnscache.DnsAnswer`
-with that status, which the endpoint treats as "try the next name".
+trouble: a timeout or a SERVFAIL comes back as a
+:class:`~sipdrill.clients.dnscache.DnsAnswer` with that status, which the
+endpoint treats as "try the next name".
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Resolver:
     ) -> None:
         try:
             answer = await self._query(key[0], rtype)
+            self.cache.put(answer, self.clock())
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -147,7 +149,6 @@ class Resolver:
             future.set_exception(exc)
             future.exception()  # retrieved here: waiters that gave up must not warn
         else:
-            self.cache.put(answer, self.clock())
             future.set_result(answer)
         finally:
             del self._inflight[key]
