@@ -37,6 +37,13 @@ __all__ = ["Resolver", "parse_nameserver"]
 log = logging.getLogger(__name__)
 
 
+def _retrieved(query: asyncio.Task[DnsAnswer]) -> None:
+    # Waiters that gave up must not leave "exception was never retrieved":
+    # the resolver logged it already.
+    if not query.cancelled():
+        query.exception()
+
+
 def parse_nameserver(text: str, default_port: int = 53) -> tuple[str, int]:
     """``127.0.0.1:5353``, ``127.0.0.1`` or ``[::1]:5353`` to (host, port)."""
     text = text.strip()
@@ -93,17 +100,17 @@ class Resolver:
         self.negative_ttl = negative_ttl
         self.source = source
         self.clock = clock
-        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
-        self._queries_in_flight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[tuple[str, str], asyncio.Task[DnsAnswer]] = {}
         self.queries = 0
 
     def lookup(self, qname: str, rtype: str) -> asyncio.Future[DnsAnswer]:
         """The answer for ``qname``/``rtype`` (``A`` or ``SRV``) as a future.
 
         Done at once from the cache if fresh; otherwise the query in flight for
-        the same name, or a new one. A storm of endpoints waits on one future
-        with a callback each instead of a task each. Only :meth:`close` cancels
-        a query; a waiter that gives up leaves it to the others.
+        the same name (a task: its own future), or a new one. A storm of
+        endpoints waits on one future with a callback each instead of a task
+        each. Only :meth:`close` cancels a query; a waiter that gives up leaves
+        it to the others.
         """
         loop = asyncio.get_running_loop()
         rtype = rtype.upper()
@@ -113,15 +120,11 @@ class Resolver:
             done.set_result(cached)
             return done
         key = TtlCache.key(qname, rtype)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return pending
-        future: asyncio.Future[DnsAnswer] = loop.create_future()
-        self._inflight[key] = future
-        task = loop.create_task(self._fill(key, rtype, future))
-        self._queries_in_flight.add(task)
-        task.add_done_callback(self._queries_in_flight.discard)
-        return future
+        query = self._inflight.get(key)
+        if query is None:
+            query = self._inflight[key] = loop.create_task(self._fill(key, rtype))
+            query.add_done_callback(_retrieved)
+        return query
 
     async def resolve(self, qname: str, rtype: str) -> DnsAnswer:
         """The answer for ``qname``/``rtype`` (``A`` or ``SRV``), from the cache if fresh."""
@@ -129,29 +132,22 @@ class Resolver:
 
     async def close(self) -> None:
         """Cancel the queries in flight; their waiters see the cancellation."""
-        tasks = list(self._queries_in_flight)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        queries = list(self._inflight.values())
+        for query in queries:
+            query.cancel()
+        if queries:
+            await asyncio.gather(*queries, return_exceptions=True)
 
-    async def _fill(
-        self, key: tuple[str, str], rtype: str, future: asyncio.Future[DnsAnswer]
-    ) -> None:
+    async def _fill(self, key: tuple[str, str], rtype: str) -> DnsAnswer:
         try:
             answer = await self._query(key[0], rtype)
             self.cache.put(answer, self.clock())
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except Exception as exc:  # a resolver bug: logged once, every waiter sees it
+        except Exception:  # a resolver bug: logged once, every waiter sees it
             log.exception("resolving %s %s", key[0], rtype)
-            future.set_exception(exc)
-            future.exception()  # retrieved here: waiters that gave up must not warn
-        else:
-            future.set_result(answer)
+            raise
         finally:
             del self._inflight[key]
+        return answer
 
     async def _query(self, qname: str, rtype: str) -> DnsAnswer:
         self.queries += 1
