@@ -262,6 +262,14 @@ def load_drill(path: str | Path) -> LoadedDrill:
                 )
             if a.op == "user-move" and (a.user is None or a.to not in pools):
                 err([*base, "admin"], "user-move needs `user:` and `to:` (a pool)", "add both")
+            repoint = (a.pool, a.to)
+            if a.op == "dns-repoint" and (not set(repoint) <= set(pools) or a.pool == a.to):
+                err(
+                    [*base, "admin"],
+                    "dns-repoint needs `pool:` (the failed pool) and `to:` (the pool DNS should "
+                    "name instead), two different pools of the topology",
+                    f"use two of {sorted(pools)}",
+                )
         if step.write is not None:
             _check_selector(step.write.users, pools, [*base, "write", "users"], err)
         if step.measure:

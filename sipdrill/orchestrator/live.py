@@ -15,6 +15,7 @@ from sipdrill.errors import OperationError
 from sipdrill.orchestrator.drill import AdminStep, FaultStep, WriteStep
 from sipdrill.orchestrator.engine import ClientCount
 from sipdrill.orchestrator.plan import Role, ServiceSpec
+from sipdrill.orchestrator.repoint import repoint_changes
 from sipdrill.topology import Topology
 
 #: The clients' mode names (sipdrill.clients.endpoint.Mode) in the drill file's words.
@@ -169,6 +170,8 @@ class LiveLab:
                 if backup is None:
                     raise OperationError("no-backup", f"{op.pool} has no Backup Service", 409)
                 return dict(await backup.sync())
+        if op.op == "dns-repoint":
+            return self._dns_repoint(op.pool or "", op.to or "")
         if op.op == "user-move":
             r = self.http.post(
                 f"{self._pool_url(op.to or '')}/admin/users/move",
@@ -178,6 +181,35 @@ class LiveLab:
                 raise OperationError("user-move", r.text, r.status_code)
             return dict(r.json())
         raise OperationError("not-available", f"{op.op} is not implemented yet", 501)
+
+    def _dns_repoint(self, old: str, new: str) -> dict[str, Any]:
+        """Point every DNS view's lookup records from ``old`` to ``new`` in one
+        atomic change (one serial bump): seed 001's last recovery step."""
+        pools = {p.fqdn: p for p in self.topology.pools}
+        if old not in pools or new not in pools or old == new:
+            raise OperationError(
+                "dns-repoint", f"needs two different pools of the topology: {sorted(pools)}", 422
+            )
+        dns_url = next((s.control_url for s in self.specs if s.role is Role.DNS), None)
+        if dns_url is None:
+            raise OperationError("no-dns", "this lab runs no DNS server", 409)
+        hosts = [fe.fqdn for fe in pools[old].front_ends]
+        changes: list[dict[str, Any]] = []
+        for view in self._dns_get(f"{dns_url}/zone")["views"]:
+            records = self._dns_get(f"{dns_url}/records", view=view)
+            changes += repoint_changes(records, old, new, old_hosts=hosts, view=view)
+        if not changes:
+            raise OperationError("dns-repoint", f"no SRV or address record points to {old}", 409)
+        r = self.http.post(f"{dns_url}/changes", json={"changes": changes})
+        if r.status_code >= 300:
+            raise OperationError("dns-repoint", r.text, r.status_code)
+        return {"operation": "dns-repoint", "from": old, "to": new, **r.json(), "changes": changes}
+
+    def _dns_get(self, url: str, **params: str) -> Any:
+        r = self.http.get(url, params=params)
+        if r.status_code >= 300:
+            raise OperationError("dns-repoint", f"{url}: {r.text}", r.status_code)
+        return r.json()
 
     def data_report(self) -> dict[str, Any]:
         report: dict[str, Any] = {"writes": dict(self.written), "operations": self.operations}

@@ -72,6 +72,21 @@ def test_expectation_on_unmeasured_metric(tmp_path: Path) -> None:
     assert i.field == "expect.nope" and i.line == 6
 
 
+@pytest.mark.parametrize(
+    "step",
+    [
+        "{op: dns-repoint, pool: pool1.lab.local}",
+        "{op: dns-repoint, pool: pool1.lab.local, to: pool9.lab.local}",
+        "{op: dns-repoint, pool: pool1.lab.local, to: pool1.lab.local}",
+    ],
+)
+def test_dns_repoint_needs_two_pools(tmp_path: Path, step: str) -> None:
+    p = write_drill(tmp_path, f"name: d\nsteps:\n  - admin: {step}\n")
+    (i,) = issues(p)
+    assert i.field == "steps[0].admin" and i.line == 4
+    assert "dns-repoint needs `pool:`" in i.message and P2 in i.fix
+
+
 def test_unknown_step_kind_is_named(tmp_path: Path) -> None:
     p = write_drill(tmp_path, "name: d\nsteps:\n  - explode: now\n")
     fields = {i.field for i in issues(p)}
