@@ -3,9 +3,6 @@ the drill's admin step against the real DNS control API and zone."""
 
 from __future__ import annotations
 
-import asyncio
-import queue
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +12,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import pytest
+from procutil import serve_in_thread
 
 from sipdrill.dns.service import DnsService
 from sipdrill.errors import OperationError
@@ -95,58 +93,41 @@ def _answer(server: tuple[str, int], name: str, rtype: str) -> list[str]:
 
 
 @pytest.fixture
-def lab() -> Iterator[tuple[LiveLab, tuple[str, int], Callable[[], int]]]:
+def lab() -> Iterator[Lab]:
     """The lab's DNS service (DNS and control API on loopback, in a thread of its
     own: LiveLab.admin runs its own event loop) and a LiveLab that knows it."""
     topology = load_topology(BUDGET_DR).topology
-    ready: queue.Queue[DnsService | BaseException] = queue.Queue()
-    loop_and_stop: queue.Queue[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
 
-    async def serve() -> None:
+    def service() -> DnsService:
+        return DnsService(
+            topology, listen=["127.0.0.1:0"], control="127.0.0.1:0", token=TOKEN, serial=100
+        )
+
+    with serve_in_thread(service) as svc:
+        assert svc.control_url is not None
+        control = urllib.parse.urlsplit(svc.control_url)
+        assert control.hostname is not None and control.port is not None
+        dns_spec = ServiceSpec(
+            name="dns",
+            role=Role.DNS,
+            network="core",
+            address=control.hostname,
+            args=(),
+            control_port=control.port,
+        )
+        live = LiveLab(
+            None,  # type: ignore[arg-type]  # no faults here
+            topology,
+            [dns_spec],
+            TOKEN,
+            loopback=True,
+            topology_path=str(BUDGET_DR),
+        )
+        host, port = svc.dns_addresses[0][:2]
         try:
-            async with DnsService(
-                topology, listen=["127.0.0.1:0"], control="127.0.0.1:0", token=TOKEN, serial=100
-            ) as svc:
-                stop = asyncio.Event()
-                loop_and_stop.put((asyncio.get_running_loop(), stop))
-                ready.put(svc)
-                await stop.wait()
-        except BaseException as exc:  # the test must hear of it, not wait
-            ready.put(exc)
-            raise
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    svc = ready.get(timeout=30)
-    if isinstance(svc, BaseException):
-        raise svc
-    assert svc.control_url is not None
-    control = urllib.parse.urlsplit(svc.control_url)
-    assert control.hostname is not None and control.port is not None
-    dns_spec = ServiceSpec(
-        name="dns",
-        role=Role.DNS,
-        network="core",
-        address=control.hostname,
-        args=(),
-        control_port=control.port,
-    )
-    live = LiveLab(
-        None,  # type: ignore[arg-type]  # no faults here
-        topology,
-        [dns_spec],
-        TOKEN,
-        loopback=True,
-        topology_path=str(BUDGET_DR),
-    )
-    host, port = svc.dns_addresses[0][:2]
-    try:
-        yield live, (host, port), lambda: svc.zone.serial
-    finally:
-        live.close()
-        loop, stop = loop_and_stop.get(timeout=1)
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
+            yield live, (host, port), lambda: svc.zone.serial
+        finally:
+            live.close()
 
 
 def test_the_drill_step_repoints_every_view_in_one_change(lab: Lab) -> None:

@@ -4,16 +4,16 @@ their own event loop)."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from procutil import serve_in_thread
 from typer.testing import CliRunner
 
 from sipdrill.cli import app
@@ -58,12 +58,9 @@ def served(tmp_path: Path) -> Iterator[ServedLab]:
     for p in (P1, P2):
         pools[p].store.seed_from_topology(topology)
     lab = ServedLab(tmp_path, topology_file, pools)
-    ready = threading.Event()
-    failed: list[BaseException] = []
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
 
-    async def main() -> None:
+    @contextlib.asynccontextmanager
+    async def serve_lab() -> AsyncIterator[ServedLab]:
         async with AsyncExitStack() as stack:
             for fqdn, pool in pools.items():
                 lab.pool_urls[fqdn] = await stack.enter_async_context(serve(pool.app))
@@ -74,28 +71,14 @@ def served(tmp_path: Path) -> Iterator[ServedLab]:
                 lab.backup_urls[fqdn] = await stack.enter_async_context(
                     serve(create_backup_app(service))
                 )
-            ready.set()
-            await stop.wait()
+            yield lab
 
-    def run() -> None:
-        try:
-            loop.run_until_complete(main())
-        except BaseException as exc:  # reported by the fixture
-            failed.append(exc)
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(30) and not failed, failed
     try:
-        yield lab
+        with serve_in_thread(serve_lab):
+            yield lab
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        loop.close()
         for pool in pools.values():
             pool.store.close()
-        assert not failed, failed
 
 
 def invoke(lab: ServedLab, *words: str, backups: bool = True) -> tuple[int, str]:
