@@ -143,6 +143,8 @@ class LiveLab:
     def admin(self, op: AdminStep) -> dict[str, Any]:
         """Run an administrator operation exactly as `sipdrill admin ...` does
         (the same library calls over the same control APIs)."""
+        if op.op == "dns-repoint":  # the DNS control API alone: no pool clients
+            return self._dns_repoint(op.pool or "", op.to or "")
         return asyncio.run(self._admin(op))
 
     async def _admin(self, op: AdminStep) -> dict[str, Any]:
@@ -170,8 +172,6 @@ class LiveLab:
                 if backup is None:
                     raise OperationError("no-backup", f"{op.pool} has no Backup Service", 409)
                 return dict(await backup.sync())
-        if op.op == "dns-repoint":
-            return self._dns_repoint(op.pool or "", op.to or "")
         if op.op == "user-move":
             r = self.http.post(
                 f"{self._pool_url(op.to or '')}/admin/users/move",
