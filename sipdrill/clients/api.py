@@ -8,6 +8,9 @@
 ``GET /events``            events, oldest first: ``since`` (wall-clock seconds),
                            ``after`` (a ``seq`` already seen), ``limit``,
                            ``user``, ``kind``; page with ``next_after``
+``GET /events.jsonl``      the same events as their JSON lines (``after``,
+                           ``limit``), for an orchestrator to ingest; headers
+                           ``X-First-Seq`` (oldest kept) and ``X-Latest-Seq``
 ``GET /metrics``           Prometheus: endpoints by mode and pool,
                            registrations, failovers, time to reconnect...
 =========================  =====================================================
@@ -112,6 +115,21 @@ def create_app(runner: ClientRunner) -> FastAPI:
             events=found,
             next_after=found[-1]["seq"] if found else after,
             latest=runner.events.seq,
+        )
+
+    @app.get("/events.jsonl")
+    def events_jsonl(
+        after: int = Query(0, ge=0, description="Only events with a larger seq."),
+        limit: int = Query(10_000, ge=1, le=100_000),
+    ) -> Response:
+        lines = runner.events.lines(after, limit)
+        return Response(
+            "".join(line + "\n" for line in lines),
+            media_type="application/x-ndjson",
+            headers={
+                "X-First-Seq": str(runner.events.first_seq()),
+                "X-Latest-Seq": str(runner.events.seq),
+            },
         )
 
     @app.get("/metrics")

@@ -242,6 +242,23 @@ class EventLog:
             lines = self._lines(data)
             yield from lines[max(0, start - first) :]
 
+    def first_seq(self) -> int:
+        """The oldest sequence number still kept (events before it are gone)."""
+        return self._first_kept()
+
+    def lines(self, after: int, limit: int) -> list[str]:
+        """The JSON lines of the events with ``seq > after``, oldest first, at most
+        ``limit``: what an orchestrator ingests, without a parse and re-encode."""
+        start = max(self._first_kept(), after + 1)
+        out: list[str] = []
+        if start > self.seq or limit <= 0:
+            return out
+        for line in self._iter_from(start):
+            out.append(line)
+            if len(out) >= limit:
+                break
+        return out
+
     def query(
         self,
         *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -16,9 +17,10 @@ from sipdrill.orchestrator.compose import DEFAULT_PORT_BASE, ComposeOptions, doc
 from sipdrill.orchestrator.compose import command_line as compose_command_line
 from sipdrill.orchestrator.compose import generate as generate_compose
 from sipdrill.orchestrator.drill import FaultKind, LoadedDrill, load_drill
-from sipdrill.orchestrator.engine import DrillEngine, DrillInterrupted, Report, signals_interrupt
+from sipdrill.orchestrator.engine import DrillInterrupted
 from sipdrill.orchestrator.local_runtime import LOCAL_FAULTS, LocalRuntime
 from sipdrill.orchestrator.plan import RuntimeKind, ServiceSpec, lab_plan
+from sipdrill.orchestrator.report import Report
 from sipdrill.topology import Topology
 from sipdrill.topology_cli import load_or_exit
 
@@ -46,15 +48,19 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _runtime(
-    kind: RuntimeKind, lab: str, state_dir: Path, topology_file: Path | None = None
+    kind: RuntimeKind,
+    lab: str,
+    state_dir: Path,
+    topology_file: Path | None = None,
+    progress: Callable[[str], None] = _progress,
 ) -> LocalRuntime | DockerLab:
     """The runtime of a lab: its state lives in ``<state_dir>/<lab>``. The docker
     runtime needs the topology file (mounted in its containers) to start a lab."""
     if kind is RuntimeKind.LOCAL:
-        return LocalRuntime(lab, state_dir / lab, progress=_progress)
+        return LocalRuntime(lab, state_dir / lab, progress=progress)
     from sipdrill.orchestrator.docker_lab import DockerLab
 
-    return DockerLab(lab, state_dir / lab, progress=_progress, topology_file=topology_file)
+    return DockerLab(lab, state_dir / lab, progress=progress, topology_file=topology_file)
 
 
 def _plan(
@@ -263,42 +269,125 @@ def drill_run(
     ),
     clients: int | None = typer.Option(None, "--clients", help="Override the client count."),
     state_dir: Path = STATE_OPT,
-    report_dir: Path = typer.Option(Path("reports"), "--report-dir"),
+    report_dir: Path = typer.Option(
+        Path("reports"), "--report-dir", help="Where the report folder is made."
+    ),
     keep: bool = typer.Option(False, "--keep", help="Leave the lab running after the drill."),
+    junit: Path | None = typer.Option(
+        None, "--junit", help="Also write the result as JUnit XML (steps and expectations)."
+    ),
 ) -> None:
     """Start the lab, run the drill's steps, heal every fault, write the report,
-    and stop the lab. Exit 0 if the drill passed, 1 otherwise."""
-    from sipdrill.orchestrator.live import LiveLab
-
+    and stop the lab. Exit 0 if every step and expectation held, 1 if one did
+    not, 2 if the lab could not be run, 130 if interrupted (Ctrl-C, SIGTERM)."""
     loaded = _load_drill_or_exit(scenario)
+    kind = runtime or RuntimeKind(loaded.drill.runtime)
+    out_dir = report_dir / f"{loaded.drill.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = run_drill(loaded, kind, clients, state_dir, out_dir, keep=keep)
+    if junit is not None:
+        from sipdrill.orchestrator.junit import write_junit
+
+        write_junit(report, junit)
+    raise typer.Exit(report.exit_code)
+
+
+@drill_app.command("compare")
+def drill_compare(
+    reports: list[Path] = typer.Argument(
+        ..., help="Report folders (or their report.json); the first is the baseline."
+    ),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write the comparison as a page with the CDFs overlaid."
+    ),
+    fail_if_slower: float | None = typer.Option(
+        None,
+        "--fail-if-slower",
+        min=0,
+        help="Exit 1 when a time (RTO, a step metric, a per-client p50/p95/max) of a later "
+        "report is more than PCT percent above the baseline's.",
+        metavar="PCT",
+    ),
+) -> None:
+    """Put drill reports side by side: RTO, RPO, step metrics and per-client
+    percentiles, with the change from the first report."""
+    from sipdrill.orchestrator.compare import compare, compare_html, load_report
+
+    try:
+        loaded = [load_report(p) for p in reports]
+    except OperationError as exc:
+        raise _fail(exc.message) from None
+    result = compare(loaded, fail_if_slower)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("metric", no_wrap=True)
+    for i, label in enumerate(result.labels):
+        table.add_column(label if i == 0 else f"{label} (vs first)", justify="right", no_wrap=True)
+    for name, values in result.rows:
+        base = values[0]
+        cells = []
+        for i, v in enumerate(values):
+            text = "-" if v is None else f"{v:.1f}"
+            if i and v is not None and base:
+                text += f" ({(v - base) / base * 100:+.0f} %)"
+            cells.append(text)
+        table.add_row(name, *cells)
+    console = _summary_console()
+    console.print(table)
+    if html is not None:
+        html.write_text(compare_html(loaded, result), encoding="utf-8")
+        console.print(f"comparison: {html}", highlight=False)
+    if result.regressions:
+        for r in result.regressions:
+            console.print(f"[red]slower:[/red] {r}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _summary_console() -> Console:
+    from sipdrill.orchestrator.terminal import summary_console
+
+    return summary_console()
+
+
+def run_drill(
+    loaded: LoadedDrill,
+    kind: RuntimeKind,
+    clients: int | None,
+    state_dir: Path,
+    out_dir: Path,
+    *,
+    keep: bool = False,
+    summary: bool = True,
+) -> Report:
+    """One drill, start to end, with its report written to ``out_dir``. Never
+    raises for a drill that failed or a lab that did not start: the report
+    says so (status ``error`` when the lab could not be run)."""
+    from sipdrill.orchestrator.engine import DrillEngine, signals_interrupt
+    from sipdrill.orchestrator.live import LiveLab
+    from sipdrill.orchestrator.terminal import DrillDisplay, print_summary
+
     d = loaded.drill
-    kind = runtime or RuntimeKind(d.runtime)
     t = loaded.topology
     lab_dir = (state_dir / t.name).resolve()
     lab_dir.mkdir(parents=True, exist_ok=True)
     topo_file = lab_dir / "topology.yaml"  # the topology with the drill's timers
     topo_file.write_text(loaded.topology_yaml)
-    rt = _runtime(kind, t.name, state_dir, topo_file)
+    display = DrillDisplay()
+    rt = _runtime(kind, t.name, state_dir, topo_file, progress=display.log)
     n_clients = d.clients.count if clients is None else clients
     specs = _plan(kind, t, topo_file, lab_dir, n_clients, d.clients.processes)
-    out_dir = report_dir / f"{d.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report: Report | None = None
-    with signals_interrupt():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(d.name, loaded.topology_path, kind.value, time.time())
+    with (
+        signals_interrupt(display.log),
+        (out_dir / "events.jsonl").open("w", encoding="utf-8") as events,
+    ):
         try:
-            _progress(f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)")
+            display.log(f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)")
             try:
                 rt.up(specs)
             except OperationError as exc:
                 # No lab, no drill: still leave a report that says why.
-                report = Report(
-                    d.name,
-                    loaded.topology_path,
-                    kind.value,
-                    time.time(),
-                    status="failed",
-                    error=f"the lab did not start: {exc.message}",
-                    healed=True,
-                )
+                report.status, report.healed = "error", True
+                report.error = f"the lab did not start: {exc.message}"
                 raise
             live = LiveLab(
                 rt,
@@ -309,20 +398,29 @@ def drill_run(
                 topology_path=str(topo_file),
             )
             try:
-                report = DrillEngine(loaded, live, progress=_progress).run()
+                with display:
+                    report = DrillEngine(
+                        loaded,
+                        live,
+                        progress=display.log,
+                        runtime=kind.value,
+                        events=events,
+                        background_events=True,
+                        on_tick=display.tick,
+                    ).run()
             finally:
                 live.close()
         except DrillInterrupted as exc:
-            raise _fail(f"drill interrupted ({exc}); every fault healed") from None
+            report.status, report.error, report.healed = "interrupted", str(exc), True
         except OperationError as exc:
-            raise _fail(exc.message) from None
+            if report.status != "error":
+                report.status, report.error = "error", exc.message
         finally:
             if not keep:
+                display.log("stopping the lab")
                 with contextlib.suppress(Exception):
                     rt.down()
-            if report is not None:
-                j, m = report.write(out_dir)
-                _console().print(report.to_markdown())
-                _console().print(f"report: {m} and {j}")
-    if report is None or report.status != "passed":
-        raise typer.Exit(1)
+            report.write(out_dir)
+    if summary:
+        print_summary(report, out_dir)
+    return report

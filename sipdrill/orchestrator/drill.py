@@ -4,7 +4,9 @@ A drill names its topology, the timers it shortens (a drill in CI cannot wait
 Microsoft's 120 s twice), how many clients to run, and a list of steps: wait
 for clients to reach a mode, inject a fault, run an administrator operation,
 write user data, heal. Steps may carry a ``measure`` name: the time the step
-took is then a metric of the report, and ``expect`` bounds metrics.
+took is then a metric of the report. ``expect`` bounds those metrics, the
+drill's RTO and RPO, and percentiles of the per-client times
+(``reconnect.p95``: see docs/measurements.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sipdrill.errors import DrillFileError, FileIssue, TopologyError
+from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
 from sipdrill.orchestrator.plan import short_name
 from sipdrill.topology import Topology, parse_topology
 from sipdrill.yamlfile import dotted, load_model
@@ -273,15 +276,25 @@ def load_drill(path: str | Path) -> LoadedDrill:
         if step.write is not None:
             _check_selector(step.write.users, pools, [*base, "write", "users"], err)
         if step.measure:
+            if step.measure in DRILL_METRICS:
+                err(
+                    [*base, "measure"],
+                    f"{step.measure!r} is a drill metric the report computes",
+                    "give the step's measure another name",
+                )
             if step.measure in measures:
                 err([*base, "measure"], f"metric {step.measure!r} is measured twice", "rename one")
             measures.add(step.measure)
     for name in drill.expect:
-        if name not in measures:
+        if name not in measures and not is_known_metric(name):
             err(
                 ["expect", name],
-                f"no step measures {name!r}",
-                f"add `measure: {name}` to a step, or use one of {sorted(measures)}",
+                f"no step measures {name!r}, and it is not a drill metric",
+                "use a step's `measure:` name"
+                + (f" ({', '.join(sorted(measures))})" if measures else "")
+                + f", one of {', '.join(DRILL_METRICS)}, or `<per-client metric>.<stat>` with a "
+                f"metric of {', '.join(CLIENT_METRICS)} and a stat of {', '.join(STATS)} "
+                "(e.g. reconnect.p95); see docs/measurements.md",
             )
     if issues:
         raise DrillFileError(fname, issues)

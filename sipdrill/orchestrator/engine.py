@@ -9,17 +9,17 @@ is healed before the engine returns or re-raises.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 from sipdrill.errors import FaultError, OperationError, SipdrillError
 from sipdrill.orchestrator.drill import AdminStep, FaultStep, LoadedDrill, Step, WaitStep, WriteStep
+from sipdrill.orchestrator.measure import Measurements, measure
+from sipdrill.orchestrator.report import Report, StepRecord
+from sipdrill.orchestrator.timeline import EventCollector, MarkKind, Timeline
 
 #: How often a wait step polls the clients.
 POLL_INTERVAL = 0.5
@@ -46,6 +46,10 @@ class LabDriver(Protocol):
     def admin(self, op: AdminStep) -> dict[str, Any]: ...
     def write(self, op: WriteStep) -> dict[str, Any]: ...
     def data_report(self) -> dict[str, Any]: ...
+    #: Clients processes whose events the drill measures: name -> control URL.
+    def event_sources(self) -> dict[str, str]: ...
+    #: ``(lines, first kept seq, latest seq)`` of one clients process after ``after``.
+    def fetch_events(self, url: str, after: int) -> tuple[list[str], int, int]: ...
 
 
 class DrillInterrupted(SipdrillError):
@@ -62,131 +66,29 @@ class StepFailed(SipdrillError):
         self.detail = detail or {}
 
 
-@dataclass
-class StepRecord:
-    index: int
-    description: str
-    action: str
-    started_at: float  # seconds since the drill started
-    duration: float | None = None
-    status: str = "running"  # passed, failed, skipped, interrupted
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
-    drill: str
-    topology: str
-    runtime: str
-    started_wall: float
-    status: str = "running"  # passed, failed, interrupted
-    error: str | None = None
-    steps: list[StepRecord] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    expectations: list[dict[str, Any]] = field(default_factory=list)
-    faults: list[dict[str, Any]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    healed: bool = False
-    duration: float = 0.0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
-
-    def to_markdown(self) -> str:
-        out = [
-            f"# Drill report: {self.drill}",
-            "",
-            f"- status: **{self.status}**" + (f" ({self.error})" if self.error else ""),
-            f"- topology: `{self.topology}`, runtime: {self.runtime}",
-            f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started_wall))}, "
-            f"duration {self.duration:.1f} s",
-            f"- every fault healed: {'yes' if self.healed else 'NO'}",
-            "",
-            "## Steps",
-            "",
-            "| # | step | at (s) | took (s) | status |",
-            "|---|---|---|---|---|",
-        ]
-        for s in self.steps:
-            took = f"{s.duration:.1f}" if s.duration is not None else "-"
-            out.append(
-                f"| {s.index + 1} | {s.description} | {s.started_at:.1f} | {took} | {s.status} |"
-            )
-        if self.metrics:
-            out += ["", "## Metrics", "", "| metric | seconds |", "|---|---|"]
-            out += [f"| {k} | {v:.1f} |" for k, v in self.metrics.items()]
-        if self.expectations:
-            out += [
-                "",
-                "## Expectations",
-                "",
-                "| metric | bound | value | ok |",
-                "|---|---|---|---|",
-            ]
-            for e in self.expectations:
-                value = "-" if e["value"] is None else f"{e['value']:.1f}"
-                out.append(
-                    f"| {e['metric']} | {e['bound']} | {value} | {'yes' if e['ok'] else 'NO'} |"
-                )
-        if self.faults:
-            out += [
-                "",
-                "## Faults",
-                "",
-                "| fault | target | injected (s) | healed (s) |",
-                "|---|---|---|---|",
-            ]
-            for f in self.faults:
-                healed = "-" if f.get("healed_at") is None else f"{f['healed_at']:.1f}"
-                out.append(f"| {f['kind']} | {f['target']} | {f['injected_at']:.1f} | {healed} |")
-        ops = self.data.get("operations") or []
-        writes = self.data.get("writes") or {}
-        if ops or writes:
-            out += ["", "## Data: what was kept and what was lost", ""]
-            if writes:
-                out.append(
-                    f"- writes acknowledged by the pools: {writes.get('acknowledged', 0)}, "
-                    f"refused: {writes.get('refused', 0)}"
-                )
-            for op in ops:
-                lost = op.get("lost_writes")
-                earlier = op.get("failover_lost_writes")
-                line = (
-                    f"- pool {op.get('operation')} of {op.get('home_pool')}"
-                    f"{' (disaster mode)' if op.get('disaster_mode') else ''}: "
-                    f"{op.get('seconds', 0):.1f} s, "
-                    f"{op.get('synced_changes', 0)} change(s) synced, "
-                    f"writes lost: {'unknown until the pool returns' if lost is None else lost}"
-                )
-                if earlier is not None:
-                    line += (
-                        f"; the earlier failover lost {earlier} write(s) taken after the last sync"
-                    )
-                out.append(line)
-        if self.data:
-            out += ["", "## Raw data", "", "```json", json.dumps(self.data, indent=2), "```"]
-        return "\n".join(out) + "\n"
-
-    def write(self, directory: Path) -> tuple[Path, Path]:
-        directory.mkdir(parents=True, exist_ok=True)
-        j = directory / "report.json"
-        m = directory / "report.md"
-        j.write_text(self.to_json())
-        m.write_text(self.to_markdown())
-        return j, m
-
-
 Progress = Callable[[str], None]
 
 
+#: A live view of the drill, for the terminal: see :meth:`DrillEngine._tick`.
+Tick = Callable[[dict[str, Any]], None]
+
+
 @contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (and SIGINT) into DrillInterrupted so `finally` blocks run."""
+def signals_interrupt(notice: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Turn the first SIGTERM or SIGINT into DrillInterrupted so `finally` blocks
+    run; later ones only say that healing is under way (a second Ctrl-C must
+    not cut the heal short and leave a network broken)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    fired: list[int] = []
 
     def handler(signum: int, _frame: Any) -> None:
+        if fired:
+            if notice is not None:
+                notice("interrupted again: still healing faults and stopping the lab, please wait")
+            return
+        fired.append(signum)
         raise DrillInterrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -198,36 +100,75 @@ def signals_interrupt() -> Iterator[None]:
 
 
 class DrillEngine:
+    """Runs the steps; measures the clients on one timeline (see
+    :mod:`sipdrill.orchestrator.measure`).
+
+    ``events``: where the timeline is written as it grows (``events.jsonl``);
+    ``background_events``: read the clients' events in a thread as well as
+    between polls (a live lab; tests on a fake clock read them in line);
+    ``on_tick``: called on every poll with what a live display shows.
+    """
+
     def __init__(
-        self, loaded: LoadedDrill, driver: LabDriver, progress: Progress | None = None
+        self,
+        loaded: LoadedDrill,
+        driver: LabDriver,
+        progress: Progress | None = None,
+        *,
+        runtime: str | None = None,
+        events: IO[str] | None = None,
+        background_events: bool = False,
+        on_tick: Tick | None = None,
     ) -> None:
         self.loaded = loaded
         self.drill = loaded.drill
         self.driver = driver
         self.progress = progress or (lambda _m: None)
+        self.runtime = runtime or self.drill.runtime
+        self.events_stream = events
+        self.background_events = background_events
+        self.on_tick = on_tick
         self._handles: dict[str, str] = {}  # fault id -> driver handle
         self._fault_rows: dict[str, dict[str, Any]] = {}
         self._t0 = 0.0
+        homes = {u.uri: u.home_pool for u in loaded.topology.all_users()}
+        self.timeline = Timeline(0.0, homes, events)
+        self._collector: EventCollector | None = None
+        self._step: tuple[StepRecord, float] | None = None
 
     def _since(self) -> float:
         return self.driver.clock() - self._t0
 
     def run(self) -> Report:
+        """Run every step and return the report. Whatever happens, every fault is
+        healed first; an interrupt (SIGINT, SIGTERM) gives a report with status
+        ``interrupted`` (exit code 130), not an exception."""
         d = self.driver
         report = Report(
             drill=self.drill.name,
             topology=self.loaded.topology_path,
-            runtime=self.drill.runtime,
+            runtime=self.runtime,
             started_wall=d.wall(),
         )
         self._t0 = d.clock()
-        interrupted: DrillInterrupted | KeyboardInterrupt | None = None
+        self.timeline.t0_wall = report.started_wall
+        self._collector = EventCollector(self.timeline, d.event_sources(), d.fetch_events)
+        if self.background_events:
+            self._collector.start()
         try:
             for i, step in enumerate(self.drill.steps):
-                rec = StepRecord(i, step.describe(), step.action, self._since())
+                rec = StepRecord(
+                    i,
+                    step.describe(),
+                    step.action,
+                    self._since(),
+                    timeout=step.timeout if step.wait is not None else None,
+                )
                 report.steps.append(rec)
+                self._mark(MarkKind.STEP, rec.description, index=i, action=step.action)
                 self.progress(f"step {i + 1}/{len(self.drill.steps)}: {rec.description}")
                 start = d.clock()
+                self._step = (rec, start)
                 try:
                     rec.detail = self._execute(step)
                 except (DrillInterrupted, KeyboardInterrupt):
@@ -251,31 +192,71 @@ class DrillEngine:
                 if step.measure:
                     report.metrics[step.measure] = rec.duration
                     self.progress(f"{step.measure} = {rec.duration:.1f} s")
+                self._poll_events()
         except (DrillInterrupted, KeyboardInterrupt) as exc:
-            interrupted = exc
             report.status = "interrupted"
             report.error = str(exc) or "interrupted"
             if report.steps and report.steps[-1].status == "running":
                 report.steps[-1].status = "interrupted"
+                report.steps[-1].duration = d.clock() - self._t0 - report.steps[-1].started_at
+            self.progress(f"[interrupted] {report.error}: healing every fault")
         finally:
+            self._step = None
             report.healed = self._heal_everything(report)
             with contextlib.suppress(Exception):
                 report.data = d.data_report()
             report.duration = self._since()
+            with contextlib.suppress(Exception):
+                self._collector.stop()
         for i, _step in enumerate(self.drill.steps[len(report.steps) :], start=len(report.steps)):
             report.steps.append(
                 StepRecord(i, _step.describe(), _step.action, report.duration, None, "skipped")
             )
         report.faults = list(self._fault_rows.values())
-        report.expectations = self._check_expectations(report.metrics)
+        measured = measure(self.timeline, report.duration)
+        report.measured = measured
+        report.measurements = measured.summary()
+        report.expectations = self._check_expectations(report.metrics, measured)
         if report.status == "running":
             failed = [e for e in report.expectations if not e["ok"]]
             report.status = "failed" if failed else "passed"
             if failed:
                 report.error = "expectations not met: " + ", ".join(e["metric"] for e in failed)
-        if interrupted is not None:
-            raise interrupted
         return report
+
+    # --- the timeline -----------------------------------------------------
+
+    def _mark(self, mark: MarkKind, label: str, /, **detail: Any) -> float:
+        t = self._since()
+        self.timeline.mark(mark, t, self.driver.wall(), label, **detail)
+        return t
+
+    def _poll_events(self) -> None:
+        if self._collector is not None:
+            self._collector.poll()
+
+    def _tick(self, **extra: Any) -> None:
+        """Tell the live display where the drill is (called on every poll)."""
+        if self.on_tick is None or self._step is None:
+            return
+        rec, start = self._step
+        info: dict[str, Any] = {
+            "step": rec.index + 1,
+            "steps": len(self.drill.steps),
+            "description": rec.description,
+            "elapsed": self.driver.clock() - start,
+            "timeout": rec.timeout,
+            "t": self._since(),
+            "faults": [
+                f"{r['kind']} {r['target']}"
+                for fid, r in self._fault_rows.items()
+                if fid in self._handles
+            ],
+            "events": self.timeline.events,
+        }
+        info.update(extra)
+        with contextlib.suppress(Exception):  # a display bug must not end a drill
+            self.on_tick(info)
 
     # --- steps ------------------------------------------------------------
 
@@ -287,24 +268,75 @@ class DrillEngine:
         if step.heal is not None:
             return self._heal(step.heal)
         if step.admin is not None:
-            return self.driver.admin(step.admin)
+            return self._admin(step.admin)
         if step.write is not None:
-            return self.driver.write(step.write)
+            return self._write(step.write)
         if step.sleep is not None:
-            self.driver.sleep(step.sleep)
+            self._sleep(step.sleep)
             return {}
         raise AssertionError("validated: one action")
+
+    def _sleep(self, seconds: float) -> None:
+        d = self.driver
+        end = d.clock() + seconds
+        while (left := end - d.clock()) > 0:
+            d.sleep(min(POLL_INTERVAL * 2, left))
+            self._poll_events()
+            self._tick()
+
+    def _admin(self, op: AdminStep) -> dict[str, Any]:
+        start = self._since()
+        try:
+            result = self.driver.admin(op)
+        except Exception as exc:
+            self._mark(
+                MarkKind.ADMIN,
+                op.op,
+                op=op.op,
+                pool=op.pool,
+                start=start,
+                end=self._since(),
+                ok=False,
+                error=str(exc),
+            )
+            raise
+        self._mark(
+            MarkKind.ADMIN,
+            op.op,
+            op=op.op,
+            pool=op.pool,
+            start=start,
+            end=self._since(),
+            ok=True,
+            result=result,
+        )
+        return result
+
+    def _write(self, op: WriteStep) -> dict[str, Any]:
+        result = dict(self.driver.write(op))
+        for pool, walls in (result.pop("acked_walls", None) or {}).items():
+            self.timeline.acknowledged_writes(pool, walls)
+        self._mark(MarkKind.WRITE, "write", users=op.users, **result)
+        return result
 
     def _wait(self, w: WaitStep, timeout: float) -> dict[str, Any]:
         d = self.driver
         deadline = d.clock() + timeout
         last: dict[str, Any] = {}
         while True:
+            self._poll_events()
             counts = d.client_counts()
             selected = [c for c in counts if _selected(c, w.users)]
             total = sum(c.count for c in selected)
             matching = sum(c.count for c in selected if _matches(c, w))
             last = {"matching": matching, "selected": total, "by_mode": _by_mode(selected)}
+            self._tick(
+                matching=matching,
+                selected=total,
+                want=w.mode + (f"@{w.pool}" if w.pool else ""),
+                by_mode=_by_mode(counts),
+                by_home=_by_home(counts),
+            )
             if total > 0 and matching >= w.fraction * total:
                 return last
             if d.clock() >= deadline:
@@ -320,13 +352,9 @@ class DrillEngine:
         fid = f.id or f"fault-{len(self._fault_rows) + 1}"
         handle = self.driver.inject(f)
         self._handles[fid] = handle
-        self._fault_rows[fid] = {
-            "id": fid,
-            "kind": f.kind,
-            "target": f.target,
-            "injected_at": self._since(),
-            "healed_at": None,
-        }
+        row = {"id": fid, "kind": f.kind, "target": f.target, "injected_at": self._since()}
+        self._fault_rows[fid] = {**row, "healed_at": None}
+        self._mark(MarkKind.FAULT, f"{f.kind} {f.target}", **row)
         return {"fault": fid}
 
     def _heal(self, which: str) -> dict[str, Any]:
@@ -335,7 +363,11 @@ class DrillEngine:
             handle = self._handles.pop(fid, None)
             if handle is not None:
                 self.driver.undo(handle)
-                self._fault_rows[fid]["healed_at"] = self._since()
+                row = self._fault_rows[fid]
+                row["healed_at"] = self._since()
+                self._mark(
+                    MarkKind.HEAL, f"heal {fid}", id=fid, kind=row["kind"], target=row["target"]
+                )
         return {"healed": ids}
 
     def _heal_everything(self, report: Report) -> bool:
@@ -353,10 +385,12 @@ class DrillEngine:
             report.error = (report.error or "") + f"; heal_all failed: {exc}"
         return ok
 
-    def _check_expectations(self, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    def _check_expectations(
+        self, metrics: dict[str, float], measured: Measurements
+    ) -> list[dict[str, Any]]:
         out = []
         for name, bound in self.drill.expect.items():
-            value = metrics.get(name)
+            value = metrics[name] if name in metrics else measured.value(name)
             ok = value is not None
             if value is not None and bound.max is not None and value > bound.max:
                 ok = False
@@ -383,6 +417,15 @@ def _matches(c: ClientCount, w: WaitStep) -> bool:
     if w.mode == "registered":
         return c.mode in ("full", "resiliency")
     return c.mode == w.mode
+
+
+def _by_home(counts: list[ClientCount]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for c in counts:
+        key = c.mode if c.pool is None else f"{c.mode}@{c.pool}"
+        row = out.setdefault(c.home_pool, {})
+        row[key] = row.get(key, 0) + c.count
+    return out
 
 
 def _by_mode(counts: list[ClientCount]) -> dict[str, int]:

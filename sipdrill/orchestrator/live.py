@@ -18,6 +18,9 @@ from sipdrill.orchestrator.plan import Role, ServiceSpec
 from sipdrill.orchestrator.repoint import repoint_changes
 from sipdrill.topology import Topology
 
+#: Events read per request from a clients process.
+EVENTS_PAGE = 20_000
+
 #: The clients' mode names (sipdrill.clients.endpoint.Mode) in the drill file's words.
 CLIENT_MODES = {
     "FullService": "full",
@@ -54,6 +57,8 @@ class LiveLab:
         self.loopback = loopback
         self.topology_path = topology_path
         self.http = httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {token}"})
+        # The event collector reads from its own thread: httpx clients are not shared.
+        self._events_http = httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {token}"})
         self.written: dict[str, int] = {}
         self.token = token
         #: Pool failover/failback reports: timings and writes lost (the RPO).
@@ -61,6 +66,7 @@ class LiveLab:
 
     def close(self) -> None:
         self.http.close()
+        self._events_http.close()
 
     # --- clock -------------------------------------------------------------
 
@@ -89,6 +95,18 @@ class LiveLab:
                 mode = CLIENT_MODES.get(row["mode"], row["mode"])
                 out.append(ClientCount(row["home_pool"], mode, row.get("pool"), int(row["count"])))
         return out
+
+    def event_sources(self) -> dict[str, str]:
+        return {s.name: s.control_url for s in self.specs if s.role is Role.CLIENTS}
+
+    def fetch_events(self, url: str, after: int) -> tuple[list[str], int, int]:
+        """One page of a clients process's events (``GET /events.jsonl``)."""
+        r = self._events_http.get(
+            f"{url}/events.jsonl", params={"after": after, "limit": EVENTS_PAGE}
+        )
+        r.raise_for_status()
+        lines = r.text.splitlines()
+        return lines, int(r.headers["X-First-Seq"]), int(r.headers["X-Latest-Seq"])
 
     # --- faults -------------------------------------------------------------
 
@@ -120,6 +138,7 @@ class LiveLab:
         ]
         everyone = [u.uri for u in self.topology.all_users()]
         acknowledged = refused = 0
+        acked_walls: dict[str, list[float]] = {}
         for user in users:
             known = set(user.contacts) | {user.uri}
             extra = [c for c in everyone if c not in known][: op.contacts]
@@ -134,11 +153,14 @@ class LiveLab:
                     continue
                 if r.status_code < 300:
                     acknowledged += 1
+                    acked_walls.setdefault(user.home_pool, []).append(time.time())
                 else:
                     refused += 1
         self.written["acknowledged"] = self.written.get("acknowledged", 0) + acknowledged
         self.written["refused"] = self.written.get("refused", 0) + refused
-        return {"acknowledged": acknowledged, "refused": refused}
+        # acked_walls: when each write was acknowledged, for the RPO's age (the engine
+        # takes it out of the step's detail).
+        return {"acknowledged": acknowledged, "refused": refused, "acked_walls": acked_walls}
 
     def admin(self, op: AdminStep) -> dict[str, Any]:
         """Run an administrator operation exactly as `sipdrill admin ...` does

@@ -47,6 +47,11 @@ async def test_counts_events_start_stop_and_metrics(lab: Lab) -> None:
                 )
             ).json()["events"]
             assert [e["pool"] for e in alice] == ["pool1.lab.local"]
+            raw = await api.get("/events.jsonl", params={"after": 2, "limit": 3})
+            assert raw.headers["content-type"].startswith("application/x-ndjson")
+            assert raw.headers["X-First-Seq"] == "1"
+            assert int(raw.headers["X-Latest-Seq"]) == page["latest"]
+            assert [json.loads(x)["seq"] for x in raw.text.splitlines()] == [3, 4, 5]
 
             metrics = (await api.get("/metrics")).text
             assert (

@@ -83,6 +83,12 @@ def test_compressed_blocks_answer_like_a_plain_buffer() -> None:
             assert log.query(user="sip:b@lab.local") == [
                 e for e in kept if e["user"] == "sip:b@lab.local"
             ]
+            # The raw lines an orchestrator ingests are the same events, unparsed.
+            for after in range(count + 2):
+                raw = [json.loads(line) for line in log.lines(after, 1000)]
+                assert raw == [e for e in kept if e["seq"] > after]
+            assert [json.loads(x)["seq"] for x in log.lines(0, 2)] == [e["seq"] for e in kept][:2]
+            assert log.first_seq() == (kept[0]["seq"] if kept else 1)
     # Old blocks are let go, not just skipped.
     assert len(log._blocks) <= 10 // _SmallBlocks.BLOCK + 2
 

@@ -97,7 +97,18 @@ def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
     assert proc.returncode == 0, (report["error"], proc.stderr[-3000:])
     assert report["status"] == "passed" and report["healed"]
     assert _lab_processes(state) == [], "the drill left lab processes behind"
+    for name in ("report.md", "report.html", "clients.csv", "events.jsonl"):
+        assert (report_dir / name).stat().st_size > 0, name
+    report["_dir"] = report_dir
     return report
+
+
+def pool1_users(n: int) -> int:
+    """How many of the first ``n`` users of paired-pools are homed on pool1."""
+    from sipdrill.topology import parse_topology
+
+    topo = parse_topology((ROOT / "topologies/paired-pools.yaml").read_text(), "t").topology
+    return sum(1 for u in topo.all_users()[:n] if u.home_pool == "pool1.lab.local")
 
 
 def test_registrar_failover_drill(tmp_path: Path) -> None:
@@ -106,11 +117,117 @@ def test_registrar_failover_drill(tmp_path: Path) -> None:
     assert 3 <= report["metrics"]["time_to_resiliency"] <= 60
     assert report["metrics"]["time_to_failback"] <= 90
     assert [s["status"] for s in report["steps"]] == ["passed"] * 6
+    assert report["runtime"] == "local"
+    m = report["measurements"]
+    assert m["clients"] == 12 and m["events"] > 12 * 3 and m["events_lost"] == 0
+    (fault,) = m["faults"]
+    affected = pool1_users(12)
+    assert fault["id"] == "loss" and fault["affected"] == affected
+    assert fault["unaffected"] == 12 - affected and fault["not_recovered"] == 0
+    d = m["distributions"]
+    for name in ("detect", "reconnect", "resiliency", "full_service", "home"):
+        assert d[name]["count"] == affected and d[name]["missing"] == 0, name
+        assert d[name]["min"] <= d[name]["p50"] <= d[name]["p95"] <= d[name]["max"], name
+    # Each client noticed (pong timeout 3 s after a keep-alive every 5 s) before it
+    # registered on pool2, which it could not do before pool2's 6 s detection interval.
+    assert 0 < d["detect"]["max"] <= 15
+    assert d["detect"]["min"] <= d["reconnect"]["min"] and d["reconnect"]["min"] >= 6
+    # The step metric is when the last client reached resiliency mode, as measured
+    # by polling: it agrees with the per-client maximum within a poll or two.
+    assert abs(d["resiliency"]["max"] - report["metrics"]["time_to_resiliency"]) <= 1.5
+    # Registrar failover only: full service comes home, so RTO = the last client home.
+    assert m["rto"] == d["full_service"]["max"] and m["rpo_writes"] == 0
+    assert d["full_after_failover"]["count"] == 0
+    rows = (report["_dir"] / "clients.csv").read_text().splitlines()
+    assert len(rows) == 1 + 12 and sum(",yes," in r for r in rows) >= affected
+    html = (report["_dir"] / "report.html").read_text()
+    assert "<svg" in html and "http://" not in html.replace(
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )
+    timeline = [json.loads(x) for x in (report["_dir"] / "events.jsonl").read_text().splitlines()]
+    assert {"FaultInjected", "FaultHealed", "ModeChanged"} <= {e["event"] for e in timeline}
+
+
+def test_interrupted_drill_heals_reports_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT in the middle of a step: every fault healed, the lab stopped, a report
+    with the step interrupted and the rest skipped, exit 130."""
+    import signal
+    import time
+
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(
+        "name: interrupted\n"
+        f"topology: {isolated_topology(tmp_path)}\n"
+        "clients: {count: 4}\n"
+        "steps:\n"
+        "  - wait: {mode: full}\n    timeout: 60\n"
+        "  - fault: {kind: cut, target: site1, id: loss}\n"
+        "  - sleep: 600\n"
+        "  - heal: loss\n"
+    )
+    state, reports = tmp_path / "state", tmp_path / "reports"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sipdrill",
+            "drill",
+            "run",
+            str(drill),
+            "--state-dir",
+            str(state),
+            "--report-dir",
+            str(reports),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            events = list(reports.glob("*/events.jsonl"))
+            if events and '"FaultInjected"' in events[0].read_text():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the fault was never injected")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed: leave no lab behind all the same
+            proc.kill()
+            proc.wait()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sipdrill",
+                    "lab",
+                    "down",
+                    "paired-pools",
+                    "--state-dir",
+                    str(state),
+                ],
+                capture_output=True,
+                timeout=60,
+            )
+    assert proc.returncode == 130, err[-3000:]
+    (report_dir,) = reports.iterdir()
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["healed"]
+    assert [s["status"] for s in report["steps"]] == ["passed", "passed", "interrupted", "skipped"]
+    (fault,) = report["faults"]
+    assert fault["healed_at"] is not None
+    assert "INTERRUPTED" in out and "report.html" in out
+    assert _lab_processes(state) == []
 
 
 def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     """The DNS server's address is taken: the lab cannot start, the drill exits
-    1, says why in a report, and leaves no process behind."""
+    2 (a lab error, not a failed expectation), says why in a report, and leaves
+    no process behind."""
     import socket
 
     drill = tmp_path / "drill.yaml"
@@ -135,10 +252,10 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
             text=True,
             timeout=200,
         )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["status"] == "failed"
+    assert report["status"] == "error"
     assert "the lab did not start" in report["error"] and "dns" in report["error"]
     assert _lab_processes(state) == []
 
@@ -184,3 +301,16 @@ def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None
     assert failover["operation"] == "failover" and failover["disaster_mode"]
     assert failback["operation"] == "failback"
     assert failback["failover_lost_writes"] == written
+    m = report["measurements"]
+    # Every write was after the last sync: the RPO counts them all, and the oldest
+    # was written before the cut.
+    assert m["rpo_writes"] == written and m["rpo_seconds"] is not None
+    assert 0 <= m["rpo_seconds"] <= 60
+    d = m["distributions"]
+    affected = pool1_users(8)
+    assert d["full_service"]["count"] == affected and d["full_after_failover"]["count"] == affected
+    # Full service is measured from the fault: after resiliency mode and the failover.
+    assert d["full_service"]["min"] >= d["resiliency"]["max"] - 0.5
+    assert d["full_service"]["min"] > d["full_after_failover"]["max"]
+    assert m["rto"] == d["full_service"]["max"]
+    assert d["home"]["count"] == affected and d["home_after_failback"]["count"] == affected

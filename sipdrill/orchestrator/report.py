@@ -1,0 +1,271 @@
+"""A drill's report: what ran, what was measured, and the files it leaves.
+
+``report.json`` (everything but the per-client rows), ``report.md`` (the same
+for people), ``clients.csv`` (one row per client and fault), ``report.html``
+(one self-contained page with the plots) and ``events.jsonl`` (the timeline,
+written while the drill runs) go to one folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sipdrill.orchestrator.measure import Measurements
+
+__all__ = ["Report", "StepRecord", "fmt_seconds"]
+
+
+@dataclass
+class StepRecord:
+    index: int
+    description: str
+    action: str
+    started_at: float  # seconds since the drill started
+    duration: float | None = None
+    status: str = "running"  # passed, failed, skipped, interrupted
+    detail: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass
+class Report:
+    drill: str
+    topology: str
+    runtime: str
+    started_wall: float
+    status: str = "running"  # passed, failed, interrupted, error (the lab could not run)
+    error: str | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    expectations: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    healed: bool = False
+    duration: float = 0.0
+    #: Measurements.summary(): distributions, RTO, RPO, per fault and per pool.
+    measurements: dict[str, Any] = field(default_factory=dict)
+    #: The full measurements (per-client rows, curve): written to files, not to JSON.
+    measured: Measurements | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("measured", None)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str)
+
+    @property
+    def exit_code(self) -> int:
+        """0 everything held, 1 a step or an expectation failed, 2 the lab could
+        not be run, 130 interrupted (128 + SIGINT, as a shell reports Ctrl-C)."""
+        return {"passed": 0, "error": 2, "interrupted": 130}.get(self.status, 1)
+
+    # --- markdown -------------------------------------------------------------
+
+    def to_markdown(self) -> str:
+        out = [
+            f"# Drill report: {self.drill}",
+            "",
+            f"- status: **{self.status}**" + (f" ({self.error})" if self.error else ""),
+            f"- topology: `{self.topology}`, runtime: {self.runtime}",
+            f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started_wall))}, "
+            f"duration {self.duration:.1f} s",
+            f"- every fault healed: {'yes' if self.healed else 'NO'}",
+            "",
+            "## Steps",
+            "",
+            "| # | step | at (s) | took (s) | status |",
+            "|---|---|---|---|---|",
+        ]
+        for s in self.steps:
+            took = f"{s.duration:.1f}" if s.duration is not None else "-"
+            out.append(
+                f"| {s.index + 1} | {_cell(s.description)} | {s.started_at:.1f} | {took} "
+                f"| {s.status} |"
+            )
+        out += self._measurements_markdown()
+        if self.metrics:
+            out += ["", "## Step metrics", "", "| metric | seconds |", "|---|---|"]
+            out += [f"| {k} | {v:.1f} |" for k, v in self.metrics.items()]
+        if self.expectations:
+            out += [
+                "",
+                "## Expectations",
+                "",
+                "| metric | bound | value | ok |",
+                "|---|---|---|---|",
+            ]
+            for e in self.expectations:
+                value = "-" if e["value"] is None else f"{e['value']:.1f}"
+                out.append(
+                    f"| {e['metric']} | {_bound(e['bound'])} | {value} "
+                    f"| {'yes' if e['ok'] else 'NO'} |"
+                )
+        if self.faults:
+            out += [
+                "",
+                "## Faults",
+                "",
+                "| fault | kind | target | injected (s) | healed (s) |",
+                "|---|---|---|---|---|",
+            ]
+            for f in self.faults:
+                healed = "-" if f.get("healed_at") is None else f"{f['healed_at']:.1f}"
+                out.append(
+                    f"| {f['id']} | {f['kind']} | {f['target']} | {f['injected_at']:.1f} "
+                    f"| {healed} |"
+                )
+        out += self._data_markdown()
+        out += [
+            "",
+            "Files beside this one: `report.html` (plots), `clients.csv` (one row per client "
+            "and fault), `events.jsonl` (the timeline), `report.json` (all of the above but the "
+            "rows, and the lab's raw status).",
+        ]
+        return "\n".join(out) + "\n"
+
+    def _measurements_markdown(self) -> list[str]:
+        m = self.measurements
+        if not m:
+            return []
+        out = [
+            "",
+            "## Recovery",
+            "",
+            f"- RTO (fault to the last affected client in full service): {fmt_seconds(m['rto'])}",
+            f"- RPO: {_rpo_text(m)}",
+            f"- clients measured: {m['clients']}, events: {m['events']}"
+            + (
+                f", events lost before they were read: {m['events_lost']}"
+                if m["events_lost"]
+                else ""
+            ),
+        ]
+        for f in m["faults"]:
+            out.append(
+                f"- fault `{f['id']}` ({f['kind']} {f['target']}): {f['affected']} client(s) "
+                f"lost service, {f['unaffected']} did not; RTO {fmt_seconds(f['rto'])}"
+                + (f"; {f['not_recovered']} never got full service" if f["not_recovered"] else "")
+            )
+        out += ["", "## Per-client times (seconds; every affected client)", ""]
+        out += distribution_table(m["distributions"])
+        for f in m["faults"]:
+            if len(f["by_pool"]) > 1 or len(m["faults"]) > 1:
+                for pool, dists in f["by_pool"].items():
+                    out += ["", f"### `{f['id']}`: clients homed on {pool}", ""]
+                    out += distribution_table(dists)
+        return out
+
+    def _data_markdown(self) -> list[str]:
+        ops = self.data.get("operations") or []
+        writes = self.data.get("writes") or {}
+        if not (ops or writes):
+            return []
+        out = ["", "## Data: what was kept and what was lost", ""]
+        if writes:
+            out.append(
+                f"- writes acknowledged by the pools: {writes.get('acknowledged', 0)}, "
+                f"refused: {writes.get('refused', 0)}"
+            )
+        for op in ops:
+            lost = op.get("lost_writes")
+            earlier = op.get("failover_lost_writes")
+            line = (
+                f"- pool {op.get('operation')} of {op.get('home_pool')}"
+                f"{' (disaster mode)' if op.get('disaster_mode') else ''}: "
+                f"{op.get('seconds', 0):.1f} s, "
+                f"{op.get('synced_changes', 0)} change(s) synced, "
+                f"writes lost: {'unknown until the pool returns' if lost is None else lost}"
+            )
+            if earlier is not None:
+                line += f"; the earlier failover lost {earlier} write(s) taken after the last sync"
+            out.append(line)
+        return out
+
+    # --- files ------------------------------------------------------------------
+
+    def write(self, directory: Path) -> tuple[Path, Path]:
+        """Write report.json, report.md, clients.csv and report.html; returns
+        (json, markdown). events.jsonl is already there (written live)."""
+        from sipdrill.orchestrator.report_html import render_html
+
+        directory.mkdir(parents=True, exist_ok=True)
+        j = directory / "report.json"
+        m = directory / "report.md"
+        j.write_text(self.to_json())
+        m.write_text(self.to_markdown())
+        if self.measured is not None:
+            with (directory / "clients.csv").open("w", newline="") as fh:
+                w = csv.writer(fh)
+                rows = self.measured.rows
+                if rows:
+                    w.writerow(rows[0].CSV_FIELDS)
+                    w.writerows(r.csv_row() for r in rows)
+        (directory / "report.html").write_text(render_html(self))
+        return j, m
+
+
+def fmt_seconds(v: float | None) -> str:
+    return "not reached" if v is None else f"{v:.1f} s"
+
+
+def _rpo_text(m: dict[str, Any]) -> str:
+    writes = m.get("rpo_writes")
+    age = m.get("rpo_seconds")
+    text = "unknown" if writes is None else f"{writes} acknowledged write(s) lost"
+    if writes and age is not None:
+        text += f", the oldest {age:.1f} s old at the fault"
+    for note in m.get("rpo_notes") or []:
+        text += f"; {note}"
+    return text
+
+
+def _bound(b: dict[str, Any]) -> str:
+    parts = []
+    if "min" in b:
+        parts.append(f">= {b['min']:g}")
+    if "max" in b:
+        parts.append(f"<= {b['max']:g}")
+    return ", ".join(parts) or "-"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+#: The per-client metrics shown in tables, in order, with what they measure.
+SHOWN = {
+    "detect": "fault to the first failure noticed",
+    "reconnect": "fault to the first successful REGISTER",
+    "resiliency": "fault to resiliency mode",
+    "full_service": "fault to full service",
+    "full_after_failover": "pool failover done to full service",
+    "home": "heal to full service on the home pool",
+    "home_after_failback": "pool failback done to full service at home",
+    "attempts": "registration attempts (count)",
+    "backoff": "seconds of backoff",
+}
+
+
+def distribution_table(dists: dict[str, Any]) -> list[str]:
+    out = [
+        "| metric | n | missing | min | p50 | p90 | p95 | p99 | max |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in SHOWN:
+        d = dists.get(name)
+        if not d or (d["count"] == 0 and d["missing"] == 0):
+            continue
+        cells = [
+            "-" if d[k] is None else f"{d[k]:.1f}"
+            for k in ("min", "p50", "p90", "p95", "p99", "max")
+        ]
+        out.append(f"| {name} | {d['count']} | {d['missing']} | " + " | ".join(cells) + " |")
+    return out

@@ -1,0 +1,240 @@
+"""One timeline for a drill: the clients' events and the orchestrator's own
+marks (faults, heals, administrator operations, writes) on one clock.
+
+Every entry has ``t``, seconds since the drill started, and ``wall``, Unix
+time. Client events carry only their wall time (each clients process has its
+own monotonic clock), so their ``t`` is ``wall - t0_wall``; the orchestrator's
+marks take ``t`` from its monotonic clock and ``wall`` from the system clock.
+
+The timeline keeps what the measurements need as compact tuples per user
+(:data:`CompactEvent`) and writes every entry, as it arrives, to
+``events.jsonl`` when given a stream: nothing is kept only in memory.
+:class:`EventCollector` pulls the clients' events from their control APIs
+(``GET /events.jsonl``) in a thread, so events keep arriving while a step
+blocks (a pool failover takes seconds).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+__all__ = [
+    "CompactEvent",
+    "EventCollector",
+    "Mark",
+    "MarkKind",
+    "Timeline",
+]
+
+
+class MarkKind(enum.Enum):
+    """What the orchestrator itself did."""
+
+    STEP = "StepStarted"
+    FAULT = "FaultInjected"
+    HEAL = "FaultHealed"
+    ADMIN = "AdminOperation"
+    WRITE = "UserDataWritten"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    kind: MarkKind
+    t: float
+    wall: float
+    label: str
+    #: FAULT/HEAL: ``id``, ``kind``, ``target``; ADMIN: ``op``, ``pool``,
+    #: ``end`` (t when it returned), ``ok`` and the operation's result.
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": round(self.t, 6),
+            "wall": self.wall,
+            "source": "orchestrator",
+            "event": self.kind.value,
+            "label": self.label,
+            **self.detail,
+        }
+
+
+#: One client event, as the measurements need it:
+#: ``(t, kind, pool, mode_or_failure, flag, value)`` where kind is one of
+#: ``M`` ModeChanged (mode = the new mode, flag = the old mode was registered),
+#: ``R`` Registered (mode, flag = a refresh), ``F`` TargetFailed (the failure),
+#: ``D`` Redirected, ``B`` RetryScheduled (value = the backoff delay).
+CompactEvent = tuple[float, str, "str | None", "str | None", bool, float]
+
+_REGISTERED = frozenset({"FullService", "ResiliencyMode"})
+
+
+class Timeline:
+    """The drill's timeline. ``homes`` maps a user's URI to its home pool."""
+
+    def __init__(
+        self,
+        t0_wall: float,
+        homes: dict[str, str],
+        stream: IO[str] | None = None,
+    ) -> None:
+        self.t0_wall = t0_wall
+        self.homes = homes
+        self.stream = stream
+        self.marks: list[Mark] = []
+        self.users: dict[str, list[CompactEvent]] = {}
+        #: Events ingested, and events a clients process dropped before we read them.
+        self.events = 0
+        self.events_lost = 0
+        #: Acknowledged writes per home pool: the t of each acknowledgement.
+        self.writes: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    # --- the orchestrator's marks ------------------------------------------
+
+    def mark(self, mark: MarkKind, t: float, wall: float, label: str, /, **detail: Any) -> Mark:
+        m = Mark(mark, t, wall, label, detail)
+        with self._lock:
+            self.marks.append(m)
+            if self.stream is not None:
+                # Flushed at once: a drill killed now still leaves its timeline.
+                self.stream.write(json.dumps(m.to_dict(), default=str) + "\n")
+                self.stream.flush()
+        return m
+
+    def acknowledged_writes(self, pool: str, walls: Iterable[float]) -> None:
+        with self._lock:
+            self.writes.setdefault(pool, []).extend(w - self.t0_wall for w in walls)
+
+    # --- the clients' events -----------------------------------------------
+
+    def ingest(self, source: str, lines: Iterable[str], lost: int = 0) -> int:
+        """Take a clients process's JSON lines; returns how many were read."""
+        loads = json.loads
+        t0 = self.t0_wall
+        users = self.users
+        out: list[str] = []
+        n = 0
+        prefix = '{"source":' + json.dumps(source) + ',"t":'
+        with self._lock:
+            self.events_lost += lost
+            for line in lines:
+                if not line:
+                    continue
+                try:
+                    e = loads(line)
+                    t = e["wall"] - t0
+                    user = e["user"]
+                    kind = e["event"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # not an event: nothing to measure, nothing to keep
+                n += 1
+                out.append(f"{prefix}{t:.6f},{line[1:]}\n")
+                compact = _compact(kind, t, e)
+                if compact is not None:
+                    evs = users.get(user)
+                    if evs is None:
+                        evs = users[user] = []
+                    evs.append(compact)
+            self.events += n
+            if self.stream is not None and out:
+                self.stream.write("".join(out))
+                self.stream.flush()
+        return n
+
+    def flush(self) -> None:
+        with self._lock:
+            if self.stream is not None:
+                self.stream.flush()
+
+
+def _compact(kind: str, t: float, e: dict[str, Any]) -> CompactEvent | None:
+    if kind == "ModeChanged":
+        return (t, "M", e.get("pool"), e.get("new"), e.get("old") in _REGISTERED, 0.0)
+    if kind == "Registered":
+        return (t, "R", e.get("pool"), e.get("mode"), bool(e.get("refresh")), 0.0)
+    if kind == "TargetFailed":
+        return (t, "F", e.get("pool"), e.get("failure"), False, 0.0)
+    if kind == "Redirected":
+        return (t, "D", e.get("pool"), None, False, 0.0)
+    if kind == "RetryScheduled":
+        return (t, "B", e.get("pool"), None, False, float(e.get("delay") or 0.0))
+    return None
+
+
+Fetch = Callable[[str, int], tuple[list[str], int, int]]
+
+
+class EventCollector:
+    """Pulls every clients process's events into a :class:`Timeline`.
+
+    ``fetch(url, after)`` returns ``(lines, first_kept_seq, latest_seq)``; the
+    collector remembers the last seq read per process, so a drill reads each
+    event once, and counts the events a process dropped from its ring buffer
+    before they were read (``first_kept_seq`` past ``after + 1``).
+    """
+
+    def __init__(
+        self,
+        timeline: Timeline,
+        sources: dict[str, str],
+        fetch: Fetch,
+        interval: float = 0.25,
+    ) -> None:
+        self.timeline = timeline
+        self.sources = sources  # name -> control URL
+        self.fetch = fetch
+        self.interval = interval
+        self.after = dict.fromkeys(sources, 0)
+        self.errors: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+
+    def poll(self) -> int:
+        """Read what is new from every process (until each says it has no more)."""
+        total = 0
+        with self._poll_lock:
+            for name, url in self.sources.items():
+                while True:
+                    after = self.after[name]
+                    try:
+                        lines, first, latest = self.fetch(url, after)
+                    except Exception as exc:  # a process that does not answer: try next time
+                        self.errors[name] = f"{type(exc).__name__}: {exc}"
+                        break
+                    self.errors.pop(name, None)
+                    if latest < after:  # the process restarted: its seqs start again
+                        self.after[name] = after = 0
+                        continue
+                    if not lines:
+                        break
+                    lost = max(0, first - (after + 1))
+                    total += self.timeline.ingest(name, lines, lost)
+                    self.after[name] = after + lost + len(lines)
+                    if self.after[name] >= latest:
+                        break
+        return total
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="event-collector", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        """Stop the thread and read what is left, so the report sees every event."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.poll()
+        self.timeline.flush()
