@@ -10,10 +10,10 @@ client that *lost service* after it (was registered, then was not):
 - ``reconnect``: fault to the first successful REGISTER anywhere;
 - ``resiliency``: fault to resiliency mode (limited service on the backup);
 - ``full_service``: fault to full service, wherever it came from;
-- ``full_after_failover``: the end of the pool failover of the client's home
-  pool to its full service;
+- ``full_after_failover``: the start of the pool failover of the client's
+  home pool to its full service;
 - ``home``: the heal to full service on the home pool (0: already home);
-- ``home_after_failback``: the end of the pool failback to full service home;
+- ``home_after_failback``: the start of the pool failback to full service home;
 - ``attempts``, ``redirects``, ``backoff`` (seconds of RFC 5626 backoff).
 
 RTO is the fault to the last affected client in full service; RPO the
@@ -316,12 +316,14 @@ def fault_windows(marks: Sequence[Mark], end: float) -> list[FaultWindow]:
     return out
 
 
-def _admin_ends(marks: Sequence[Mark], op: str) -> dict[str, list[float]]:
-    """Pool -> the t each successful ``op`` on it returned, in order."""
+def _admin_starts(marks: Sequence[Mark], op: str) -> dict[str, list[float]]:
+    """Pool -> the t each successful ``op`` on it was started, in order. From the
+    start, not the end: clients may get full service before the cmdlet returns
+    (the pool tells them as soon as it has taken over)."""
     out: dict[str, list[float]] = {}
     for m in marks:
         if m.kind is MarkKind.ADMIN and m.detail.get("op") == op and m.detail.get("ok"):
-            out.setdefault(str(m.detail.get("pool")), []).append(float(m.detail["end"]))
+            out.setdefault(str(m.detail.get("pool")), []).append(float(m.detail["start"]))
     return out
 
 
@@ -442,8 +444,8 @@ def measure(timeline: Timeline, end: float) -> Measurements:
     """Everything the report shows about the clients, from the timeline."""
     marks = list(timeline.marks)
     windows = fault_windows(marks, end)
-    failovers = _admin_ends(marks, "pool-failover")
-    failbacks = _admin_ends(marks, "pool-failback")
+    failovers = _admin_starts(marks, "pool-failover")
+    failbacks = _admin_starts(marks, "pool-failback")
     users = sorted(timeline.users)
     rows: list[PhaseRow] = []
     faults: list[FaultSummary] = []

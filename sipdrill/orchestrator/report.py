@@ -246,9 +246,9 @@ SHOWN = {
     "reconnect": "fault to the first successful REGISTER",
     "resiliency": "fault to resiliency mode",
     "full_service": "fault to full service",
-    "full_after_failover": "pool failover done to full service",
+    "full_after_failover": "pool failover started to full service",
     "home": "heal to full service on the home pool",
-    "home_after_failback": "pool failback done to full service at home",
+    "home_after_failback": "pool failback started to full service at home",
     "attempts": "registration attempts (count)",
     "backoff": "seconds of backoff",
 }

@@ -309,8 +309,9 @@ def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None
     d = m["distributions"]
     affected = pool1_users(8)
     assert d["full_service"]["count"] == affected and d["full_after_failover"]["count"] == affected
-    # Full service is measured from the fault: after resiliency mode and the failover.
+    # Full service is measured from the fault: after resiliency mode and the failover
+    # (from whose start full_after_failover counts).
     assert d["full_service"]["min"] >= d["resiliency"]["max"] - 0.5
-    assert d["full_service"]["min"] > d["full_after_failover"]["max"]
+    assert d["full_service"]["min"] > d["full_after_failover"]["max"] >= 0
     assert m["rto"] == d["full_service"]["max"]
     assert d["home"]["count"] == affected and d["home_after_failback"]["count"] == affected

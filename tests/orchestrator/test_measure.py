@@ -117,9 +117,9 @@ def test_site_loss_per_client_times_are_exact() -> None:
     assert a.reconnect == 50.0 and a.first_pool == P2
     assert a.resiliency == 50.0
     assert a.full_service == 75.0 and a.full_pool == P2
-    assert a.full_after_failover == 5.0
+    assert a.full_after_failover == 15.0  # from the failover's start (70)
     assert a.home == 31.0
-    assert a.home_after_failback == 11.0
+    assert a.home_after_failback == 21.0  # from the failback's start (110)
     # failed P1, failed P1, redirected by P2, registered on P2: the refresh is no attempt.
     assert (a.attempts, a.redirects, a.backoffs, a.backoff) == (4, 1, 1, 30.0)
     # Lost service at the cut, and again for a moment when sent home after the failback.
