@@ -617,15 +617,20 @@ class Endpoint:
         self._transition(Trigger.SIGN_OUT, "user signed out")
         return self._flush()
 
-    def dns_result(self, answer: DnsAnswer) -> list[Output]:
-        """The answer to a :class:`Resolve` (stale answers are cached and otherwise ignored)."""
+    def dns_result(self, answer: DnsAnswer, *, queried: bool = True) -> list[Output]:
+        """The answer to a :class:`Resolve` (stale answers are cached and otherwise ignored).
+
+        ``queried``: this endpoint's Resolve sent a DNS query. False when the
+        answer came from a query another endpoint had in flight, or from the
+        shared cache: its DnsLookup event then says ``cached`` (and is not
+        emitted), so the events count the queries the wire carries."""
         self._out = []
         now = self._now()
         self.cache.put(answer, now)
         key = TtlCache.key(answer.qname, answer.rtype)
         if self._wait is not None and TtlCache.key(*self._wait) == key:
             self._wait = None
-            self._use_answer(answer, now, cached=False)
+            self._use_answer(answer, now, cached=not queried)
             self._advance(now)
         return self._flush()
 

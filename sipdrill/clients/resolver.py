@@ -103,6 +103,16 @@ class Resolver:
         self._inflight: dict[tuple[str, str], asyncio.Task[DnsAnswer]] = {}
         self.queries = 0
 
+    def lookup_queried(self, qname: str, rtype: str) -> tuple[asyncio.Future[DnsAnswer], bool]:
+        """:meth:`lookup`, and whether this call sent the query: False when the
+        answer came from the cache or from a query another caller started (a
+        storm of endpoints sends one query, and only one of them may say so)."""
+        key = TtlCache.key(qname, rtype.upper())
+        fresh = (
+            key not in self._inflight and self.cache.get(qname, rtype.upper(), self.clock()) is None
+        )
+        return self.lookup(qname, rtype), fresh
+
     def lookup(self, qname: str, rtype: str) -> asyncio.Future[DnsAnswer]:
         """The answer for ``qname``/``rtype`` (``A`` or ``SRV``) as a future.
 

@@ -628,16 +628,22 @@ class ClientRunner:
         """Wait for the answer with a callback on the resolver's future (one per name)."""
         assert self._loop is not None
         ep = self.endpoints[index]
+        queried = True
         if self._resolver is None:
             answer = DnsAnswer(query.qname, query.rtype, DnsStatus.ERROR, detail="no nameserver")
             done: asyncio.Future[DnsAnswer] = self._loop.create_future()
             done.set_result(answer)
         else:
-            done = self._resolver.lookup(query.qname, query.rtype)
-        done.add_done_callback(functools.partial(self._resolved, index, ep, query))
+            done, queried = self._resolver.lookup_queried(query.qname, query.rtype)
+        done.add_done_callback(functools.partial(self._resolved, index, ep, query, queried))
 
     def _resolved(
-        self, index: int, ep: Endpoint, query: Resolve, done: asyncio.Future[DnsAnswer]
+        self,
+        index: int,
+        ep: Endpoint,
+        query: Resolve,
+        queried: bool,
+        done: asyncio.Future[DnsAnswer],
     ) -> None:
         if done.cancelled() or self.endpoints[index] is not ep:
             return  # closing, or the endpoint was replaced
@@ -647,7 +653,7 @@ class ClientRunner:
             if exc is not None
             else done.result()
         )
-        self._call(index, lambda e: e.dns_result(answer))
+        self._call(index, lambda e: e.dns_result(answer, queried=queried))
 
     def _begin_connect(self, index: int, conn: int, target: Target) -> None:
         if target.transport is Kind.UDP:

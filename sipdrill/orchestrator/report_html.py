@@ -66,7 +66,7 @@ def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     return out
 
 
-class _Plot:
+class Plot:
     def __init__(self, x0: float, x1: float, y0: float, y1: float) -> None:
         self.x0, self.x1 = x0, max(x1, x0 + 1e-9)
         self.y0, self.y1 = y0, max(y1, y0 + 1e-9)
@@ -110,7 +110,7 @@ class _Plot:
         return out
 
 
-def _svg(body: list[str], label: str) -> str:
+def svg(body: list[str], label: str) -> str:
     return (
         f'<svg role="img" aria-label="{_e(label)}" viewBox="0 0 {W} {H}" width="100%" '
         f'xmlns="http://www.w3.org/2000/svg">' + "".join(body) + "</svg>"
@@ -151,7 +151,7 @@ def curve_svg(curve: dict[str, Any], markers: Sequence[tuple[float, str, str]]) 
         ),
     )
     total = max((sum(series[k][i] for k in order) for i in range(len(times))), default=1)
-    p = _Plot(times[0], times[-1], 0, max(total, 1))
+    p = Plot(times[0], times[-1], 0, max(total, 1))
     body = p.axes("seconds since the drill started", "clients")
     base = [0] * len(times)
     legend = []
@@ -187,10 +187,7 @@ def curve_svg(curve: dict[str, Any], markers: Sequence[tuple[float, str, str]]) 
             )
             body.append(f'<text x="{x + 3:.1f}" y="{TOP + 10}" fill="{colour}">{_e(label)}</text>')
     return (
-        _svg(body, "clients by mode over time")
-        + '<div class="legend">'
-        + "".join(legend)
-        + "</div>"
+        svg(body, "clients by mode over time") + '<div class="legend">' + "".join(legend) + "</div>"
     )
 
 
@@ -200,7 +197,7 @@ def cdf_svg(cdfs: dict[str, list[list[float]]], colours: dict[str, str], label: 
     if not lines:
         return "<p>No client lost service, so there is nothing to plot.</p>"
     xmax = max(pt[0] for v in lines.values() for pt in v)
-    p = _Plot(0, max(xmax, 1.0) * 1.02, 0, 1)
+    p = Plot(0, max(xmax, 1.0) * 1.02, 0, 1)
     body = p.axes("seconds", "fraction of affected clients", "{:.0%}")
     legend = []
     for k, pts in lines.items():
@@ -215,7 +212,7 @@ def cdf_svg(cdfs: dict[str, list[list[float]]], colours: dict[str, str], label: 
             f'stroke-width="2"><title>{_e(k)}</title></polyline>'
         )
         legend.append(f'<span><i class="sw" style="background:{colour}"></i>{_e(k)}</span>')
-    return _svg(body, label) + '<div class="legend">' + "".join(legend) + "</div>"
+    return svg(body, label) + '<div class="legend">' + "".join(legend) + "</div>"
 
 
 def _markers(report: Report) -> list[tuple[float, str, str]]:

@@ -52,8 +52,14 @@ async def test_endpoints_register_fail_over_and_come_back(lab: Lab) -> None:
             "all back in full service on pool1",
         )
         metrics = runner.metrics.render().decode()
+        assert runner._resolver is not None
+        queries = runner._resolver.queries
     assert runner.faults == 0
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    # One uncached DnsLookup event per query the DNS server got: n endpoints signing
+    # in at once share one query per name (they claimed one each before).
+    uncached = [e for e in events if e["event"] == "DnsLookup" and not e["cached"]]
+    assert 0 < len(uncached) == queries < n * 3
     kinds = {e["event"] for e in events}
     assert {"ModeChanged", "Registered", "TargetFailed", "DnsLookup"} <= kinds
     alice = [e for e in events if e["user"] == "sip:alice@lab.local"]

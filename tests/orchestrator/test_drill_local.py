@@ -315,3 +315,58 @@ def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None
     assert d["full_service"]["min"] > d["full_after_failover"]["max"] >= 0
     assert m["rto"] == d["full_service"]["max"]
     assert d["home"]["count"] == affected and d["home_after_failback"]["count"] == affected
+
+
+def test_sweep_runs_the_grid_and_plots_each_metric(tmp_path: Path) -> None:
+    """Two settings of the failover detection interval, each a whole drill with
+    its own report; the sweep's table and page have one row and point each."""
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(
+        DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 4}")
+    )
+    reports = tmp_path / "reports"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sipdrill",
+            "drill",
+            "sweep",
+            str(drill),
+            "--set",
+            "timers.failover_detection_interval=6,9",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--report-dir",
+            str(reports),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    (folder,) = reports.iterdir()
+    data = json.loads((folder / "sweep.json").read_text())
+    assert [p["settings"] for p in data["points"]] == [
+        {"timers.failover_detection_interval": 6},
+        {"timers.failover_detection_interval": 9},
+    ]
+    for p in data["points"]:
+        assert p["status"] == "passed" and p["values"]["reconnect.p95"] is not None
+        report = json.loads((Path(p["report_dir"]) / "report.json").read_text())
+        assert report["status"] == "passed"
+    # The second run's drill file really had the setting.
+    assert "failover_detection_interval: 9" in (folder / "drill-2.yaml").read_text()
+    page = (folder / "sweep.html").read_text()
+    assert (
+        page.count("<svg") >= 2 and "reconnect against timers.failover_detection_interval" in page
+    )
+    assert "| 9 | passed |" in (folder / "sweep.md").read_text()
+    assert _lab_processes(tmp_path / "state") == []
+    bad = subprocess.run(
+        [sys.executable, "-m", "sipdrill", "drill", "sweep", str(drill), "--set", "timers.x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "FIELD=V1,V2" in bad.stderr
