@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +22,15 @@ from sipdrill.orchestrator.compose import generate as generate_compose
 from sipdrill.orchestrator.drill import FaultKind, LoadedDrill, load_drill
 from sipdrill.orchestrator.engine import DrillInterrupted
 from sipdrill.orchestrator.local_runtime import LOCAL_FAULTS, LocalRuntime
-from sipdrill.orchestrator.plan import RuntimeKind, ServiceSpec, lab_plan
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, lab_plan
 from sipdrill.orchestrator.report import Report
 from sipdrill.topology import Topology
 from sipdrill.topology_cli import load_or_exit
 
 if TYPE_CHECKING:  # imported when used: the docker SDK costs every `sipdrill` command 0.1 s
+    from sipdrill.orchestrator.capture import Capture
     from sipdrill.orchestrator.docker_lab import DockerLab
+    from sipdrill.orchestrator.engine import DrillEngine
 
 lab_app = typer.Typer(help="Start, inspect, break and stop a lab.", no_args_is_help=True)
 drill_app = typer.Typer(help="Run drills (scenarios) on a lab.", no_args_is_help=True)
@@ -277,6 +281,12 @@ def drill_run(
     junit: Path | None = typer.Option(
         None, "--junit", help="Also write the result as JUnit XML (steps and expectations)."
     ),
+    capture: bool = typer.Option(
+        False,
+        "--capture",
+        help="Record the lab's traffic (local runtime: loopback, the lab's addresses only) "
+        "and check each client's registration events against the 200 OKs on the wire.",
+    ),
 ) -> None:
     """Start the lab, run the drill's steps, heal every fault, write the report,
     and stop the lab. Exit 0 if every step and expectation held, 1 if one did
@@ -284,7 +294,9 @@ def drill_run(
     loaded = _load_drill_or_exit(scenario)
     kind = runtime or RuntimeKind(loaded.drill.runtime)
     out_dir = report_dir / f"{loaded.drill.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = run_drill(loaded, kind, clients, state_dir, out_dir, keep=keep)
+    if capture and kind is not RuntimeKind.LOCAL:
+        raise _fail("--capture records the local runtime's loopback lab; use --runtime local")
+    report = run_drill(loaded, kind, clients, state_dir, out_dir, keep=keep, capture=capture)
     if junit is not None:
         from sipdrill.orchestrator.junit import write_junit
 
@@ -416,6 +428,29 @@ def drill_sweep(
         raise typer.Exit(1)
 
 
+def _check_capture(
+    recorder: Capture,
+    engine: DrillEngine,
+    specs: list[ServiceSpec],
+    report: Report,
+    log: Callable[[str], None],
+) -> None:
+    """The wire against the events: the report's ``fidelity`` section."""
+    from sipdrill.orchestrator.capture import fidelity
+
+    log(f"reading the capture ({recorder.pcap.stat().st_size // 1024} KiB) with tshark")
+    try:
+        oks = recorder.register_oks()
+        clients = [s.address for s in specs if s.role is Role.CLIENTS]
+        # Up to the drill's end: the events cover the clients from their start,
+        # and a clients process being stopped asks DNS again, unrecorded.
+        dns = recorder.dns_queries(clients, 0.0, report.started_wall + report.duration)
+    except (OperationError, OSError, subprocess.SubprocessError) as exc:
+        report.measurements["fidelity"] = {"ok": False, "error": str(exc)}
+        return
+    report.measurements["fidelity"] = fidelity(engine.timeline, oks, dns)
+
+
 def _summary_console() -> Console:
     from sipdrill.orchestrator.terminal import summary_console
 
@@ -431,6 +466,7 @@ def run_drill(
     *,
     keep: bool = False,
     summary: bool = True,
+    capture: bool = False,
 ) -> Report:
     """One drill, start to end, with its report written to ``out_dir``. Never
     raises for a drill that failed or a lab that did not start: the report
@@ -451,6 +487,24 @@ def run_drill(
     specs = _plan(kind, t, topo_file, lab_dir, n_clients, d.clients.processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(d.name, loaded.topology_path, kind.value, time.time())
+    recorder = None
+    engine: DrillEngine | None = None
+    if capture:
+        from sipdrill.orchestrator.capture import Capture
+
+        try:
+            recorder = Capture(out_dir / "capture", str(t.lab.loopback_network))
+        except OperationError as exc:
+            report.status, report.error, report.healed = "error", exc.message, True
+            report.write(out_dir)
+            if summary:
+                print_summary(report, out_dir)
+            return report
+        keys = ("SSLKEYLOGFILE", str(recorder.keylog.resolve()))
+        specs = [
+            dataclasses.replace(s, env=(*s.env, keys)) if s.role is Role.CLIENTS else s
+            for s in specs
+        ]
     with (
         signals_interrupt(display.log),
         (out_dir / "events.jsonl").open("w", encoding="utf-8") as events,
@@ -458,6 +512,9 @@ def run_drill(
         try:
             display.log(f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)")
             try:
+                if recorder is not None:
+                    recorder.start()
+                    display.log(f"capturing the lab's traffic to {recorder.pcap}")
                 rt.up(specs)
             except OperationError as exc:
                 # No lab, no drill: still leave a report that says why.
@@ -474,7 +531,7 @@ def run_drill(
             )
             try:
                 with display:
-                    report = DrillEngine(
+                    engine = DrillEngine(
                         loaded,
                         live,
                         progress=display.log,
@@ -482,7 +539,8 @@ def run_drill(
                         events=events,
                         background_events=True,
                         on_tick=display.tick,
-                    ).run()
+                    )
+                    report = engine.run()
             finally:
                 live.close()
         except DrillInterrupted as exc:
@@ -495,6 +553,10 @@ def run_drill(
                 display.log("stopping the lab")
                 with contextlib.suppress(Exception):
                     rt.down()
+            if recorder is not None:
+                recorder.stop()
+                if engine is not None:
+                    _check_capture(recorder, engine, specs, report, display.log)
             report.write(out_dir)
     if summary:
         print_summary(report, out_dir)

@@ -154,6 +154,9 @@ class Report:
                 f"lost service, {f['unaffected']} did not; RTO {fmt_seconds(f['rto'])}"
                 + (f"; {f['not_recovered']} never got full service" if f["not_recovered"] else "")
             )
+        fid = m.get("fidelity")
+        if fid:
+            out.append(f"- events against the wire (--capture): {fidelity_text(fid)}")
         out += ["", "## Per-client times (seconds; every affected client)", ""]
         out += distribution_table(m["distributions"])
         for f in m["faults"]:
@@ -214,6 +217,27 @@ class Report:
 
 def fmt_seconds(v: float | None) -> str:
     return "not reached" if v is None else f"{v:.1f} s"
+
+
+def fidelity_text(f: dict[str, Any]) -> str:
+    """One line on how the clients' registration events agree with the wire."""
+    if "error" in f:
+        return f"not checked: {f['error']}"
+    if not f.get("matched"):
+        return f"no registration seen on the wire ({f.get('unmatched', 0)} in the events)"
+    text = (
+        f"{f['matched']} registrations matched their 200 OK on the wire"
+        + (f", {f['unmatched']} not found" if f["unmatched"] else "")
+        + f"; event minus wire p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms, "
+        f"max {f['max_ms']:.2f} ms (bound {f['bound_ms']:g} ms: "
+        f"{'held' if f['ok'] else 'NOT held'})"
+    )
+    if f.get("dns_queries_on_wire") is not None:
+        text += (
+            f"; DNS queries on the wire {f['dns_queries_on_wire']}, uncached lookups in the "
+            f"events {f['dns_lookups_in_events']}"
+        )
+    return text
 
 
 def _rpo_text(m: dict[str, Any]) -> str:

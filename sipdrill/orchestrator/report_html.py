@@ -287,6 +287,12 @@ def render_html(report: Report) -> str:
             + (f", {m['events_lost']} lost" if m["events_lost"] else "")
             + "</div>"
         )
+        if m.get("fidelity"):
+            from sipdrill.orchestrator.report import fidelity_text
+
+            out.append(
+                f"<p>Events against the wire (--capture): {_e(fidelity_text(m['fidelity']))}</p>"
+            )
         out.append("<h2>Clients by mode over time</h2>")
         out.append(curve_svg(_curve(report), _markers(report)))
         out.append("<h2>Per-client times</h2>")

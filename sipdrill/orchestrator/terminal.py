@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sipdrill.orchestrator.report import SHOWN, Report, fmt_seconds
+from sipdrill.orchestrator.report import SHOWN, Report, fidelity_text, fmt_seconds
 
 __all__ = ["DrillDisplay", "print_summary", "summary_console"]
 
@@ -165,6 +165,8 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
             + ")",
             highlight=False,
         )
+    if m and m.get("fidelity"):
+        c.print(f"wire check: {fidelity_text(m['fidelity'])}", highlight=False, soft_wrap=True)
     if report.metrics:
         c.print(
             "step metrics: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.metrics.items()),

@@ -90,6 +90,8 @@ class Timeline:
         #: Events ingested, and events a clients process dropped before we read them.
         self.events = 0
         self.events_lost = 0
+        #: Uncached DnsLookup events: the DNS queries the clients say they sent.
+        self.dns_queries = 0
         #: Acknowledged writes per home pool: the t of each acknowledgement.
         self.writes: dict[str, list[float]] = {}
         self._lock = threading.Lock()
@@ -134,6 +136,8 @@ class Timeline:
                     continue  # not an event: nothing to measure, nothing to keep
                 n += 1
                 out.append(f"{prefix}{t:.6f},{line[1:]}\n")
+                if kind == "DnsLookup" and not e.get("cached"):
+                    self.dns_queries += 1
                 compact = _compact(kind, t, e)
                 if compact is not None:
                     evs = users.get(user)

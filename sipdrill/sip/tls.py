@@ -419,6 +419,11 @@ def client_context(
     """A TLS client context that trusts only ``ca`` and verifies host names."""
     ca_file = ca.ca_path if isinstance(ca, LabCA) else Path(ca)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    keylog = os.environ.get("SSLKEYLOGFILE")
+    if keylog:
+        # As ssl.create_default_context does: `drill run --capture` decrypts the
+        # lab's SIP over TLS with these keys to check event times against the wire.
+        ctx.keylog_filename = keylog
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -370,3 +370,65 @@ def test_sweep_runs_the_grid_and_plots_each_metric(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "FIELD=V1,V2" in bad.stderr
+
+
+@pytest.mark.interop
+def test_captured_drill_events_agree_with_the_wire(tmp_path: Path) -> None:
+    """`--capture`: dumpcap on loopback (the lab's addresses only), SIP over TLS
+    decrypted with the clients' key log: every registration event is within
+    10 ms of its 200 OK on the wire, and the uncached DNS lookups the events
+    claim are the queries on the wire."""
+    import shutil
+
+    if shutil.which("tshark") is None and not os.environ.get("CI"):
+        pytest.skip("no tshark here (apt-get install tshark); .ci/run installs it")
+    drill = tmp_path / "drill.yaml"
+    drill.write_text(
+        DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 6}")
+    )
+    reports = tmp_path / "reports"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sipdrill",
+            "drill",
+            "run",
+            str(drill),
+            "--capture",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--report-dir",
+            str(reports),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    (folder,) = reports.iterdir()
+    f = json.loads((folder / "report.json").read_text())["measurements"]["fidelity"]
+    affected = pool1_users(6)
+    # Each client signed in once, and each of pool1's registered on pool2 and at home again.
+    assert f["unmatched"] == 0 and f["matched"] >= 6 + 2 * affected
+    assert f["p99_ms"] <= 10 and f["max_ms"] <= 10 and f["ok"]
+    assert f["dns_queries_on_wire"] == f["dns_lookups_in_events"] > 0
+    assert (folder / "capture" / "capture.pcapng").stat().st_size > 0
+    assert "wire check:" in proc.stdout
+    assert _lab_processes(tmp_path / "state") == []
+    # No other address was captured: the filter is the lab's network.
+    peers = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            str(folder / "capture" / "capture.pcapng"),
+            "-T",
+            "fields",
+            "-e",
+            "ip.dst",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.split()
+    assert peers and all(p.startswith("127.78.") for p in peers)
