@@ -130,7 +130,7 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
         c.print(f"  {report.error}", highlight=False, soft_wrap=True)
     steps = Table(title=None, box=None, pad_edge=False)
     for col, just in (("#", "right"), ("step", "left"), ("at", "right"), ("took", "right")):
-        steps.add_column(col, justify=just, no_wrap=col != "step", overflow="ellipsis")  # type: ignore[arg-type]
+        steps.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
     steps.add_column("status")
     for s in report.steps:
         took = "-" if s.duration is None else f"{s.duration:.1f}"
