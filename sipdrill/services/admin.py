@@ -18,14 +18,13 @@ a returning pool does of users no longer homed on it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import OperationError
 from sipdrill.services.pool_state import FailoverState, PoolFailoverStates
 from sipdrill.services.store import StoreCounts, UserRecord, UserStore
@@ -224,21 +223,6 @@ def _render_json(pool: str, users: Iterable[ExportedUser]) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # The nightly export is what the budget design restores from: a crash
-    # while writing must leave the previous night's file, not half of one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_cs_user_data(
     store: UserStore, path: str | Path, *, fmt: ExportFormat | None = None
 ) -> ExportResult:
@@ -256,7 +240,9 @@ def export_cs_user_data(
         for u in store.users(home_pool=pool)
     ]
     render = _render_json if _format_of(out, fmt) == "json" else _render_xml
-    _write_atomically(out, render(pool, users))
+    # The nightly export is what the budget design restores from: a crash
+    # while writing must leave the previous night's file, not half of one.
+    write_atomically(out, render(pool, users))
     return ExportResult(out, pool, len(users), sum(len(u.contacts) for u in users))
 
 

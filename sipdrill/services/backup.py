@@ -33,8 +33,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,6 +42,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import OperationError
 from sipdrill.services.backup_client import ChangesPage, LabClients, PoolClient, Unreachable
 from sipdrill.services.pool_state import SERVED_BY_BACKUP, FailoverState, TransitionTable
@@ -586,21 +585,6 @@ async def probe(direction: SyncDirection, source: ReplicationPeer, target: Repli
 # --- persistence ---------------------------------------------------------------
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write, fsync, rename: a kill leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_record(path: Path, source: str, target: str) -> DirectionRecord | None:
     """The persisted view, or None (missing, unreadable or another direction's)."""
     try:
@@ -785,7 +769,8 @@ class BackupService:
         return self.state_dir / f"direction-{self.pool}-to-{self.partner}.json"
 
     def _persist(self, direction: SyncDirection) -> None:
-        write_json_atomically(self._record_path, asdict(direction.record))
+        data = json.dumps(asdict(direction.record), sort_keys=True).encode()
+        write_atomically(self._record_path, data, make_parents=True)
 
     @property
     def source(self) -> PoolClient:

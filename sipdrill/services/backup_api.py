@@ -16,21 +16,17 @@ OperationError's HTTP status.
 # No `from __future__ import annotations`: FastAPI reads the route signatures.
 
 import asyncio
-import contextlib
 import logging
-import secrets
-import socket
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from sipdrill.control.auth import bearer_auth
+from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.services.backup import DEFAULT_PAGE_SIZE, BackupService
 from sipdrill.services.backup_client import LabClients
@@ -45,19 +41,7 @@ class SyncIn(BaseModel):
 
 def create_backup_app(service: BackupService, token: str | None = None) -> FastAPI:
     app = FastAPI(title=f"sipdrill Backup Service ({service.pool})", version="1")
-    bearer = HTTPBearer(auto_error=False)
-
-    async def authorised(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if token is None:
-            return
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(
-                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    auth = [Depends(authorised)]
+    auth = [bearer_auth(token)]
 
     @app.exception_handler(OperationError)
     async def refused(request: Request, exc: OperationError) -> JSONResponse:
@@ -84,14 +68,6 @@ def create_backup_app(service: BackupService, token: str | None = None) -> FastA
     return app
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the owner of the loop decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def run_backup_process(
     topology: Topology,
     pool: str,
@@ -111,37 +87,25 @@ async def run_backup_process(
         service = BackupService(topology, pool, state_dir, clients, page_size=page_size)
         app = create_backup_app(service, token)
         host, port = listen
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock = bind_tcp(host, port)
         except OSError as exc:
-            sock.close()
             raise OperationError(
                 "cannot-listen", f"cannot listen on {host}:{port}: {exc.strerror}", 503
             ) from None
         bound = sock.getsockname()
-        server = _Uvicorn(
-            uvicorn.Config(
-                app, lifespan="off", log_config=None, log_level="warning", access_log=False
-            )
-        )
-        serve = asyncio.create_task(server.serve(sockets=[sock]))
+        server = AppServer(app, sock)
         loop_task = asyncio.create_task(service.run(stop))
         try:
-            while not server.started:
-                if serve.done():
-                    serve.result()
-                    raise OperationError("cannot-listen", "the control API did not start", 503)
-                await asyncio.sleep(0.01)
+            await server.start(
+                lambda: OperationError("cannot-listen", "the control API did not start", 503)
+            )
             if ready is not None:
                 ready(f"http://{bound[0]}:{bound[1]}", service)
             await stop.wait()
         finally:
             stop.set()
-            server.should_exit = True
             # A cycle cut mid-apply is safe: the partner commits a batch and
             # its position together, or neither.
             loop_task.cancel()
-            await asyncio.gather(serve, loop_task, return_exceptions=True)
-            sock.close()
+            await asyncio.gather(server.stop(), loop_task, return_exceptions=True)

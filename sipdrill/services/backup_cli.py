@@ -31,13 +31,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sipdrill.control.settings import TOKEN_ENV, TOPOLOGY_ENV, token_from_env
 from sipdrill.errors import OperationError
-from sipdrill.services.backup_client import (
-    TOKEN_ENV,
-    LabClients,
-    backup_listen_address,
-    token_from_env,
-)
+from sipdrill.services.backup import observe_direction
+from sipdrill.services.backup_client import LabClients, backup_listen_address
+from sipdrill.services.cms import cms_failover, cms_status
+from sipdrill.services.failover import OperationReport, count_losses, pool_failback, pool_failover
 from sipdrill.topology import Topology
 
 T = TypeVar("T")
@@ -50,8 +49,6 @@ backup_app = typer.Typer(
 cms_app = typer.Typer(
     help="The Central Management Store: failover, replication status.", no_args_is_help=True
 )
-
-TOPOLOGY_ENV = "SIPDRILL_TOPOLOGY"
 
 _TopologyOpt = typer.Option(
     ..., "--topology", "-t", envvar=TOPOLOGY_ENV, dir_okay=False, help="The topology YAML file."
@@ -307,8 +304,6 @@ def backup_status(
         raise _refuse("--category is UserData or CMS", 2)
 
     async def action(clients: LabClients) -> dict[str, Any]:
-        from sipdrill.services.failover import count_losses
-
         status = await _service_status(clients)
         assert partner is not None
         losses = []
@@ -324,8 +319,6 @@ def backup_status(
         return status
 
     async def _service_status(clients: LabClients) -> dict[str, Any]:
-        from sipdrill.services.backup import observe_direction
-
         service = clients.backup(fqdn)
         assert partner is not None and service is not None
         try:
@@ -401,8 +394,6 @@ def cms_failover_cmd(
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """Move the active CMS master to its standby (Invoke-CsManagementServerFailover)."""
-    from sipdrill.services.cms import cms_failover
-
     topo = _load(topology)
     report = _run(
         topo, lambda c: cms_failover(topo, force, c), token=token, loopback=loopback,
@@ -438,8 +429,6 @@ def cms_status_cmd(
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """ActiveMasterFqdn and replication state (Get-CsManagementStoreReplicationStatus)."""
-    from sipdrill.services.cms import cms_status
-
     topo = _load(topology)
     status = _run(
         topo, lambda c: cms_status(topo, c), token=token, loopback=loopback, pool_urls=pool_url
@@ -471,7 +460,7 @@ def cms_status_cmd(
 # --- sipdrill admin pool failover|failback ----------------------------------------------
 
 
-def _print_report(report: Any) -> None:
+def _print_report(report: OperationReport) -> None:
     out = _out()
     verb = "failed over to" if report.operation == "failover" else "failed back to"
     out.print(
@@ -502,66 +491,50 @@ def _print_report(report: Any) -> None:
         out.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
 
 
-def _pool_operation(
-    operation: Any,
-    pool: str,
-    disaster_mode: bool,
-    topology: Path,
-    loopback: bool,
-    token: str | None,
-    as_json: bool,
-    pool_url: list[str] | None,
-    backup_url: list[str] | None,
-) -> None:
-    """What pool failover and failback commands share: run ``operation`` for
-    ``pool`` over the lab's control APIs and print its report."""
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
-    report = _run(
-        topo, lambda c: operation(topo, fqdn, disaster_mode, c), token=token,
-        loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,
-    )
-    if as_json:
-        _print_json(report.to_json())
-    else:
-        _print_report(report)
+def _pool_operation_command(
+    operation: Callable[..., Awaitable[OperationReport]],
+    *,
+    pool_help: str,
+    disaster_help: str,
+    doc: str,
+) -> Callable[..., None]:
+    """The command of a pool failover or failback: run ``operation`` for
+    ``--pool`` over the lab's control APIs and print its report."""
+
+    def command(
+        pool: str = typer.Option(..., "--pool", help=pool_help),
+        disaster_mode: bool = typer.Option(False, "--disaster-mode", help=disaster_help),
+        topology: Path = _TopologyOpt,
+        loopback: bool = _LoopbackOpt,
+        token: str | None = _TokenOpt,
+        as_json: bool = _JsonOpt,
+        pool_url: list[str] | None = _PoolUrlOpt,
+        backup_url: list[str] | None = _BackupUrlOpt,
+    ) -> None:
+        topo = _load(topology)
+        fqdn = _pool_or_exit(topo, pool)
+        report = _run(
+            topo, lambda c: operation(topo, fqdn, disaster_mode, c), token=token,
+            loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,
+        )
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            _print_report(report)
+
+    command.__doc__ = doc
+    return command
 
 
-def pool_failover_cmd(
-    pool: str = typer.Option(..., "--pool", help="P1: the failed pool (the users' home)."),
-    disaster_mode: bool = typer.Option(
-        False, "--disaster-mode",
-        help="Fail over without P1 (no final sync: writes after its last sync are lost).",
-    ),
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
-    token: str | None = _TokenOpt,
-    as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
-    backup_url: list[str] | None = _BackupUrlOpt,
-) -> None:
-    """Fail P1's users over to its backup pool (Invoke-CsPoolFailOver)."""
-    from sipdrill.services.failover import pool_failover
-
-    _pool_operation(pool_failover, pool, disaster_mode, topology, loopback, token, as_json,
-                    pool_url, backup_url)
-
-
-def pool_failback_cmd(
-    pool: str = typer.Option(..., "--pool", help="P1: the users' home pool, back in service."),
-    disaster_mode: bool = typer.Option(
-        False, "--disaster-mode",
-        help="Fail back even if the backup pool is down (what users wrote on it is lost).",
-    ),
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
-    token: str | None = _TokenOpt,
-    as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
-    backup_url: list[str] | None = _BackupUrlOpt,
-) -> None:
-    """Bring P1's users home from its backup pool (Invoke-CsPoolFailBack)."""
-    from sipdrill.services.failover import pool_failback
-
-    _pool_operation(pool_failback, pool, disaster_mode, topology, loopback, token, as_json,
-                    pool_url, backup_url)
+pool_failover_cmd = _pool_operation_command(
+    pool_failover,
+    pool_help="P1: the failed pool (the users' home).",
+    disaster_help="Fail over without P1 (no final sync: writes after its last sync are lost).",
+    doc="Fail P1's users over to its backup pool (Invoke-CsPoolFailOver).",
+)
+pool_failback_cmd = _pool_operation_command(
+    pool_failback,
+    pool_help="P1: the users' home pool, back in service.",
+    disaster_help="Fail back even if the backup pool is down (what users wrote on it is lost).",
+    doc="Bring P1's users home from its backup pool (Invoke-CsPoolFailBack).",
+)

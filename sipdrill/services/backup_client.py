@@ -17,7 +17,6 @@ raises :class:`Unreachable`; a peer that answers with an error raises
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,13 +24,11 @@ from typing import Any
 
 import httpx
 
+from sipdrill.control.settings import token_from_env
 from sipdrill.errors import OperationError
 from sipdrill.orchestrator.plan import BACKUP_ADDRESS_OFFSET, CONTROL_PORT
 from sipdrill.services.pool_state import FailoverState
 from sipdrill.topology import Topology
-
-#: The environment variable every lab process reads its bearer token from.
-TOKEN_ENV = "SIPDRILL_CONTROL_TOKEN"
 
 #: Connect quickly (a silently dropped pool must not stall a failover for
 #: long), but give an apply of a large page time to commit.
@@ -319,10 +316,6 @@ def backup_listen_address(
 def backup_control_url(topology: Topology, pool_fqdn: str, *, loopback: bool = False) -> str:
     host, port = backup_listen_address(topology, pool_fqdn, loopback=loopback)
     return f"http://{host}:{port}"
-
-
-def token_from_env(token: str | None = None) -> str | None:
-    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
 
 
 class LabClients:

@@ -43,6 +43,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import OperationError
 from sipdrill.services.backup_client import LabClients, PoolClient
 from sipdrill.topology import Timers, Topology
@@ -173,9 +174,8 @@ class CmsStore:
             )
 
     def _save(self) -> None:
-        from sipdrill.services.backup import write_json_atomically
-
-        write_json_atomically(self.path, json.loads(self._state.model_dump_json()))
+        data = json.dumps(json.loads(self._state.model_dump_json()), sort_keys=True).encode()
+        write_atomically(self.path, data, make_parents=True)
 
     def state(self) -> CmsState:
         with self._lock:

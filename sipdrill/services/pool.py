@@ -22,28 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import importlib
-import importlib.util
 import ipaddress
 import json
 import logging
 import os
-import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from sipdrill.control.files import write_atomically
+from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.services.admin import MoveResult, export_cs_user_data, import_cs_user_data
+from sipdrill.services.backup_client import LabClients
+from sipdrill.services.cms import CmsConfigPatch, CmsStore, cms_router, cms_update, require_cms
 from sipdrill.services.conference import conference_uri
 from sipdrill.services.policy import (
     Feature,
@@ -55,6 +55,7 @@ from sipdrill.services.policy import (
     check_feature,
     registrar_decision,
 )
+from sipdrill.services.pool_api import create_pool_app
 from sipdrill.services.pool_metrics import PoolMetrics
 from sipdrill.services.pool_sip import PoolSip
 from sipdrill.services.pool_state import (
@@ -117,14 +118,6 @@ class PoolSettings(BaseModel):
     sip_t1: float = Field(default=0.5, gt=0)
 
 
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the owner of the loop decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def parse_failover_event(name: str) -> FailoverEvent:
     """The contract spells events with underscores, the state table with hyphens."""
     try:
@@ -134,20 +127,6 @@ def parse_failover_event(name: str) -> FailoverEvent:
         raise OperationError(
             "bad-event", f"unknown failover event {name!r}; use {events}", 422
         ) from None
-
-
-def _write_json_atomically(path: Path, doc: Mapping[str, Any]) -> None:
-    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PoolService:
@@ -189,10 +168,9 @@ class PoolService:
         #: Accounts a moved user left on a pool that was down: deleted when it answers.
         self.pending_deletes: dict[str, dict[str, str]] = {}
         self.last_failover_event: dict[str, Any] | None = None
-        #: The CMS (sipdrill.services.cms, when that part is installed): this
-        #: pool's replica, and its user homing cached per document version.
-        self._cms: Any = None
-        self.cms_store: Any = None
+        #: This pool's CMS replica (once started), and its user homing cached
+        #: per document version.
+        self.cms_store: CmsStore | None = None
         self._cms_homing: dict[str, str] = {}
         self._cms_version: tuple[int, int] | None = None
         self.started_at = time.time()
@@ -205,8 +183,7 @@ class PoolService:
         self.http: httpx.AsyncClient | None = None
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
-        self._uvicorn: _Uvicorn | None = None
-        self._uvicorn_task: asyncio.Task[None] | None = None
+        self._control_server: AppServer | None = None
 
     def _set_heartbeat(self, detection: float) -> None:
         settings = self.settings
@@ -328,7 +305,6 @@ class PoolService:
         self.server_ssl = server_context(cert)
         self.client_ssl = client_context(cert.ca_path)
         loop = asyncio.get_running_loop()
-        self._cms = self._cms_module()
         app_router = self._cms_router()
         if self.partner is not None:
             timers = self.timers()
@@ -364,48 +340,28 @@ class PoolService:
             self.heartbeat_interval,
         )
 
-    async def _start_control(self, cms_router: Any) -> None:
-        from sipdrill.services.pool_api import create_pool_app
-
+    async def _start_control(self, cms_router: APIRouter) -> None:
         app = create_pool_app(self, cms_router=cms_router)
         host, port = self.address, self.pool.control_port
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock = bind_tcp(host, port)
         except OSError as exc:
-            sock.close()
             raise OperationError(
                 "listen-failed", f"cannot listen on {host}:{port} (control): {exc.strerror}", 500
             ) from None
         self.control_address = (host, sock.getsockname()[1])
-        config = uvicorn.Config(
-            app, lifespan="off", log_config=None, log_level="warning", access_log=False
+        self._control_server = AppServer(app, sock)
+        await self._control_server.start(
+            lambda: OperationError("listen-failed", "the control API did not start", 500)
         )
-        self._uvicorn = _Uvicorn(config)
-        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        while not self._uvicorn.started:
-            if self._uvicorn_task.done():
-                self._uvicorn_task.result()
-                raise OperationError("listen-failed", "the control API did not start", 500)
-            await asyncio.sleep(0.01)
 
-    def _cms_router(self) -> Any:
-        # The CMS is another engineer's module; mount it when it is there.
-        if self._cms is None:
-            return None
-        router = self._cms.cms_router(self.settings.state_dir / "cms", self.fqdn, self.topology)
-        self.cms_store = getattr(router, "cms_store", None)
+    def _cms_router(self) -> APIRouter:
+        """Open this pool's CMS replica; its routes, for the control API."""
+        store_dir = self.settings.state_dir / "cms"
+        self.cms_store = CmsStore(store_dir, self.fqdn, self.topology)
+        router = cms_router(store_dir, self.fqdn, self.topology, store=self.cms_store)
         self.refresh_cms()
         return router
-
-    @staticmethod
-    def _cms_module() -> Any:
-        try:
-            found = importlib.util.find_spec("sipdrill.services.cms") is not None
-        except ModuleNotFoundError:
-            found = False
-        return importlib.import_module("sipdrill.services.cms") if found else None
 
     def refresh_cms(self) -> None:
         """Pick up the CMS replica's user homing when its document changed
@@ -426,25 +382,14 @@ class PoolService:
             return self.cms_store.effective_timers()
         return self.topology.timers
 
-    async def _cms_call(self, fn: str, *args: Any) -> Any:
-        """``sipdrill.services.cms.<fn>(topology, clients, *args)``, or None
-        without a CMS part."""
-        if self._cms is None:
-            return None
-        from sipdrill.services.backup_client import LabClients
-
-        async with LabClients(
-            self.topology, token=self.token, loopback=self.settings.loopback
-        ) as clients:
-            return await getattr(self._cms, fn)(self.topology, clients, *args)
+    def _lab_clients(self) -> LabClients:
+        """Clients of the lab's control APIs (the CMS replicas on every pool)."""
+        return LabClients(self.topology, token=self.token, loopback=self.settings.loopback)
 
     async def close(self) -> None:
-        if self._uvicorn is not None and self._uvicorn_task is not None:
-            self._uvicorn.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._uvicorn_task
-            self._uvicorn = None
-            self._uvicorn_task = None
+        if self._control_server is not None:
+            await self._control_server.stop()
+            self._control_server = None
         await self.sip.close()
         if self.http is not None:
             await self.http.aclose()
@@ -486,9 +431,8 @@ class PoolService:
             "pending_deletes": self.pending_deletes,
             "last_failover_event": self.last_failover_event,
         }
-        await asyncio.to_thread(
-            _write_json_atomically, self.settings.state_dir / STATE_FILE, doc
-        )
+        data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+        await asyncio.to_thread(write_atomically, self.settings.state_dir / STATE_FILE, data)
 
     # -- failover -------------------------------------------------------------------------
     def failover_view(self) -> dict[str, Any]:
@@ -647,11 +591,10 @@ class PoolService:
         local = self.store.get_user(uri)
         # Lync: "if the CMS is unavailable, you lose the ability to conduct
         # moves" (seed 001). Checked before anything is written.
-        await self._cms_call("require_cms")
+        async with self._lab_clients() as clients:
+            await require_cms(self.topology, clients)
         if local is not None and local.home_pool == self.fqdn:
-            recorded = (
-                self._cms_homing.get(key) if self._cms is not None else self.moves.get(key)
-            ) or self._topo_home.get(key)
+            recorded = self._cms_homing.get(key) or self._topo_home.get(key)
             if recorded == self.fqdn and key not in self.pending_deletes:
                 raise OperationError("same-pool", f"{user} is already homed on {self.fqdn}", 409)
             # An interrupted move: the account is here, the CMS or the old
@@ -745,9 +688,9 @@ class PoolService:
         pool's own record, the source's stale account (now, or when it
         answers again), and the user's registrations here."""
         home = None if self._topo_home.get(key) == self.fqdn else self.fqdn
-        if self._cms is not None:
-            await self._cms_call("cms_update", self._cms.CmsConfigPatch(user_homing={key: home}))
-            self.refresh_cms()
+        async with self._lab_clients() as clients:
+            await cms_update(self.topology, clients, CmsConfigPatch(user_homing={key: home}))
+        self.refresh_cms()
         await self._record_move(key, self.fqdn)
         if source != self.fqdn and not await self._delete_at_source(uri, source):
             async with self._state_lock:

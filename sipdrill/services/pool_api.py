@@ -9,19 +9,20 @@ and shape the answer. Everything but ``/health`` and ``/metrics`` needs
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures.
 
-import secrets
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from sipdrill.control.auth import bearer_auth
 from sipdrill.errors import OperationError
 from sipdrill.services.conference import conference_uri
-from sipdrill.services.pool import PoolService
+
+if TYPE_CHECKING:
+    from sipdrill.services.pool import PoolService
 
 
 class Health(BaseModel):
@@ -115,21 +116,9 @@ def _error(code: str, message: str, status: int) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-def create_pool_app(pool: PoolService, *, cms_router: APIRouter | None = None) -> FastAPI:
+def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None) -> FastAPI:
     app = FastAPI(title=f"sipdrill pool {pool.fqdn}", version="1")
-    bearer = HTTPBearer(auto_error=False)
-    token = pool.token
-
-    async def authorised(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if token is None:
-            return
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(401, "a valid bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    auth = [Depends(authorised)]
+    auth = [bearer_auth(pool.token)]
     api = APIRouter(dependencies=auth)
 
     @app.exception_handler(OperationError)
@@ -249,6 +238,4 @@ def create_pool_app(pool: PoolService, *, cms_router: APIRouter | None = None) -
     app.include_router(api)
     if cms_router is not None:
         app.include_router(cms_router, dependencies=auth)
-    # else: /cms* arrive with sipdrill.services.cms (another engineer's part);
-    # PoolService mounts its router as soon as the module exists.
     return app

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,10 @@ import httpx
 import typer
 from pydantic import SecretStr
 
+from sipdrill.control.files import write_atomically
+from sipdrill.control.settings import LOOPBACK_ENV, TOKEN_ENV, TOPOLOGY_ENV
 from sipdrill.errors import OperationError
 from sipdrill.topology import Topology
-
-TOKEN_ENV = "SIPDRILL_CONTROL_TOKEN"
-TOPOLOGY_ENV = "SIPDRILL_TOPOLOGY"
 
 
 def serve_pool(
@@ -109,7 +106,7 @@ _TopologyOpt = typer.Option(
     help="The lab's topology (to find the pools' control APIs).",
 )
 _LoopbackOpt = typer.Option(
-    False, "--loopback", envvar="SIPDRILL_LOOPBACK",
+    False, "--loopback", envvar=LOOPBACK_ENV,
     help="The lab runs on the local runtime's 127.x addresses.",
 )
 _TokenOpt = typer.Option(None, "--token", envvar=TOKEN_ENV, help="Control API bearer token.")
@@ -226,7 +223,7 @@ def user_export(
         _fail("--format is xml or json")
     r = _call(topology, pool, loopback, token, "GET", "/admin/users/export",
               params={"format": fmt})
-    _write_atomically(out, r.content)
+    write_atomically(out.resolve(), r.content)
     users = r.headers.get("X-Sipdrill-Export-Users", "?")
     contacts = r.headers.get("X-Sipdrill-Export-Contacts", "?")
     typer.echo(f"exported {users} users and {contacts} contacts of {pool} to {out}")
@@ -287,17 +284,3 @@ def pool_status(
             f"(p50 {rr['p50']}s, max {rr['max']}s)"
         )
     _print(d, as_json, lines)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path = path.resolve()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

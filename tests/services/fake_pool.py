@@ -10,20 +10,18 @@ uvicorn on 127.0.0.1 (:func:`serve`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.services.backup import BackupService
 from sipdrill.services.backup_api import create_backup_app
@@ -198,33 +196,17 @@ class CuttableTransport(httpx.AsyncBaseTransport):
         return await httpx.ASGITransport(app=self.app).handle_async_request(request)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.asynccontextmanager
 async def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn in this event loop; yields its base URL."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_tcp(host, port)
     port = sock.getsockname()[1]
-    server = _Server(
-        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    server = AppServer(app, sock)
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
+        await server.start(lambda: RuntimeError("uvicorn did not start"))
         yield f"http://{host}:{port}"
     finally:
-        server.should_exit = True
-        await task
-        sock.close()
+        await server.stop()
 
 
 class FakeLab:
