@@ -31,10 +31,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sipdrill.addresses import backup_listen_address
 from sipdrill.control.settings import TOKEN_ENV, TOPOLOGY_ENV, token_from_env
 from sipdrill.errors import OperationError
 from sipdrill.services.backup import observe_direction
-from sipdrill.services.backup_client import LabClients, backup_listen_address
+from sipdrill.services.backup_client import LabClients
 from sipdrill.services.cms import cms_failover, cms_status
 from sipdrill.services.failover import OperationReport, count_losses, pool_failback, pool_failover
 from sipdrill.topology import Topology

@@ -5,8 +5,8 @@ Backup Service, pool failover and the CMS failover consume it.
   ``/failover/state`` and ``/cms*`` routes.
 - :class:`BackupClient`: a Backup Service's ``/status`` and ``/sync``.
 - :class:`LabClients`: one client per pool and per Backup Service of a
-  topology, at the addresses the lab plan gives them
-  (:mod:`sipdrill.orchestrator.plan`), or at explicit URLs (tests).
+  topology, at the addresses of the lab's address plan
+  (:mod:`sipdrill.addresses`), or at explicit URLs (tests).
 
 Errors: a peer that cannot be reached (connection refused, timeout, reset)
 raises :class:`Unreachable`; a peer that answers with an error raises
@@ -16,7 +16,6 @@ raises :class:`Unreachable`; a peer that answers with an error raises
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,9 +23,9 @@ from typing import Any
 
 import httpx
 
+from sipdrill.addresses import backup_control_url, pool_control_url
 from sipdrill.control.settings import token_from_env
 from sipdrill.errors import OperationError
-from sipdrill.orchestrator.plan import BACKUP_ADDRESS_OFFSET, CONTROL_PORT
 from sipdrill.services.pool_state import FailoverState
 from sipdrill.topology import Topology
 
@@ -289,33 +288,6 @@ class BackupClient(_Http):
     async def sync(self, *, final: bool = False) -> dict[str, Any]:
         body = await self.request("POST", "/sync", json={"final": final})
         return body if isinstance(body, dict) else {}
-
-
-# --- where the lab's processes listen ------------------------------------------
-
-
-def _address(topology: Topology, address: ipaddress.IPv4Address, loopback: bool) -> str:
-    return str(topology.loopback_address(address) if loopback else address)
-
-
-def pool_control_url(topology: Topology, pool_fqdn: str, *, loopback: bool = False) -> str:
-    """Where the pool process serves its control API (its first front end)."""
-    pool = topology.pool(pool_fqdn)
-    return f"http://{_address(topology, pool.front_ends[0].address, loopback)}:{pool.control_port}"
-
-
-def backup_listen_address(
-    topology: Topology, pool_fqdn: str, *, loopback: bool = False
-) -> tuple[str, int]:
-    """Where the pool's Backup Service listens: first front end + 100, port 8080."""
-    pool = topology.pool(pool_fqdn)
-    address = pool.front_ends[0].address + BACKUP_ADDRESS_OFFSET
-    return _address(topology, address, loopback), CONTROL_PORT
-
-
-def backup_control_url(topology: Topology, pool_fqdn: str, *, loopback: bool = False) -> str:
-    host, port = backup_listen_address(topology, pool_fqdn, loopback=loopback)
-    return f"http://{host}:{port}"
 
 
 class LabClients:

@@ -38,6 +38,7 @@ import httpx
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from sipdrill import addresses
 from sipdrill.control.files import write_atomically
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
@@ -194,19 +195,16 @@ class PoolService:
 
     # -- addresses ----------------------------------------------------------------------
     def address_of(self, pool: Pool) -> str:
-        addr = pool.front_ends[0].address
-        return str(self.topology.loopback_address(addr) if self.settings.loopback else addr)
+        return addresses.pool_host(self.topology, pool, loopback=self.settings.loopback)
 
     def pool_sip_address(self, fqdn: str) -> tuple[str, int]:
-        pool = self.topology.pool(fqdn)
-        return self.address_of(pool), pool.sip_tls_port
+        return addresses.pool_sip_address(self.topology, fqdn, loopback=self.settings.loopback)
 
     def pool_sip_uri(self, fqdn: str) -> str:
         return f"sip:{fqdn}:{self.topology.pool(fqdn).sip_tls_port};transport=tls"
 
     def control_url_of(self, fqdn: str) -> str:
-        pool = self.topology.pool(fqdn)
-        return f"http://{self.address_of(pool)}:{pool.control_port}"
+        return addresses.pool_control_url(self.topology, fqdn, loopback=self.settings.loopback)
 
     @property
     def control_url(self) -> str:

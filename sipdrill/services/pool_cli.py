@@ -23,6 +23,7 @@ import httpx
 import typer
 from pydantic import SecretStr
 
+from sipdrill.addresses import pool_control_url
 from sipdrill.control.files import write_atomically
 from sipdrill.control.settings import LOOPBACK_ENV, TOKEN_ENV, TOPOLOGY_ENV
 from sipdrill.errors import OperationError
@@ -113,14 +114,6 @@ _TokenOpt = typer.Option(None, "--token", envvar=TOKEN_ENV, help="Control API be
 _JsonOpt = typer.Option(False, "--json", help="Print the answer as JSON.")
 
 
-def control_url(topology: Topology, pool_fqdn: str, *, loopback: bool) -> str:
-    """The control API of ``pool_fqdn``, as the lab plan places it."""
-    pool = topology.pool(pool_fqdn)
-    address = pool.front_ends[0].address
-    host = topology.loopback_address(address) if loopback else address
-    return f"http://{host}:{pool.control_port}"
-
-
 def _load(path: Path) -> Topology:
     # Only to find addresses: warnings (a short detection interval in a
     # lab) are for `topology validate`, not for every admin command.
@@ -145,7 +138,7 @@ def _call(
 ) -> httpx.Response:
     topo = _load(topology)
     try:
-        url = control_url(topo, pool, loopback=loopback)
+        url = pool_control_url(topo, pool, loopback=loopback)
     except KeyError:
         _fail(f"{pool} is not a pool of {topology}; pools: "
               + ", ".join(p.fqdn for p in topo.pools))

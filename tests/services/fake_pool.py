@@ -21,11 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from sipdrill.addresses import backup_control_url, pool_control_url
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.services.backup import BackupService
 from sipdrill.services.backup_api import create_backup_app
-from sipdrill.services.backup_client import LabClients, backup_control_url, pool_control_url
+from sipdrill.services.backup_client import LabClients
 from sipdrill.services.cms import cms_router
 from sipdrill.services.pool_state import FailoverEvent, PoolFailoverStates
 from sipdrill.services.store import Change, ChangeOp, Entity, UserStore

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from sipdrill.addresses import backup_listen_address
 from sipdrill.errors import OperationError
 from sipdrill.services.backup_api import run_backup_process
-from sipdrill.services.backup_client import LabClients, backup_listen_address
+from sipdrill.services.backup_client import LabClients
 from sipdrill.services.cms import cms_failover, cms_status
 from sipdrill.services.failover import pool_failback, pool_failover
 from sipdrill.services.pool_state import FailoverState

@@ -11,9 +11,10 @@ from typing import Any
 import yaml
 from typer.testing import CliRunner
 
+from sipdrill.addresses import pool_control_url as control_url
 from sipdrill.services.backup_client import LabClients
 from sipdrill.services.cms import cms_failover
-from sipdrill.services.pool_cli import control_url, pool_app, user_app
+from sipdrill.services.pool_cli import pool_app, user_app
 
 from .test_pool_harness import (
     ALICE,
