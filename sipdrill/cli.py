@@ -10,10 +10,12 @@ from __future__ import annotations
 import typer
 
 from sipdrill import __version__
+from sipdrill.admin.cli import admin_app
+from sipdrill.backup.cli import serve_backup
 from sipdrill.clients.cli import serve_clients
 from sipdrill.dns.cli import serve_dns
 from sipdrill.orchestrator import cli as orchestrator_cli
-from sipdrill.services import cli as services_cli
+from sipdrill.pool.cli import serve_pool
 from sipdrill.sip import cli as sip_cli
 from sipdrill.topology_cli import app as topology_app
 
@@ -31,9 +33,9 @@ serve_app = typer.Typer(
 app.add_typer(topology_app, name="topology")
 app.add_typer(sip_cli.app, name="sip")  # `sipdrill sip registrar ...`
 serve_app.command("dns")(serve_dns)
-serve_app.command("pool")(services_cli.serve_pool)
-serve_app.command("backup")(services_cli.serve_backup)
-app.add_typer(services_cli.admin_app, name="admin")
+serve_app.command("pool")(serve_pool)
+serve_app.command("backup")(serve_backup)
+app.add_typer(admin_app, name="admin")
 serve_app.command("clients")(serve_clients)
 app.add_typer(orchestrator_cli.lab_app, name="lab")
 app.add_typer(orchestrator_cli.drill_app, name="drill")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sipdrill.services.store import UserStore
+from sipdrill.pool.store import UserStore
 from sipdrill.topology import Topology
 
 P1 = "pool1.lab.local"

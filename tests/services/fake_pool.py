@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from sipdrill.addresses import backup_control_url, pool_control_url
+from sipdrill.backup.api import create_backup_app
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.service import BackupService
+from sipdrill.cms.store import cms_router
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
-from sipdrill.services.backup import BackupService
-from sipdrill.services.backup_api import create_backup_app
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.cms import cms_router
-from sipdrill.services.pool_state import FailoverEvent, PoolFailoverStates
-from sipdrill.services.store import Change, ChangeOp, Entity, UserStore
+from sipdrill.pool.state import FailoverEvent, PoolFailoverStates
+from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
 from sipdrill.topology import Topology
 
 

@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 
 from sipdrill.errors import OperationError
-from sipdrill.services.admin import (
+from sipdrill.pool.state import FailoverState, PoolFailoverStates
+from sipdrill.pool.store import StoreSnapshot, UserStore
+from sipdrill.pool.userdata import (
     MoveResult,
     export_cs_user_data,
     get_pool_status,
     import_cs_user_data,
     move_cs_user,
 )
-from sipdrill.services.pool_state import FailoverState, PoolFailoverStates
-from sipdrill.services.store import StoreSnapshot, UserStore
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, P3, StoreFactory

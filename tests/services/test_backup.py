@@ -14,17 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sipdrill.errors import OperationError
-from sipdrill.services.backup import (
+from sipdrill.backup.api import create_backup_app
+from sipdrill.backup.service import (
     EXPORT_TRANSITIONS,
     BackupService,
     ExportEvent,
     ExportState,
     SyncDirection,
 )
-from sipdrill.services.backup_api import create_backup_app
-from sipdrill.services.pool_state import FailoverState, TransitionError
-from sipdrill.services.store import StoreSnapshot, UserStore
+from sipdrill.errors import OperationError
+from sipdrill.pool.state import FailoverState, TransitionError
+from sipdrill.pool.store import StoreSnapshot, UserStore
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, FakeClock, make_topology
@@ -312,7 +312,8 @@ async def test_the_loop_syncs_with_a_clock_that_never_stands_still(
 
 
 async def test_sync_interval_comes_from_the_cms(lab: FakeLab) -> None:
-    from sipdrill.services.cms import CmsConfigPatch, cms_update
+    from sipdrill.cms.operations import cms_update
+    from sipdrill.cms.store import CmsConfigPatch
 
     await cms_update(lab.topology, lab.clients, CmsConfigPatch(timers={"sync_interval": 30}))
     service = lab.backups[P1]
@@ -343,8 +344,8 @@ async def test_api_health_status_sync_metrics_and_auth(lab: FakeLab) -> None:
 
 
 def test_a_pool_without_backup_has_no_backup_service(tmp_path: Path) -> None:
-    from sipdrill.services.backup import BackupService
-    from sipdrill.services.backup_client import LabClients
+    from sipdrill.backup.client import LabClients
+    from sipdrill.backup.service import BackupService
 
     topology = make_topology()
     clients = LabClients(topology, transports={})
@@ -357,7 +358,7 @@ def test_a_pool_without_backup_has_no_backup_service(tmp_path: Path) -> None:
 
 
 def test_failover_state_parsing_accepts_common_shapes() -> None:
-    from sipdrill.services.backup_client import parse_failover_states
+    from sipdrill.pool.client import parse_failover_states
 
     want = {P1: FailoverState.FAILED_OVER}
     assert parse_failover_states({"states": {P1: "FailedOver"}}) == want

@@ -16,11 +16,11 @@ import yaml
 from procutil import serve_in_thread
 from typer.testing import CliRunner
 
+from sipdrill.backup.api import create_backup_app
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.service import BackupService
 from sipdrill.cli import app
-from sipdrill.services.backup import BackupService
-from sipdrill.services.backup_api import create_backup_app
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.store import UserStore
+from sipdrill.pool.store import UserStore
 
 from .conftest import P1, P2, P3, make_topology
 from .fake_pool import FakePool, serve

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from procutil import free_port
 
-from sipdrill.services.store import UserStore
+from sipdrill.pool.store import UserStore
 
 from .conftest import P1, P2, P3, FakeClock, make_topology
 from .fake_pool import FakePool, serve
@@ -33,7 +33,7 @@ from .fake_pool import FakePool, serve
 pytestmark = pytest.mark.slow
 
 _SERVE = (
-    "import typer; from sipdrill.services.backup_cli import serve_backup; typer.run(serve_backup)"
+    "import typer; from sipdrill.backup.cli import serve_backup; typer.run(serve_backup)"
 )
 
 

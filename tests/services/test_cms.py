@@ -10,17 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sipdrill.cms.operations import cms_failover, cms_status, cms_update, replicate_cms
+from sipdrill.cms.store import CmsConfigPatch, CmsDocument, CmsRole, CmsStore
 from sipdrill.errors import OperationError
-from sipdrill.services.cms import (
-    CmsConfigPatch,
-    CmsDocument,
-    CmsRole,
-    CmsStore,
-    cms_failover,
-    cms_status,
-    cms_update,
-    replicate_cms,
-)
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, P3, FakeClock, make_topology

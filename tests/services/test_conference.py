@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sipmessage import URI
 
-from sipdrill.services.conference import (
+from sipdrill.pool.conference import (
     ConferenceRef,
     ConferenceTable,
     Participant,

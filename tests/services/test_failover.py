@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from sipdrill.admin.failover import count_losses, pool_failback, pool_failover
+from sipdrill.cms.operations import cms_failover
 from sipdrill.errors import OperationError
-from sipdrill.services.cms import cms_failover
-from sipdrill.services.failover import count_losses, pool_failback, pool_failover
-from sipdrill.services.pool_state import FailoverState
-from sipdrill.services.store import UserStore
+from sipdrill.pool.state import FailoverState
+from sipdrill.pool.store import UserStore
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, P3, FakeClock

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from sipdrill.addresses import backup_listen_address
+from sipdrill.admin.failover import pool_failback, pool_failover
+from sipdrill.backup.api import run_backup_process
+from sipdrill.backup.client import LabClients
+from sipdrill.cms.operations import cms_failover, cms_status
 from sipdrill.errors import OperationError
-from sipdrill.services.backup_api import run_backup_process
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.cms import cms_failover, cms_status
-from sipdrill.services.failover import pool_failback, pool_failover
-from sipdrill.services.pool_state import FailoverState
+from sipdrill.pool.state import FailoverState
 
 from .test_pool_harness import ALICE, BOB, P1, P2, TOKEN, Lab, two_pools
 

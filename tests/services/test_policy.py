@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sipdrill.errors import SipError
-from sipdrill.services.policy import (
+from sipdrill.pool.policy import (
     CONFERENCE_POOL_DOWN,
     HOME_POOL_UNKNOWN,
     RESILIENCY_ALLOWED,
@@ -18,7 +18,7 @@ from sipdrill.services.policy import (
     check_feature,
     registrar_decision,
 )
-from sipdrill.services.pool_state import FailoverState, PartnerState
+from sipdrill.pool.state import FailoverState, PartnerState
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, P3

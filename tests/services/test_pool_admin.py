@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sipdrill.addresses import pool_control_url as control_url
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.cms import cms_failover
-from sipdrill.services.pool_cli import pool_app, user_app
+from sipdrill.admin.pool_cli import pool_app, user_app
+from sipdrill.backup.client import LabClients
+from sipdrill.cms.operations import cms_failover
 
 from .test_pool_harness import (
     ALICE,

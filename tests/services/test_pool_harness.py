@@ -6,7 +6,7 @@ runs on one machine do not collide. Timers are short: failover detection
 3 s (1.5 s where a test takes a pool down and waits for the backup; shorter
 sees false outages on 2 busy cores), failback 1 s, heartbeats every
 detection / 4. Clients are
-:class:`sipdrill.services.sip_ua.UserAgent` s over TLS, verified against the
+:class:`sipdrill.pool.sip_ua.UserAgent` s over TLS, verified against the
 lab CA like real clients.
 """
 
@@ -23,8 +23,8 @@ import httpx
 from pydantic import SecretStr
 from sipmessage import Address, Response
 
-from sipdrill.services.pool import PoolService, PoolSettings
-from sipdrill.services.sip_ua import UaStack, UserAgent
+from sipdrill.pool.service import PoolService, PoolSettings
+from sipdrill.pool.sip_ua import UaStack, UserAgent
 from sipdrill.sip.tls import client_context
 from sipdrill.topology import Topology
 

@@ -85,7 +85,7 @@ async def test_a_frozen_partner_is_detected_by_heartbeats(tmp_path: Path) -> Non
     """The local runtime's `cut`: SIGSTOP. Connections to the frozen pool
     are accepted by the kernel and then nothing happens; the heartbeats
     must notice all the same, and notice its return."""
-    from sipdrill.services.pool import PoolService
+    from sipdrill.pool.service import PoolService
 
     from .test_pool_harness import P1, Lab
 

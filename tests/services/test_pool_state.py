@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipdrill.errors import OperationError
-from sipdrill.services.pool_state import (
+from sipdrill.pool.state import (
     FAILOVER_TRANSITIONS,
     PARTNER_TRANSITIONS,
     FailoverEvent,

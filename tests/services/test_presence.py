@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sipdrill.services.presence import (
+from sipdrill.pool.presence import (
     Availability,
     PresenceState,
     Subscription,
@@ -17,7 +17,7 @@ from sipdrill.services.presence import (
     render_pidf,
     subscription_expires,
 )
-from sipdrill.services.sip_ua import UserAgent
+from sipdrill.pool.sip_ua import UserAgent
 
 from .test_pool_harness import ALICE, BOB, CAROL, ERIN, P1, P2, TAKEOVER, two_pools, wait_for
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipdrill.errors import OperationError
-from sipdrill.services.store import Change, ChangeOp, ConferenceRecord, Entity, UserStore
+from sipdrill.pool.store import Change, ChangeOp, ConferenceRecord, Entity, UserStore
 from sipdrill.topology import Topology
 
 from .conftest import P1, P2, FakeClock, StoreFactory

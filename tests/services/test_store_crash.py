@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sipdrill.services.store import UserStore
+from sipdrill.pool.store import UserStore
 
 from .conftest import P1
 
 _WRITER = """
 import sys
-from sipdrill.services.store import UserStore
+from sipdrill.pool.store import UserStore
 
 path, run = sys.argv[1], sys.argv[2]
 with UserStore(path, "pool1.lab.local") as store:

@@ -19,10 +19,10 @@ from pydantic import BaseModel, Field
 
 from sipdrill.control.auth import bearer_auth
 from sipdrill.errors import OperationError
-from sipdrill.services.conference import conference_uri
+from sipdrill.pool.conference import conference_uri
 
 if TYPE_CHECKING:
-    from sipdrill.services.pool import PoolService
+    from sipdrill.pool.service import PoolService
 
 
 class Health(BaseModel):

@@ -43,11 +43,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.reconcile import failover_states_or_none, pair_of
+from sipdrill.backup.service import SyncDirection, run_cycle
+from sipdrill.cms.operations import active_master_of, cms_update, cms_views, require_cms
+from sipdrill.cms.store import CmsConfigPatch, PoolFailoverRecord
 from sipdrill.errors import OperationError
-from sipdrill.services.backup import SyncDirection, run_cycle
-from sipdrill.services.backup_client import LabClients, PoolClient
-from sipdrill.services.cms import CmsConfigPatch, PoolFailoverRecord, cms_update, require_cms
-from sipdrill.services.pool_state import SERVED_BY_BACKUP, FailoverState
+from sipdrill.pool.client import PoolClient
+from sipdrill.pool.state import SERVED_BY_BACKUP, FailoverState
 from sipdrill.topology import Topology
 
 #: How long a failback waits for P2's changes to reach P1.
@@ -99,35 +102,6 @@ class _Timer:
 
     def done(self) -> None:
         self.report.seconds = round(self.clock() - self.start, 6)
-
-
-def _pair(topology: Topology, home_pool: str) -> tuple[str, str]:
-    home = home_pool.lower()
-    try:
-        pool = topology.pool(home)
-    except KeyError:
-        raise OperationError(
-            "unknown-pool", f"{home} is not a pool of topology {topology.name}", 404
-        ) from None
-    if pool.backup is None:
-        raise OperationError(
-            "no-backup-pool",
-            f"pool {home} has no paired backup pool, so its users cannot fail over or back",
-            409,
-        )
-    return home, pool.backup
-
-
-async def _states(client: PoolClient) -> dict[str, FailoverState] | None:
-    """The pool's failover states, or None if it does not answer."""
-    try:
-        return await client.failover_states(time_limit=5.0)
-    except OSError:
-        return None
-    except OperationError as exc:
-        if exc.http_status == 503 or exc.code == "unreachable":
-            return None
-        raise
 
 
 async def _hwm(client: PoolClient, since: int = 0) -> int:
@@ -222,13 +196,15 @@ async def pool_failover(
     wall_clock: Callable[[], float] = time.time,
 ) -> OperationReport:
     """Invoke-CsPoolFailOver -PoolFqdn ``home_pool`` [-DisasterMode]."""
-    home, backup = _pair(topology, home_pool)
+    home, backup = pair_of(topology, home_pool)
     hc, bc = clients.pool(home), clients.pool(backup)
     report = OperationReport("failover", home, backup, disaster_mode, False, False)
     timer = _Timer(report, clock)
 
     # --- checks: nothing changes before all pass ---------------------------
-    backup_states, home_states = await asyncio.gather(_states(bc), _states(hc))
+    backup_states, home_states = await asyncio.gather(
+        failover_states_or_none(bc), failover_states_or_none(hc)
+    )
     if backup_states is None:
         raise OperationError(
             "backup-pool-unreachable",
@@ -342,12 +318,14 @@ async def pool_failback(
     wall_clock: Callable[[], float] = time.time,
 ) -> OperationReport:
     """Invoke-CsPoolFailBack -PoolFqdn ``home_pool`` [-DisasterMode]."""
-    home, backup = _pair(topology, home_pool)
+    home, backup = pair_of(topology, home_pool)
     hc, bc = clients.pool(home), clients.pool(backup)
     report = OperationReport("failback", home, backup, disaster_mode, False, False)
     timer = _Timer(report, clock)
 
-    home_states, backup_states = await asyncio.gather(_states(hc), _states(bc))
+    home_states, backup_states = await asyncio.gather(
+        failover_states_or_none(hc), failover_states_or_none(bc)
+    )
     if home_states is None:
         raise OperationError(
             "pool-unreachable",
@@ -401,7 +379,7 @@ async def pool_failback(
             try:
                 await hc.failover_event(home, event, True)
             except OperationError as exc:
-                now = (await _states(hc) or {}).get(home)
+                now = (await failover_states_or_none(hc) or {}).get(home)
                 if exc.code != "invalid-transition" or now not in SERVED_BY_BACKUP:
                     raise
                 if now is not FailoverState.FAILING_OVER:
@@ -552,9 +530,7 @@ async def count_losses(topology: Topology, home_pool: str, clients: LabClients) 
     """Count the RPO losses recorded in the CMS for ``home_pool``'s pairing,
     from the feeds of the pools that hold the lost writes. Needs a CMS
     replica to answer (any pool's: the record is replicated)."""
-    from sipdrill.services.cms import active_master_of, cms_views
-
-    home, backup = _pair(topology, home_pool)
+    home, backup = pair_of(topology, home_pool)
     views = await cms_views(topology, clients)
     newest = max((v for v in views.values() if v.reachable), key=lambda v: v.order(), default=None)
     raw = None
@@ -584,39 +560,3 @@ async def count_losses(topology: Topology, home_pool: str, clients: LabClients) 
         except (OperationError, OSError) as exc:
             report.notes.append(f"{backup} cannot tell what the failback lost yet: {exc}")
     return report
-
-
-async def reconcile_failover_states(
-    topology: Topology, clients: LabClients, home_pool: str
-) -> list[str]:
-    """Bring a pool that missed a disaster-mode operation up to date.
-
-    After a disaster-mode failback the backup pool, down at the time, comes
-    back still serving the home pool's users (FailedOver) while the home pool
-    says FailedBack: tell the backup that the users went home. The CMS record
-    decides when it exists. (The opposite case, a home pool back from a
-    disaster-mode failover, is the Backup Service's fence.) The events sent.
-    """
-    home, backup = _pair(topology, home_pool)
-    hc, bc = clients.pool(home), clients.pool(backup)
-    hs, bs = await asyncio.gather(_states(hc), _states(bc))
-    if hs is None or bs is None:
-        return []
-    if not (
-        bs.get(home) is FailoverState.FAILED_OVER and hs.get(home) is FailoverState.FAILED_BACK
-    ):
-        return []
-    from sipdrill.services.cms import cms_views
-
-    views = await cms_views(topology, clients)
-    newest = max((v for v in views.values() if v.reachable), key=lambda v: v.order(), default=None)
-    raw = ((newest.document or {}).get("config") or {}).get("pool_failover", {}).get(home) if (
-        newest is not None
-    ) else None
-    if raw is not None and raw.get("state") != FailoverState.FAILED_BACK.value:
-        return []
-    sent = []
-    for event in ("failback_started", "failback_completed"):
-        await bc.failover_event(home, event, True)
-        sent.append(f"{backup}: {event} {home}")
-    return sent

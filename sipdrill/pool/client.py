@@ -1,17 +1,13 @@
-"""HTTP clients for the control API contract (docs/control-api.md), as the
-Backup Service, pool failover and the CMS failover consume it.
+"""HTTP clients of the pool's control API (docs/control-api.md), as the
+Backup Service, pool failover, the CMS and other pools consume it.
 
 - :class:`PoolClient`: a Front End pool's ``/replication/*``,
-  ``/failover/state`` and ``/cms*`` routes.
-- :class:`BackupClient`: a Backup Service's ``/status`` and ``/sync``.
-- :class:`LabClients`: one client per pool and per Backup Service of a
-  topology, at the addresses of the lab's address plan
-  (:mod:`sipdrill.addresses`), or at explicit URLs (tests).
+  ``/failover/state``, ``/cms*`` and ``/users/*`` routes.
+- :class:`PoolClients`: one client per pool of a topology, at the addresses
+  of the lab's address plan (:mod:`sipdrill.addresses`), or at explicit URLs
+  (tests).
 
-Errors: a peer that cannot be reached (connection refused, timeout, reset)
-raises :class:`Unreachable`; a peer that answers with an error raises
-:class:`~sipdrill.errors.OperationError` with the peer's ``code`` and
-``message``, so a refusal crosses the wire unchanged.
+Errors are those of :mod:`sipdrill.control.http`.
 """
 
 from __future__ import annotations
@@ -19,22 +15,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
-from sipdrill.addresses import backup_control_url, pool_control_url
+from sipdrill.addresses import pool_control_url
+from sipdrill.control.http import DEFAULT_TIMEOUT, ControlClient
 from sipdrill.control.settings import token_from_env
 from sipdrill.errors import OperationError
-from sipdrill.services.pool_state import FailoverState
+from sipdrill.pool.state import FailoverState
 from sipdrill.topology import Topology
 
-#: Connect quickly (a silently dropped pool must not stall a failover for
-#: long), but give an apply of a large page time to commit.
-DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=60.0, write=60.0, pool=5.0)
-
 #: Event names of ``POST /failover/state`` (the contract spells them with
-#: underscores; :class:`~sipdrill.services.pool_state.FailoverEvent` values use
+#: underscores; :class:`~sipdrill.pool.state.FailoverEvent` values use
 #: hyphens).
 FAILOVER_EVENTS = (
     "failover_started",
@@ -42,92 +35,6 @@ FAILOVER_EVENTS = (
     "failback_started",
     "failback_completed",
 )
-
-
-@dataclass
-class Unreachable(OperationError):
-    """A peer that did not answer at all (as opposed to one that refused)."""
-
-    url: str = ""
-
-
-def _error_from(response: httpx.Response, what: str) -> OperationError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        if isinstance(body.get("code"), str):
-            return OperationError(
-                body["code"], str(body.get("message", "")), response.status_code
-            )
-        detail = body.get("detail")
-        if isinstance(detail, dict) and isinstance(detail.get("code"), str):
-            return OperationError(
-                detail["code"], str(detail.get("message", "")), response.status_code
-            )
-        if detail is not None:
-            return OperationError(f"http-{response.status_code}", f"{what}: {detail}",
-                                  response.status_code)
-    text = response.text[:200]
-    return OperationError(f"http-{response.status_code}", f"{what}: {text}", response.status_code)
-
-
-class _Http:
-    """One peer: an ``httpx.AsyncClient`` with the lab's auth and errors."""
-
-    #: Human name for messages ("pool pool1.lab.local").
-    name: str
-
-    def __init__(
-        self,
-        name: str,
-        base_url: str,
-        *,
-        token: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-    ) -> None:
-        self.name = name
-        self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, transport=transport, timeout=timeout
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        time_limit: float | None = None,
-    ) -> Any:
-        what = f"{self.name}: {method} {path}"
-        kwargs: dict[str, Any] = {}
-        if time_limit is not None:
-            kwargs["timeout"] = time_limit
-        try:
-            response = await self._client.request(method, path, json=json, params=params, **kwargs)
-        except httpx.TransportError as exc:
-            raise Unreachable(
-                "unreachable",
-                f"{self.name} is unreachable at {self.base_url} ({type(exc).__name__}: {exc})",
-                503,
-                url=self.base_url,
-            ) from None
-        if response.status_code >= 400:
-            raise _error_from(response, what)
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
 
 
 @dataclass(frozen=True)
@@ -174,7 +81,7 @@ def parse_failover_states(body: Any) -> dict[str, FailoverState]:
     return out
 
 
-class PoolClient(_Http):
+class PoolClient(ControlClient):
     """A Front End pool's control API."""
 
     def __init__(self, pool_fqdn: str, base_url: str, **kwargs: Any) -> None:
@@ -241,7 +148,7 @@ class PoolClient(_Http):
             json={"home_pool": home_pool, "event": event, "disaster_mode": disaster_mode},
         )
 
-    # --- CMS (the router of sipdrill.services.cms, mounted in the pool) ----
+    # --- CMS (the router of sipdrill.cms.store, mounted in the pool) ----
 
     async def cms(self, time_limit: float | None = None) -> dict[str, Any]:
         body = await self.request("GET", "/cms", time_limit=time_limit)
@@ -270,31 +177,11 @@ class PoolClient(_Http):
         return int(body["seq"])
 
 
-class BackupClient(_Http):
-    """A Backup Service's control API."""
+class PoolClients:
+    """Clients for every pool of ``topology``.
 
-    def __init__(self, pool_fqdn: str, base_url: str, **kwargs: Any) -> None:
-        super().__init__(f"the Backup Service of {pool_fqdn}", base_url, **kwargs)
-        self.pool_fqdn = pool_fqdn.lower()
-
-    async def health(self, time_limit: float | None = None) -> dict[str, Any]:
-        body = await self.request("GET", "/health", time_limit=time_limit)
-        return body if isinstance(body, dict) else {}
-
-    async def status(self, time_limit: float | None = None) -> dict[str, Any]:
-        body = await self.request("GET", "/status", time_limit=time_limit)
-        return body if isinstance(body, dict) else {}
-
-    async def sync(self, *, final: bool = False) -> dict[str, Any]:
-        body = await self.request("POST", "/sync", json={"final": final})
-        return body if isinstance(body, dict) else {}
-
-
-class LabClients:
-    """Clients for every pool and Backup Service of ``topology``.
-
-    ``pool_urls`` / ``backup_urls`` override the plan's addresses (tests,
-    odd layouts); ``transports`` maps a URL's base to an httpx transport
+    ``pool_urls`` override the plan's addresses (tests, odd layouts);
+    ``transports`` maps a URL's base to an httpx transport
     (``httpx.ASGITransport`` in unit tests). Use ``async with``.
     """
 
@@ -305,7 +192,6 @@ class LabClients:
         token: str | None = None,
         loopback: bool = False,
         pool_urls: Mapping[str, str] | None = None,
-        backup_urls: Mapping[str, str] | None = None,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     ) -> None:
@@ -313,7 +199,6 @@ class LabClients:
         token = token_from_env(token)
         transports = dict(transports or {})
         self.pools: dict[str, PoolClient] = {}
-        self.backups: dict[str, BackupClient] = {}
         for p in topology.pools:
             url = (pool_urls or {}).get(p.fqdn) or pool_control_url(
                 topology, p.fqdn, loopback=loopback
@@ -321,13 +206,6 @@ class LabClients:
             self.pools[p.fqdn] = PoolClient(
                 p.fqdn, url, token=token, transport=transports.get(url), timeout=timeout
             )
-            if p.backup:
-                burl = (backup_urls or {}).get(p.fqdn) or backup_control_url(
-                    topology, p.fqdn, loopback=loopback
-                )
-                self.backups[p.fqdn] = BackupClient(
-                    p.fqdn, burl, token=token, transport=transports.get(burl), timeout=timeout
-                )
 
     def pool(self, fqdn: str) -> PoolClient:
         try:
@@ -337,14 +215,15 @@ class LabClients:
                 "unknown-pool", f"{fqdn} is not a pool of topology {self.topology.name}", 404
             ) from None
 
-    def backup(self, fqdn: str) -> BackupClient | None:
-        return self.backups.get(fqdn.lower())
+    def _every_client(self) -> list[ControlClient]:
+        """Every client held (closed by :meth:`aclose`)."""
+        return list(self.pools.values())
 
     async def aclose(self) -> None:
-        for c in [*self.pools.values(), *self.backups.values()]:
+        for c in self._every_client():
             await c.aclose()
 
-    async def __aenter__(self) -> LabClients:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -1,8 +1,8 @@
-"""Commands of the Backup Service, pool failover / failback and the CMS.
+"""The administrator commands over the lab's control APIs: the Backup
+Service, pool failover / failback and the CMS.
 
-Mounted by :mod:`sipdrill.services.cli`:
+Mounted by :mod:`sipdrill.admin.cli`:
 
-- ``sipdrill serve backup --topology FILE [--loopback] --pool P --state-dir DIR``
 - ``sipdrill admin backup sync|status --pool P``  (Invoke-CsBackupServiceSync,
   Get-CsBackupServiceStatus)
 - ``sipdrill admin cms failover [--force]|status``  (Invoke-CsManagementServerFailover,
@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import logging
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,13 +29,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sipdrill.addresses import backup_listen_address
-from sipdrill.control.settings import TOKEN_ENV, TOPOLOGY_ENV, token_from_env
+from sipdrill.admin.failover import OperationReport, count_losses, pool_failback, pool_failover
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.service import observe_direction
+from sipdrill.cms.operations import cms_failover, cms_status
+from sipdrill.control.cli import (
+    LOOPBACK_OPTION,
+    POOL_URL_OPTION,
+    TOPOLOGY_OPTION,
+    load_topology,
+    parse_urls,
+    pool_or_exit,
+    refuse,
+)
+from sipdrill.control.settings import TOKEN_ENV, token_from_env
 from sipdrill.errors import OperationError
-from sipdrill.services.backup import observe_direction
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.cms import cms_failover, cms_status
-from sipdrill.services.failover import OperationReport, count_losses, pool_failback, pool_failover
 from sipdrill.topology import Topology
 
 T = TypeVar("T")
@@ -51,20 +57,10 @@ cms_app = typer.Typer(
     help="The Central Management Store: failover, replication status.", no_args_is_help=True
 )
 
-_TopologyOpt = typer.Option(
-    ..., "--topology", "-t", envvar=TOPOLOGY_ENV, dir_okay=False, help="The topology YAML file."
-)
-_LoopbackOpt = typer.Option(
-    False, "--loopback", help="Use the topology's 127.x stand-in addresses (local runtime)."
-)
 _TokenOpt = typer.Option(
     None, "--token", help=f"Bearer token for the control APIs (default: ${TOKEN_ENV})."
 )
 _JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
-_PoolUrlOpt = typer.Option(
-    None, "--pool-url", help="FQDN=URL: reach this pool's control API here; repeatable.",
-    hidden=True,
-)
 _BackupUrlOpt = typer.Option(
     None, "--backup-url", help="FQDN=URL: reach this pool's Backup Service here; repeatable.",
     hidden=True,
@@ -77,37 +73,6 @@ def _out() -> Console:
 
 def _err() -> Console:
     return Console(stderr=True)
-
-
-def _refuse(message: str, code: int = 1) -> typer.Exit:
-    _err().print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _load(path: Path) -> Topology:
-    from sipdrill.topology_cli import load_or_exit
-
-    return load_or_exit(path).topology
-
-
-def _urls(items: list[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        fqdn, sep, url = item.partition("=")
-        if not sep or not url:
-            raise _refuse(f"{what} is FQDN=URL, e.g. pool1.lab.local=http://127.0.0.1:8080", 2)
-        out[fqdn.lower()] = url
-    return out
-
-
-def _pool_or_exit(topology: Topology, pool: str) -> str:
-    try:
-        return topology.pool(pool).fqdn
-    except KeyError:
-        raise _refuse(
-            f"{pool} is not a pool of topology {topology.name} "
-            f"(pools: {', '.join(p.fqdn for p in topology.pools)})"
-        ) from None
 
 
 def _run(
@@ -124,15 +89,15 @@ def _run(
             topology,
             token=token_from_env(token),
             loopback=loopback,
-            pool_urls=_urls(pool_urls, "--pool-url"),
-            backup_urls=_urls(backup_urls, "--backup-url"),
+            pool_urls=parse_urls(pool_urls, "--pool-url"),
+            backup_urls=parse_urls(backup_urls, "--backup-url"),
         ) as clients:
             return await action(clients)
 
     try:
         return asyncio.run(main())
     except OperationError as exc:
-        raise _refuse(f"{exc.code}: {exc.message}") from None
+        raise refuse(f"{exc.code}: {exc.message}") from None
 
 
 def _when(ts: Any) -> str:
@@ -143,74 +108,6 @@ def _when(ts: Any) -> str:
 
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-# --- sipdrill serve backup --------------------------------------------------------
-
-
-def serve_backup(
-    topology: Path = _TopologyOpt,
-    pool: str = typer.Option(..., "--pool", help="The pool whose Backup Service this is."),
-    state_dir: Path = typer.Option(..., "--state-dir", help="Where it keeps its own view."),
-    loopback: bool = _LoopbackOpt,
-    token: str | None = typer.Option(
-        None, "--token", envvar=TOKEN_ENV, help="Bearer token for every control API."
-    ),
-    control: str | None = typer.Option(
-        None, "--control",
-        help="HOST:PORT to serve the control API on (default: the pool's first front end "
-        "+ 100, port 8080).",
-    ),
-    pool_url: list[str] | None = _PoolUrlOpt,
-    page_size: int = typer.Option(
-        5000, "--page-size", min=1, max=10000, help="Changes per read and per apply.",
-        hidden=True,
-    ),
-    log_level: str = typer.Option("info", "--log-level"),
-) -> None:
-    """Run a pool's Backup Service: replicate its user data to the paired pool
-    every sync interval, and serve /status and /sync."""
-    from sipdrill.services.backup_api import run_backup_process
-
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    if log_level.lower() != "debug":
-        # One line per request, several per cycle: only when debugging.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
-    if topo.backup_of(fqdn) is None:
-        raise _refuse(f"pool {fqdn} has no backup pool: there is nothing to replicate to")
-    if control is not None:
-        host, sep, port = control.rpartition(":")
-        if not sep or not port.isdigit():
-            raise _refuse("--control is HOST:PORT, e.g. 127.0.0.1:8080", 2)
-        listen = (host, int(port))
-    else:
-        listen = backup_listen_address(topo, fqdn, loopback=loopback)
-    urls = _urls(pool_url, "--pool-url")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def ready(url: str, service: Any) -> None:
-            print(
-                f"sipdrill backup: {fqdn} -> {service.partner} every "
-                f"{service.direction.sync_interval:g}s, control {url}",
-                flush=True,
-            )
-
-        await run_backup_process(
-            topo, fqdn, state_dir, listen=listen, token=token, loopback=loopback,
-            pool_urls=urls, stop=stop, ready=ready, page_size=page_size,
-        )
-
-    try:
-        asyncio.run(main())
-    except OperationError as exc:
-        raise _refuse(f"{exc.code}: {exc.message}") from None
 
 
 # --- sipdrill admin backup sync|status -------------------------------------------------
@@ -247,16 +144,16 @@ def _direction_table(title: str, directions: list[dict[str, Any]]) -> Table:
 @backup_app.command("sync")
 def backup_sync(
     pool: str = typer.Option(..., "--pool", help="The pool whose data to sync to its partner."),
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
+    topology: Path = TOPOLOGY_OPTION,
+    loopback: bool = LOOPBACK_OPTION,
     token: str | None = _TokenOpt,
     as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
+    pool_url: list[str] | None = POOL_URL_OPTION,
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """Sync a pool's changes to its partner now (Invoke-CsBackupServiceSync)."""
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
+    topo = load_topology(topology)
+    fqdn = pool_or_exit(topo, pool)
 
     async def action(clients: LabClients) -> dict[str, Any]:
         service = clients.backup(fqdn)
@@ -279,7 +176,7 @@ def backup_sync(
             highlight=False,
         )
     if result.get("outcome") == "error":
-        raise _refuse(str(result.get("error")))
+        raise refuse(str(result.get("error")))
 
 
 @backup_app.command("status")
@@ -288,21 +185,21 @@ def backup_status(
     category: str = typer.Option(
         "UserData", "--category", help="UserData (the Backup Service) or CMS."
     ),
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
+    topology: Path = TOPOLOGY_OPTION,
+    loopback: bool = LOOPBACK_OPTION,
     token: str | None = _TokenOpt,
     as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
+    pool_url: list[str] | None = POOL_URL_OPTION,
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """Export and import state per direction (Get-CsBackupServiceStatus)."""
-    topo = _load(topology)
-    fqdn = _pool_or_exit(topo, pool)
+    topo = load_topology(topology)
+    fqdn = pool_or_exit(topo, pool)
     if category.lower() == "cms":
         cms_status_cmd(topology, loopback, token, as_json, pool_url, backup_url)
         return
     if category.lower() != "userdata":
-        raise _refuse("--category is UserData or CMS", 2)
+        raise refuse("--category is UserData or CMS", 2)
 
     async def action(clients: LabClients) -> dict[str, Any]:
         status = await _service_status(clients)
@@ -345,7 +242,7 @@ def backup_status(
 
     partner = topo.backup_of(fqdn)
     if partner is None:
-        raise _refuse(f"no-backup-pool: pool {fqdn} has no backup pool")
+        raise refuse(f"no-backup-pool: pool {fqdn} has no backup pool")
     status = _run(
         topo, action, token=token, loopback=loopback, pool_urls=pool_url, backup_urls=backup_url
     )
@@ -387,15 +284,15 @@ def cms_failover_cmd(
     force: bool = typer.Option(
         False, "--force", help="Move even when the active master is unreachable."
     ),
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
+    topology: Path = TOPOLOGY_OPTION,
+    loopback: bool = LOOPBACK_OPTION,
     token: str | None = _TokenOpt,
     as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
+    pool_url: list[str] | None = POOL_URL_OPTION,
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """Move the active CMS master to its standby (Invoke-CsManagementServerFailover)."""
-    topo = _load(topology)
+    topo = load_topology(topology)
     report = _run(
         topo, lambda c: cms_failover(topo, force, c), token=token, loopback=loopback,
         pool_urls=pool_url,
@@ -422,15 +319,15 @@ def cms_failover_cmd(
 
 @cms_app.command("status")
 def cms_status_cmd(
-    topology: Path = _TopologyOpt,
-    loopback: bool = _LoopbackOpt,
+    topology: Path = TOPOLOGY_OPTION,
+    loopback: bool = LOOPBACK_OPTION,
     token: str | None = _TokenOpt,
     as_json: bool = _JsonOpt,
-    pool_url: list[str] | None = _PoolUrlOpt,
+    pool_url: list[str] | None = POOL_URL_OPTION,
     backup_url: list[str] | None = _BackupUrlOpt,
 ) -> None:
     """ActiveMasterFqdn and replication state (Get-CsManagementStoreReplicationStatus)."""
-    topo = _load(topology)
+    topo = load_topology(topology)
     status = _run(
         topo, lambda c: cms_status(topo, c), token=token, loopback=loopback, pool_urls=pool_url
     )
@@ -505,15 +402,15 @@ def _pool_operation_command(
     def command(
         pool: str = typer.Option(..., "--pool", help=pool_help),
         disaster_mode: bool = typer.Option(False, "--disaster-mode", help=disaster_help),
-        topology: Path = _TopologyOpt,
-        loopback: bool = _LoopbackOpt,
+        topology: Path = TOPOLOGY_OPTION,
+        loopback: bool = LOOPBACK_OPTION,
         token: str | None = _TokenOpt,
         as_json: bool = _JsonOpt,
-        pool_url: list[str] | None = _PoolUrlOpt,
+        pool_url: list[str] | None = POOL_URL_OPTION,
         backup_url: list[str] | None = _BackupUrlOpt,
     ) -> None:
-        topo = _load(topology)
-        fqdn = _pool_or_exit(topo, pool)
+        topo = load_topology(topology)
+        fqdn = pool_or_exit(topo, pool)
         report = _run(
             topo, lambda c: operation(topo, fqdn, disaster_mode, c), token=token,
             loopback=loopback, pool_urls=pool_url, backup_urls=backup_url,

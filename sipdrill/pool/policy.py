@@ -26,7 +26,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from sipdrill.errors import SipError
-from sipdrill.services.pool_state import FailoverState, PartnerState, serving_pool
+from sipdrill.pool.state import FailoverState, PartnerState, serving_pool
 
 if TYPE_CHECKING:
     from sipdrill.topology import Topology

@@ -8,7 +8,7 @@ settings, contact lists, conference schedules) and conference content.
 
 Why this survives restarts and cuts: the position lives on the partner, in the
 same transaction as the data it applied, and applying is idempotent and
-refuses gaps (:meth:`~sipdrill.services.store.UserStore.apply_changes`). A
+refuses gaps (:meth:`~sipdrill.pool.store.UserStore.apply_changes`). A
 Backup Service killed between reading and applying, or during an apply, just
 reads the position again; it never has to trust its own memory. It keeps its
 own view in ``--state-dir`` only to report status across restarts and to
@@ -20,11 +20,11 @@ Layers:
   over the export and import states Get-CsBackupServiceStatus reports, driven
   by declarative transition tables; an injected clock; no IO.
 - :func:`run_cycle`: one sync of a direction over two injected pool clients
-  (:class:`~sipdrill.services.backup_client.PoolClient` or anything with the
+  (:class:`~sipdrill.pool.client.PoolClient` or anything with the
   same methods).
 - :class:`BackupService`: the asyncio adapter: the timer loop, ``sync now``,
   persistence, metrics, and the CMS push when its pool hosts the active CMS.
-  :mod:`sipdrill.services.backup_api` puts it behind HTTP.
+  :mod:`sipdrill.backup.api` puts it behind HTTP.
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.reconcile import reconcile_failover_states
+from sipdrill.cms.operations import replicate_cms
 from sipdrill.control.files import write_atomically
+from sipdrill.control.http import Unreachable
 from sipdrill.errors import OperationError
-from sipdrill.services.backup_client import ChangesPage, LabClients, PoolClient, Unreachable
-from sipdrill.services.pool_state import SERVED_BY_BACKUP, FailoverState, TransitionTable
+from sipdrill.pool.client import ChangesPage, PoolClient
+from sipdrill.pool.state import SERVED_BY_BACKUP, FailoverState, TransitionTable
 from sipdrill.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -833,8 +837,6 @@ class BackupService:
     async def reconcile(self) -> None:
         """Tell this pool what it missed while it was down (a disaster-mode
         failback of the partner's users)."""
-        from sipdrill.services.failover import reconcile_failover_states
-
         try:
             for sent in await reconcile_failover_states(self.topology, self.clients, self.partner):
                 log.warning("reconciled failover states: %s", sent)
@@ -856,8 +858,6 @@ class BackupService:
 
     async def push_cms(self) -> None:
         """If this pool hosts the active CMS, bring every replica up to date."""
-        from sipdrill.services.cms import replicate_cms
-
         try:
             await replicate_cms(self.topology, self.clients, self.pool)
         except (OperationError, OSError) as exc:

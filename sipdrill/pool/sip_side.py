@@ -8,18 +8,18 @@ What clients see (the client engineer codes against these):
   pool is down and this is its backup registrar);
 - a registrar that does not serve the user answers ``301`` with two
   Contacts, ``<sip:HOME:5061;transport=tls>;q=0.7`` and the home pool's
-  backup at ``q=0.3`` (:mod:`sipdrill.services.policy`);
+  backup at ``q=0.3`` (:mod:`sipdrill.pool.policy`);
 - when a user's mode or serving pool changes under a registration (pool
   failover or failback, the home pool back for the failback interval), the
   pool removes the binding and closes the flow: the client treats that as a
   flow failure and registers again, and learns its new mode or pool;
-- refusals in resiliency mode use :func:`~sipdrill.services.policy.check_feature`'s
+- refusals in resiliency mode use :func:`~sipdrill.pool.policy.check_feature`'s
   status and reason (403 for contact list and presence, 488 for ad-hoc
   conferences, 480 for a conference whose pool is down).
 
 Between pools (real SIP over TLS, so a network cut stops it): OPTIONS
 heartbeats every few seconds with the paired pool (they feed the
-:class:`~sipdrill.services.pool_state.PartnerMonitor`), relayed MESSAGE,
+:class:`~sipdrill.pool.state.PartnerMonitor`), relayed MESSAGE,
 INVITE and BYE, and back-end presence subscriptions. A pool marks what it
 sends to another pool with ``X-Sipdrill-Pool: <its FQDN>`` and never relays
 a request it got from a pool (one pool-to-pool hop, so no loops). The lab
@@ -30,7 +30,7 @@ Methods: REGISTER, OPTIONS, MESSAGE, SUBSCRIBE (``presence``, and Lync's
 ``vnd-microsoft-roaming-contacts`` as a fetch), NOTIFY (pool to pool),
 PUBLISH (``presence``), SERVICE (add a contact: body is the contact's URI,
 ``Content-Type: application/vnd.sipdrill.add-contact``), INVITE/ACK/BYE to a
-conference focus URI (:mod:`sipdrill.services.conference`).
+conference focus URI (:mod:`sipdrill.pool.conference`).
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ from typing import TYPE_CHECKING
 from sipmessage import URI, Request, Response
 
 from sipdrill.errors import OperationError, SipError
-from sipdrill.services.conference import (
+from sipdrill.pool.conference import (
     ConferenceRef,
     ConferenceTable,
     Participant,
     parse_conference_uri,
 )
-from sipdrill.services.policy import (
+from sipdrill.pool.policy import (
     CONFERENCE_POOL_DOWN,
     Feature,
     Redirect,
@@ -64,15 +64,7 @@ from sipdrill.services.policy import (
     ServiceMode,
     check_feature,
 )
-from sipdrill.services.pool_state import (
-    PartnerDown,
-    PartnerEvent,
-    PartnerMonitor,
-    PartnerReturnAborted,
-    PartnerReturning,
-    PartnerUp,
-)
-from sipdrill.services.presence import (
+from sipdrill.pool.presence import (
     CONTACTS_CONTENT_TYPE,
     CONTACTS_EVENT,
     PIDF_CONTENT_TYPE,
@@ -86,7 +78,15 @@ from sipdrill.services.presence import (
     render_pidf,
     subscription_expires,
 )
-from sipdrill.services.sip_endpoint import RequestFailed, SipEndpoint
+from sipdrill.pool.sip_endpoint import RequestFailed, SipEndpoint
+from sipdrill.pool.state import (
+    PartnerDown,
+    PartnerEvent,
+    PartnerMonitor,
+    PartnerReturnAborted,
+    PartnerReturning,
+    PartnerUp,
+)
 from sipdrill.sip.message import make_response
 from sipdrill.sip.registrar import (
     Accept,
@@ -107,9 +107,9 @@ from sipdrill.sip.transaction import TimerConfig
 from sipdrill.sip.transport import Flow, Kind, Received, TimerDriver, TransportLimits
 
 if TYPE_CHECKING:
-    from sipdrill.services.pool import PoolService
+    from sipdrill.pool.service import PoolService
 
-log = logging.getLogger("sipdrill.services.pool")
+log = logging.getLogger("sipdrill.pool")
 
 MODE_HEADER = "X-Sipdrill-Mode"
 POOL_HEADER = "X-Sipdrill-Pool"

@@ -4,7 +4,7 @@ Not the lab's client (:mod:`sipdrill.clients` simulates Lync clients with
 discovery, failover and backoff): this one does exactly what a test tells it
 to, over one flow per user, and keeps what the pool sends it (MESSAGE,
 NOTIFY, BYE) in an inbox. Many agents share one :class:`UaStack` (one
-:class:`~sipdrill.services.sip_endpoint.SipEndpoint`), so a benchmark can
+:class:`~sipdrill.pool.sip_endpoint.SipEndpoint`), so a benchmark can
 run ten thousand of them in one process, each on its own TLS connection.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sipmessage import URI, Address, Request, Response
 
-from sipdrill.services.sip_endpoint import RequestFailed, SipEndpoint
+from sipdrill.pool.sip_endpoint import RequestFailed, SipEndpoint
 from sipdrill.sip.message import make_response
 from sipdrill.sip.transaction import TimerConfig
 from sipdrill.sip.transport import Flow, Kind, Received, TransportLimits

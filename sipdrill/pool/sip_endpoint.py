@@ -19,7 +19,7 @@ with two additions:
   Max-Forwards decremented, our Via removed from the response).
 
 Both the pool and the small user agent of the tests and benchmarks
-(:mod:`sipdrill.services.sip_ua`) use it.
+(:mod:`sipdrill.pool.sip_ua`) use it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ __all__ = [
     "copy_request",
 ]
 
-log = logging.getLogger("sipdrill.services.sip")
+log = logging.getLogger("sipdrill.pool.sip")
 
 Answer = Response | Awaitable[Response] | None
 Handler = Callable[[Request, Received], Answer]

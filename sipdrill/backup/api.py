@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from sipdrill.backup.client import LabClients
+from sipdrill.backup.service import DEFAULT_PAGE_SIZE, BackupService
 from sipdrill.control.auth import bearer_auth
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
-from sipdrill.services.backup import DEFAULT_PAGE_SIZE, BackupService
-from sipdrill.services.backup_client import LabClients
 from sipdrill.topology import Topology
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sipdrill.services.policy import Feature
+from sipdrill.pool.policy import Feature
 
 #: Re-registration after a pool failover: seconds to minutes (the clients'
 #: RFC 5626 backoff waits 15-30 s after a flow failure).

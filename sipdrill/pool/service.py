@@ -2,8 +2,8 @@
 
 One :class:`PoolService` per pool, listening on the pool's first front-end
 address (its loopback stand-in with ``--loopback``): SIP on TLS 5061 and
-TCP/UDP 5060 (:mod:`.pool_sip`), and the HTTP control API with Prometheus
-``/metrics`` on ``pool.control_port`` (:mod:`.pool_api`), both in one asyncio
+TCP/UDP 5060 (:mod:`.sip_side`), and the HTTP control API with Prometheus
+``/metrics`` on ``pool.control_port`` (:mod:`.api`), both in one asyncio
 loop. In-process (tests)::
 
     async with PoolService(topology, PoolSettings(pool=P1, state_dir=..., ca_dir=...,
@@ -39,14 +39,16 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from sipdrill import addresses
+from sipdrill.cms.operations import cms_update, require_cms
+from sipdrill.cms.store import CmsConfigPatch, CmsStore, cms_router
 from sipdrill.control.files import write_atomically
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
-from sipdrill.services.admin import MoveResult, export_cs_user_data, import_cs_user_data
-from sipdrill.services.backup_client import LabClients
-from sipdrill.services.cms import CmsConfigPatch, CmsStore, cms_router, cms_update, require_cms
-from sipdrill.services.conference import conference_uri
-from sipdrill.services.policy import (
+from sipdrill.pool.api import create_pool_app
+from sipdrill.pool.client import PoolClients
+from sipdrill.pool.conference import conference_uri
+from sipdrill.pool.metrics import PoolMetrics
+from sipdrill.pool.policy import (
     Feature,
     Redirect,
     RegistrarDecision,
@@ -56,21 +58,20 @@ from sipdrill.services.policy import (
     check_feature,
     registrar_decision,
 )
-from sipdrill.services.pool_api import create_pool_app
-from sipdrill.services.pool_metrics import PoolMetrics
-from sipdrill.services.pool_sip import PoolSip
-from sipdrill.services.pool_state import (
+from sipdrill.pool.sip_side import PoolSip
+from sipdrill.pool.state import (
     FailoverEvent,
     FailoverState,
     PartnerMonitor,
     PartnerState,
     PoolFailoverStates,
 )
-from sipdrill.services.store import Change, ChangeOp, Entity, UserStore
+from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
+from sipdrill.pool.userdata import MoveResult, export_cs_user_data, import_cs_user_data
 from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
 
-log = logging.getLogger("sipdrill.services.pool")
+log = logging.getLogger("sipdrill.pool")
 
 STATE_FILE = "pool-state.json"
 STORE_FILE = "store.db"
@@ -380,9 +381,9 @@ class PoolService:
             return self.cms_store.effective_timers()
         return self.topology.timers
 
-    def _lab_clients(self) -> LabClients:
-        """Clients of the lab's control APIs (the CMS replicas on every pool)."""
-        return LabClients(self.topology, token=self.token, loopback=self.settings.loopback)
+    def _pool_clients(self) -> PoolClients:
+        """Clients of every pool's control API (the CMS replicas)."""
+        return PoolClients(self.topology, token=self.token, loopback=self.settings.loopback)
 
     async def close(self) -> None:
         if self._control_server is not None:
@@ -589,7 +590,7 @@ class PoolService:
         local = self.store.get_user(uri)
         # Lync: "if the CMS is unavailable, you lose the ability to conduct
         # moves" (seed 001). Checked before anything is written.
-        async with self._lab_clients() as clients:
+        async with self._pool_clients() as clients:
             await require_cms(self.topology, clients)
         if local is not None and local.home_pool == self.fqdn:
             recorded = self._cms_homing.get(key) or self._topo_home.get(key)
@@ -686,7 +687,7 @@ class PoolService:
         pool's own record, the source's stale account (now, or when it
         answers again), and the user's registrations here."""
         home = None if self._topo_home.get(key) == self.fqdn else self.fqdn
-        async with self._lab_clients() as clients:
+        async with self._pool_clients() as clients:
             await cms_update(self.topology, clients, CmsConfigPatch(user_homing={key: home}))
         self.refresh_cms()
         await self._record_move(key, self.fqdn)

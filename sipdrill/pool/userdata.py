@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from sipdrill.control.files import write_atomically
 from sipdrill.errors import OperationError
-from sipdrill.services.pool_state import FailoverState, PoolFailoverStates
-from sipdrill.services.store import StoreCounts, UserRecord, UserStore
+from sipdrill.pool.state import FailoverState, PoolFailoverStates
+from sipdrill.pool.store import StoreCounts, UserRecord, UserStore
 
 ExportFormat = Literal["xml", "json"]
 
