@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, two_pools, wait_for
 from sipmessage import URI
 
 from sipdrill.pool.conference import (
@@ -13,8 +14,6 @@ from sipdrill.pool.conference import (
     conference_uri,
     parse_conference_uri,
 )
-
-from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, two_pools, wait_for
 
 WEEKLY = conference_uri(ALICE, "weekly")
 

@@ -1,6 +1,8 @@
-"""Fixtures for the pool's non-SIP foundations: stores in temporary files, a
-fake clock, and a small paired topology built in code (not read from
-``topologies/``, so these tests do not follow edits to the shipped labs)."""
+"""What the tests of the pool, the Backup Service, the CMS and the admin
+operations share: a small paired topology built in code (not read from
+``topologies/``, so these tests do not follow edits to the shipped labs), a
+fake clock, and stores in temporary files. The fixtures are made available
+by each of those directories' conftest.py."""
 
 from __future__ import annotations
 

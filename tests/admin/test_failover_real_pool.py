@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pool_harness import ALICE, BOB, P1, P2, TOKEN, Lab, two_pools
 
 from sipdrill.addresses import backup_listen_address
 from sipdrill.admin.failover import pool_failback, pool_failover
@@ -26,8 +27,6 @@ from sipdrill.backup.client import LabClients
 from sipdrill.cms.operations import cms_failover, cms_status
 from sipdrill.errors import OperationError
 from sipdrill.pool.state import FailoverState
-
-from .test_pool_harness import ALICE, BOB, P1, P2, TOKEN, Lab, two_pools
 
 pytestmark = pytest.mark.slow
 

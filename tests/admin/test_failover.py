@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from fake_pool import FakeLab
+from labkit import P1, P2, P3, FakeClock
 
 from sipdrill.admin.failover import count_losses, pool_failback, pool_failover
 from sipdrill.cms.operations import cms_failover
@@ -22,9 +24,6 @@ from sipdrill.errors import OperationError
 from sipdrill.pool.state import FailoverState
 from sipdrill.pool.store import UserStore
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, P3, FakeClock
-from .fake_pool import FakeLab
 
 ALICE = "sip:alice@lab.local"
 BOB = "sip:bob@lab.local"

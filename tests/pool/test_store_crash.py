@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from labkit import P1
 
 from sipdrill.pool.store import UserStore
-
-from .conftest import P1
 
 _WRITER = """
 import sys

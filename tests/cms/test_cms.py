@@ -9,14 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_pool import FakeLab
+from labkit import P1, P2, P3, FakeClock, make_topology
 
 from sipdrill.cms.operations import cms_failover, cms_status, cms_update, replicate_cms
 from sipdrill.cms.store import CmsConfigPatch, CmsDocument, CmsRole, CmsStore
 from sipdrill.errors import OperationError
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, P3, FakeClock, make_topology
-from .fake_pool import FakeLab
 
 
 @pytest.fixture

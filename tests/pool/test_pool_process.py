@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 import yaml
-
-from .test_pool_harness import CAROL, P2, TOKEN, make_topology, wait_for
+from pool_harness import CAROL, P2, TOKEN, make_topology, wait_for
 
 
 @contextlib.asynccontextmanager
@@ -85,9 +84,9 @@ async def test_a_frozen_partner_is_detected_by_heartbeats(tmp_path: Path) -> Non
     """The local runtime's `cut`: SIGSTOP. Connections to the frozen pool
     are accepted by the kernel and then nothing happens; the heartbeats
     must notice all the same, and notice its return."""
-    from sipdrill.pool.service import PoolService
+    from pool_harness import P1, Lab
 
-    from .test_pool_harness import P1, Lab
+    from sipdrill.pool.service import PoolService
 
     topology = make_topology()
     topo = tmp_path / "topology.yaml"

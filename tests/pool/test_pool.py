@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .test_pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, contacts_q, two_pools, wait_for
+from pool_harness import ALICE, BOB, CAROL, P1, P2, TAKEOVER, contacts_q, two_pools, wait_for
 
 
 async def test_home_pool_registers_with_full_service(tmp_path: Path) -> None:

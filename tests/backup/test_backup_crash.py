@@ -23,12 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from fake_pool import FakePool, serve
+from labkit import P1, P2, P3, FakeClock, make_topology
 from procutil import free_port
 
 from sipdrill.pool.store import UserStore
-
-from .conftest import P1, P2, P3, FakeClock, make_topology
-from .fake_pool import FakePool, serve
 
 pytestmark = pytest.mark.slow
 

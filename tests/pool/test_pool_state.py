@@ -5,6 +5,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from labkit import P1, P2, P3
 
 from sipdrill.errors import OperationError
 from sipdrill.pool.state import (
@@ -24,8 +25,6 @@ from sipdrill.pool.state import (
     TransitionError,
 )
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, P3
 
 FS, FC = FailoverEvent.FAILOVER_STARTED, FailoverEvent.FAILOVER_COMPLETED
 BS, BC = FailoverEvent.FAILBACK_STARTED, FailoverEvent.FAILBACK_COMPLETED

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from labkit import P1, P2, P3
 
 from sipdrill.errors import SipError
 from sipdrill.pool.policy import (
@@ -20,8 +21,6 @@ from sipdrill.pool.policy import (
 )
 from sipdrill.pool.state import FailoverState, PartnerState
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, P3
 
 BACKUPS: dict[str, str | None] = {P1: P2, P2: P1, P3: None}
 A, F, FO, FB, BACK = (

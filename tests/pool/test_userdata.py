@@ -4,6 +4,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+from labkit import P1, P2, P3, StoreFactory
 
 from sipdrill.errors import OperationError
 from sipdrill.pool.state import FailoverState, PoolFailoverStates
@@ -16,8 +17,6 @@ from sipdrill.pool.userdata import (
     move_cs_user,
 )
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, P3, StoreFactory
 
 ALICE = "sip:alice@lab.local"  # homed on P1: 2 contacts, 1 meeting in the test topology
 BOB = "sip:bob@lab.local"

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from labkit import P1, P2, FakeClock, StoreFactory
 
 from sipdrill.errors import OperationError
 from sipdrill.pool.store import Change, ChangeOp, ConferenceRecord, Entity, UserStore
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, FakeClock, StoreFactory
 
 ALICE = "sip:alice@lab.local"
 BOB = "sip:bob@lab.local"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_pool import FakeLab
+from labkit import P1, P2, FakeClock, make_topology
 
 from sipdrill.backup.api import create_backup_app
 from sipdrill.backup.service import (
@@ -26,9 +28,6 @@ from sipdrill.errors import OperationError
 from sipdrill.pool.state import FailoverState, TransitionError
 from sipdrill.pool.store import StoreSnapshot, UserStore
 from sipdrill.topology import Topology
-
-from .conftest import P1, P2, FakeClock, make_topology
-from .fake_pool import FakeLab
 
 ALICE = "sip:alice@lab.local"
 BOB = "sip:bob@lab.local"

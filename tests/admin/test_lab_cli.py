@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_pool import FakePool, serve
+from labkit import P1, P2, P3, make_topology
 from procutil import serve_in_thread
 from typer.testing import CliRunner
 
@@ -21,9 +23,6 @@ from sipdrill.backup.client import LabClients
 from sipdrill.backup.service import BackupService
 from sipdrill.cli import app
 from sipdrill.pool.store import UserStore
-
-from .conftest import P1, P2, P3, make_topology
-from .fake_pool import FakePool, serve
 
 runner = CliRunner(env={"COLUMNS": "200"})
 

@@ -9,14 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from typer.testing import CliRunner
-
-from sipdrill.addresses import pool_control_url as control_url
-from sipdrill.admin.pool_cli import pool_app, user_app
-from sipdrill.backup.client import LabClients
-from sipdrill.cms.operations import cms_failover
-
-from .test_pool_harness import (
+from pool_harness import (
     ALICE,
     BOB,
     CAROL,
@@ -30,6 +23,12 @@ from .test_pool_harness import (
     two_pools,
     wait_for,
 )
+from typer.testing import CliRunner
+
+from sipdrill.addresses import pool_control_url as control_url
+from sipdrill.admin.pool_cli import pool_app, user_app
+from sipdrill.backup.client import LabClients
+from sipdrill.cms.operations import cms_failover
 
 
 def _topology_file(lab: Lab) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pool_harness import ALICE, BOB, CAROL, ERIN, P1, P2, TAKEOVER, two_pools, wait_for
 
 from sipdrill.pool.presence import (
     Availability,
@@ -18,8 +19,6 @@ from sipdrill.pool.presence import (
     subscription_expires,
 )
 from sipdrill.pool.sip_ua import UserAgent
-
-from .test_pool_harness import ALICE, BOB, CAROL, ERIN, P1, P2, TAKEOVER, two_pools, wait_for
 
 # --- sans-IO ---------------------------------------------------------------------------
 
