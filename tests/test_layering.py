@@ -22,6 +22,25 @@ PACKAGE = Path(sipdrill.__file__).resolve().parent
 ROOMS = ("sip", "dns", "clients", "pool", "backup", "cms", "admin", "control", "orchestrator")
 #: Rooms that run inside the lab's processes: the orchestrator drives them, never the reverse.
 NOT_ORCHESTRATOR = ("pool", "backup", "cms", "control")
+#: The drawing in docs/architecture.md: what each room may import (the rooms
+#: drawn below it). A new room must be added here, and to the drawing.
+FOUNDATION = {"addresses", "topology", "topology_cli", "yamlfile", "errors"}
+MAY_IMPORT: dict[str, set[str]] = {
+    "__main__": {"cli"},
+    "cli": {"orchestrator", "admin", "backup", "pool", "cms", "clients", "dns", "sip", "control"}
+    | FOUNDATION,
+    "orchestrator": {"admin", "backup", "pool", "cms", "clients", "dns", "sip", "control"}
+    | FOUNDATION,
+    "admin": {"backup", "pool", "cms", "clients", "dns", "sip", "control"} | FOUNDATION,
+    "backup": {"pool", "cms", "clients", "dns", "sip", "control"} | FOUNDATION,
+    "pool": {"cms", "sip", "control"} | FOUNDATION,
+    "cms": {"sip", "control"} | FOUNDATION,
+    "clients": {"sip", "control"} | FOUNDATION,
+    "dns": {"control"} | FOUNDATION,
+    "sip": {"control"} | FOUNDATION,
+    "control": FOUNDATION,
+    **{module: FOUNDATION for module in FOUNDATION},
+}
 
 
 @dataclass(frozen=True)
@@ -173,6 +192,11 @@ def test_no_cycle_between_rooms(found: list[Edge]) -> None:
 @pytest.mark.parametrize("room", NOT_ORCHESTRATOR)
 def test_rooms_never_import_the_orchestrator(found: list[Edge], room: str) -> None:
     assert not _where(found, room, "orchestrator")
+
+
+def test_rooms_import_only_what_the_drawing_puts_below_them(found: list[Edge]) -> None:
+    bad = [e for e in found if e.target not in MAY_IMPORT.get(e.source, set())]
+    assert not bad, [f"{e.source} -> {e.target} at {e.where}" for e in bad]
 
 
 def test_control_imports_no_room(found: list[Edge]) -> None:

@@ -10,8 +10,8 @@ Mounted by :mod:`sipdrill.admin.cli`:
 - ``sipdrill admin pool failover|failback --pool P1 [--disaster-mode]``
   (Invoke-CsPoolFailOver, Invoke-CsPoolFailBack)
 
-Every admin command finds the lab's processes from the topology and the lab
-plan's address conventions (``--loopback`` for the local runtime), sends
+Every admin command finds the lab's processes from the topology and the
+address plan (:mod:`sipdrill.addresses`; ``--loopback`` for the local runtime), sends
 ``$SIPDRILL_CONTROL_TOKEN`` (or ``--token``), and exits 1 with the refusal's
 message when an operation is refused.
 """

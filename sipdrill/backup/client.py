@@ -27,10 +27,6 @@ class BackupClient(ControlClient):
         super().__init__(f"the Backup Service of {pool_fqdn}", base_url, **kwargs)
         self.pool_fqdn = pool_fqdn.lower()
 
-    async def health(self, time_limit: float | None = None) -> dict[str, Any]:
-        body = await self.request("GET", "/health", time_limit=time_limit)
-        return body if isinstance(body, dict) else {}
-
     async def status(self, time_limit: float | None = None) -> dict[str, Any]:
         body = await self.request("GET", "/status", time_limit=time_limit)
         return body if isinstance(body, dict) else {}

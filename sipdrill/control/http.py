@@ -76,6 +76,11 @@ class ControlClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def health(self, time_limit: float | None = None) -> dict[str, Any]:
+        """``GET /health``: every control API has it, without a token."""
+        body = await self.request("GET", "/health", time_limit=time_limit)
+        return body if isinstance(body, dict) else {}
+
     async def request(
         self,
         method: str,

@@ -88,10 +88,6 @@ class PoolClient(ControlClient):
         super().__init__(f"pool {pool_fqdn}", base_url, **kwargs)
         self.pool_fqdn = pool_fqdn.lower()
 
-    async def health(self, time_limit: float | None = None) -> dict[str, Any]:
-        body = await self.request("GET", "/health", time_limit=time_limit)
-        return body if isinstance(body, dict) else {}
-
     async def changes(self, since: int, limit: int) -> ChangesPage:
         body = await self.request(
             "GET", "/replication/changes", params={"since": since, "limit": limit}
