@@ -18,7 +18,9 @@ import typer
 from sipdrill.addresses import pool_control_url
 from sipdrill.control.files import write_atomically
 from sipdrill.control.settings import LOOPBACK_ENV, TOKEN_ENV, TOPOLOGY_ENV
-from sipdrill.topology import Topology
+from sipdrill.errors import TopologyError
+from sipdrill.topology import Topology, load_topology
+from sipdrill.topology_cli import load_or_exit
 
 user_app = typer.Typer(
     help="Users: Move-CsUser, Export/Import-CsUserData (dbimpexp).", no_args_is_help=True
@@ -47,10 +49,6 @@ _JsonOpt = typer.Option(False, "--json", help="Print the answer as JSON.")
 def _load(path: Path) -> Topology:
     # Only to find addresses: warnings (a short detection interval in a
     # lab) are for `topology validate`, not for every admin command.
-    from sipdrill.errors import TopologyError
-    from sipdrill.topology import load_topology
-    from sipdrill.topology_cli import load_or_exit
-
     try:
         return load_topology(path).topology
     except TopologyError:
