@@ -69,7 +69,7 @@ async def pool(topology_path: str, fqdn: str, state_dir: str, ca_dir: str) -> No
     import logging
     from pathlib import Path
 
-    from sipdrill.services.pool import PoolService, PoolSettings
+    from sipdrill.pool.service import PoolService, PoolSettings
     from sipdrill.sip.server import tune_gc
     from sipdrill.topology import load_topology
 

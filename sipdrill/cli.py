@@ -7,13 +7,16 @@ never means editing another part's code.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
-
 import typer
 
 from sipdrill import __version__
+from sipdrill.admin.cli import admin_app
+from sipdrill.backup.cli import serve_backup
+from sipdrill.clients.cli import serve_clients
+from sipdrill.dns.cli import serve_dns
+from sipdrill.orchestrator import cli as orchestrator_cli
+from sipdrill.pool.cli import serve_pool
+from sipdrill.sip import cli as sip_cli
 from sipdrill.topology_cli import app as topology_app
 
 app = typer.Typer(
@@ -28,41 +31,15 @@ serve_app = typer.Typer(
 )
 
 app.add_typer(topology_app, name="topology")
-
-
-def _part(module: str) -> Any | None:
-    # find_spec, not try/except ImportError: a part that exists but fails to
-    # import must fail loudly, not vanish from the CLI.
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    return importlib.import_module(module) if found else None
-
-
-def _mount_optional() -> None:
-    """Mount the parts that exist in this build of the package."""
-    if sip := _part("sipdrill.sip.cli"):  # `sipdrill sip registrar ...`
-        app.add_typer(sip.app, name="sip")
-    if dns := _part("sipdrill.dns.cli"):  # `sipdrill serve dns ...`
-        serve_app.command("dns")(dns.serve_dns)
-    if services := _part("sipdrill.services.cli"):  # `serve pool|backup`, `admin ...`
-        for role in ("pool", "backup"):
-            if hasattr(services, f"serve_{role}"):
-                serve_app.command(role)(getattr(services, f"serve_{role}"))
-        if services.admin_app.registered_groups or services.admin_app.registered_commands:
-            app.add_typer(services.admin_app, name="admin")
-    if clients := _part("sipdrill.clients.cli"):  # `sipdrill serve clients ...`
-        serve_app.command("clients")(clients.serve_clients)
-    if orchestrator := _part("sipdrill.orchestrator.cli"):  # `sipdrill lab|drill ...`
-        app.add_typer(orchestrator.lab_app, name="lab")
-        if hasattr(orchestrator, "drill_app"):
-            app.add_typer(orchestrator.drill_app, name="drill")
-    if serve_app.registered_commands:
-        app.add_typer(serve_app, name="serve")
-
-
-_mount_optional()
+app.add_typer(sip_cli.app, name="sip")  # `sipdrill sip registrar ...`
+serve_app.command("dns")(serve_dns)
+serve_app.command("pool")(serve_pool)
+serve_app.command("backup")(serve_backup)
+app.add_typer(admin_app, name="admin")
+serve_app.command("clients")(serve_clients)
+app.add_typer(orchestrator_cli.lab_app, name="lab")
+app.add_typer(orchestrator_cli.drill_app, name="drill")
+app.add_typer(serve_app, name="serve")
 
 
 def _version(value: bool) -> None:

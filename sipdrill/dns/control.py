@@ -25,19 +25,17 @@ answers 404 (unknown view), 409 (CNAME rule, server-managed SOA/NS) or 422
 (bad name, type or data) and changes nothing.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route signatures,
-# and those name local objects (the bearer scheme).
+# No `from __future__ import annotations`: FastAPI reads the route signatures.
 
-import secrets
 from typing import Annotated, Literal
 
 import dns.rcode
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from sipdrill.control.auth import bearer_auth
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.errors import ZoneChangeError
 from sipdrill.dns.zone import DEFAULT_VIEW, RecordChange, ZoneStore
@@ -105,19 +103,8 @@ class Health(ZoneInfo):
 
 def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None) -> FastAPI:
     app = FastAPI(title="sipdrill DNS control", version="1")
-    bearer = HTTPBearer(auto_error=False)
     metrics = core.metrics
-
-    async def authorised(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if token is None:
-            return
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(401, "a valid bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    auth = [Depends(authorised)]
+    auth = [bearer_auth(token)]
 
     @app.exception_handler(ZoneChangeError)
     async def _refused(request: Request, exc: ZoneChangeError) -> JSONResponse:

@@ -16,16 +16,12 @@ As a process: ``sipdrill serve dns --topology FILE --listen 127.0.0.1:5353``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
+from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.dns.control import create_control_app
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.errors import ConfigError
@@ -37,14 +33,6 @@ from sipdrill.dns.zone import ZoneStore
 from sipdrill.topology import Topology, load_topology
 
 log = logging.getLogger(__name__)
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the owner of the loop decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class DnsService:
@@ -93,8 +81,7 @@ class DnsService:
             self._control = (host, port)
         self.control_app = create_control_app(self.zone, self.core, self._token)
         self.control_address: tuple[str, int] | None = None
-        self._uvicorn: _Uvicorn | None = None
-        self._uvicorn_task: asyncio.Task[None] | None = None
+        self._control_server: AppServer | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> DnsService:
@@ -129,34 +116,18 @@ class DnsService:
             raise
 
     async def _start_control(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock = bind_tcp(host, port)
         except OSError as exc:
-            sock.close()
             raise ConfigError(f"cannot listen on {host}:{port} (control): {exc.strerror}") from None
         self.control_address = (host, sock.getsockname()[1])
-        config = uvicorn.Config(
-            self.control_app, lifespan="off", log_config=None, log_level="warning",
-            access_log=False,
-        )
-        self._uvicorn = _Uvicorn(config)
-        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        while not self._uvicorn.started:
-            if self._uvicorn_task.done():
-                self._uvicorn_task.result()
-                raise ConfigError("the control API did not start")
-            await asyncio.sleep(0.01)
+        self._control_server = AppServer(self.control_app, sock)
+        await self._control_server.start(lambda: ConfigError("the control API did not start"))
 
     async def close(self) -> None:
-        if self._uvicorn is not None and self._uvicorn_task is not None:
-            self._uvicorn.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._uvicorn_task
-            self._uvicorn = None
-            self._uvicorn_task = None
+        if self._control_server is not None:
+            await self._control_server.stop()
+            self._control_server = None
         await self.server.close()
 
     async def serve_forever(self, stop: asyncio.Event) -> None:

@@ -38,6 +38,7 @@ import httpx
 from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError, OperationError
 from sipdrill.orchestrator import labels
 from sipdrill.orchestrator.compose import (
@@ -185,12 +186,8 @@ class DockerLabState:
             return None
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        data = json.dumps(asdict(self), indent=2).encode()
+        write_atomically(path, data, mode=0o600, make_parents=True)  # it holds the token
 
 
 def _service_of(c: Container) -> str:

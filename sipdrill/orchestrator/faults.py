@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import secrets
 import shlex
@@ -51,6 +50,7 @@ from typing import Any, ClassVar
 
 from docker.errors import DockerException
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError
 from sipdrill.orchestrator import labels
 from sipdrill.orchestrator.docker_runtime import (
@@ -755,13 +755,9 @@ class FaultJournal:
         self._write(records)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "runtime": RUNTIME, "faults": records}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        doc = {"version": 1, "runtime": RUNTIME, "faults": records}
+        data = json.dumps(doc, indent=2).encode()
+        write_atomically(self.path, data, mode=0o644, make_parents=True)
 
 
 class FaultRegistry:

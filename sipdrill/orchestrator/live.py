@@ -170,8 +170,9 @@ class LiveLab:
         return asyncio.run(self._admin(op))
 
     async def _admin(self, op: AdminStep) -> dict[str, Any]:
-        from sipdrill.services import cms, failover
-        from sipdrill.services.backup_client import LabClients
+        from sipdrill.admin import failover
+        from sipdrill.backup.client import LabClients
+        from sipdrill.cms import operations as cms
 
         async with LabClients(self.topology, token=self.token, loopback=self.loopback) as lab:
             if op.op == "pool-failover":

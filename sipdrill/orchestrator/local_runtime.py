@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError, OperationError
 from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
 
@@ -71,9 +72,7 @@ class LabState:
         return cls(processes=procs, **raw)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(asdict(self), indent=2).encode(), mode=0o644)
 
 
 def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:

@@ -1,13 +1,14 @@
 """The lab plan: which processes a topology needs, where they listen, and how
 each is started. Both runtimes (docker, local) run the same plan; only the
-addresses and a few ports differ."""
+addresses and a few ports differ (the address plan: :mod:`sipdrill.addresses`)."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from sipdrill import addresses
+from sipdrill.addresses import CONTROL_PORT
 from sipdrill.topology import Topology
 
 
@@ -23,14 +24,8 @@ class RuntimeKind(StrEnum):
     LOCAL = "local"
 
 
-#: The control API port every role listens on (per address, so no clashes).
-CONTROL_PORT = 8080
 #: DNS listens on 53 in containers; the local runtime uses an unprivileged port.
-DNS_PORT = {RuntimeKind.DOCKER: 53, RuntimeKind.LOCAL: 5353}
-#: Backup Services sit next to their pool, at pool front-end address + 100.
-BACKUP_ADDRESS_OFFSET = 100
-#: Clients processes sit on the core network from .100 up.
-CLIENTS_FIRST_HOST = 100
+DNS_PORT = {RuntimeKind.DOCKER: addresses.DNS_PORT, RuntimeKind.LOCAL: addresses.LOCAL_DNS_PORT}
 
 
 @dataclass(frozen=True)
@@ -72,13 +67,9 @@ def lab_plan(
     docker runtime passes container paths.
     """
     local = runtime is RuntimeKind.LOCAL
-
-    def addr(a: ipaddress.IPv4Address) -> str:
-        return str(topology.loopback_address(a) if local else a)
-
     common = ("--topology", topology_path)
     addressing = ("--loopback",) if local else ()
-    dns_addr = addr(topology.dns.address)
+    dns_addr = addresses.dns_host(topology, loopback=local)
     dns_port = DNS_PORT[runtime]
     ca_dir = f"{state_dir}/ca"
     specs = [
@@ -100,14 +91,13 @@ def lab_plan(
         )
     ]
     for pool in topology.pools:
-        fe = pool.front_ends[0]
         name = short_name(pool.fqdn)
         specs.append(
             ServiceSpec(
                 name=name,
                 role=Role.POOL,
                 network=pool.site,
-                address=addr(fe.address),
+                address=addresses.pool_host(topology, pool, loopback=local),
                 pool=pool.fqdn,
                 depends_on=("dns",),
                 control_port=pool.control_port,
@@ -126,13 +116,12 @@ def lab_plan(
             )
         )
         if pool.backup:
-            backup_addr = fe.address + BACKUP_ADDRESS_OFFSET
             specs.append(
                 ServiceSpec(
                     name=f"backup-{name}",
                     role=Role.BACKUP,
                     network=pool.site,
-                    address=addr(backup_addr),
+                    address=addresses.backup_host(topology, pool, loopback=local),
                     pool=pool.fqdn,
                     depends_on=(name,),
                     args=(
@@ -147,13 +136,12 @@ def lab_plan(
                     ),
                 )
             )
-    core = topology.lab.core_subnet
     per_process = -(-clients // clients_processes) if clients else 0
     for i in range(clients_processes if clients else 0):
         count = min(per_process, clients - i * per_process)
         if count <= 0:
             break
-        a = addr(core.network_address + CLIENTS_FIRST_HOST + i)
+        a = addresses.clients_host(topology, i, loopback=local)
         specs.append(
             ServiceSpec(
                 name=f"clients-{i + 1}",

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sipdrill.control.files import write_atomically
 from sipdrill.errors import SipdrillError
 
 if TYPE_CHECKING:
@@ -86,18 +87,6 @@ class ServiceCert:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -277,8 +266,8 @@ class LabCA:
             .sign(key, hashes.SHA256())
         )
         # Key first: a reader that sees the new ca.pem must find its key.
-        _write_atomic(path / CA_KEY, _key_pem(key), 0o600)
-        _write_atomic(path / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+        write_atomically(path / CA_KEY, _key_pem(key))
+        write_atomically(path / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return cls(path, cert, key)
 
     def issue(
@@ -347,8 +336,10 @@ class LabCA:
         # sees the new key with the old certificate.
         try:
             with _locked(self.directory):
-                _write_atomic(key_path, _key_pem(key), 0o600)
-                _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+                write_atomically(key_path, _key_pem(key))
+                write_atomically(
+                    cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644
+                )
         except OSError as exc:
             raise TlsSetupError(str(cert_path), f"cannot write the certificate: {exc}") from exc
         return ServiceCert(service, cert_path, key_path, self.ca_path, names, ips)
