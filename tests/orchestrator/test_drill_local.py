@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import labnet
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +21,7 @@ def isolated_topology(tmp_path: Path) -> Path:
     range (or another test) cannot collide with the test's."""
     text = (ROOT / "topologies/paired-pools.yaml").read_text()
     path = tmp_path / "paired-pools.yaml"
-    path.write_text(text + "\nlab:\n  loopback_network: 127.78.0.0/16\n")
+    path.write_text(text + f"\nlab:\n  loopback_network: {labnet.NET}\n")
     return path
 
 
@@ -234,7 +235,7 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     drill.write_text(DRILL.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        squatter.bind(("127.78.0.53", 5353))
+        squatter.bind((labnet.addr("0.53"), 5353))
         proc = subprocess.run(
             [
                 sys.executable,
@@ -431,4 +432,4 @@ def test_captured_drill_events_agree_with_the_wire(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     ).stdout.split()
-    assert peers and all(p.startswith("127.78.") for p in peers)
+    assert peers and all(p.startswith(labnet.PREFIX) for p in peers)

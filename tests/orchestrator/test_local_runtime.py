@@ -9,6 +9,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
+import labnet
 import pytest
 
 from sipdrill.errors import FaultError, OperationError
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 def dns_spec(tmp_path: Path) -> ServiceSpec:
     # Its own loopback range (127.78): a lab the user runs on 127.77 cannot collide.
     topology = tmp_path / "paired-pools.yaml"
-    topology.write_text(PAIRED.read_text() + "\nlab:\n  loopback_network: 127.78.0.0/16\n")
+    topology.write_text(PAIRED.read_text() + f"\nlab:\n  loopback_network: {labnet.NET}\n")
     t = load_topology(topology).topology
     specs = lab_plan(t, RuntimeKind.LOCAL, topology_path=str(topology), state_dir=str(tmp_path))
     (spec,) = [s for s in specs if s.role is Role.DNS]
@@ -35,7 +36,7 @@ def dns_spec(tmp_path: Path) -> ServiceSpec:
 
 def ask(timeout: float = 1.0) -> int:
     q = dns.message.make_query(SRV, "SRV")
-    return dns.query.udp(q, "127.78.0.53", port=5353, timeout=timeout).rcode()
+    return dns.query.udp(q, labnet.addr("0.53"), port=5353, timeout=timeout).rcode()
 
 
 @pytest.fixture
