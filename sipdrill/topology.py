@@ -23,11 +23,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sipdrill.errors import TopologyError, TopologyIssue
 from sipdrill.yamlfile import Lines, dotted, load_model
 
-# --- Microsoft's defaults and ranges (../shared/REFERENCE.md) -----------------
+# --- Microsoft's defaults and ranges (docs/reference.md) -----------------
 
 #: Topology Builder's default; the planning guide says 300 s. Below 120 s
 #: Microsoft says failover "may not work as expected" (a warning, not an error:
-#: seed 003 runs a lab at 30 s).
+#: seed 003 (docs/sources.md) runs a lab at 30 s).
 DEFAULT_FAILOVER_DETECTION_INTERVAL = 120.0
 RECOMMENDED_MIN_FAILOVER_DETECTION_INTERVAL = 120.0
 DEFAULT_FAILBACK_INTERVAL = 240.0
@@ -47,7 +47,7 @@ DEFAULT_BACKUP_STORE_UNAVAILABLE_THRESHOLD = 1800.0
 #: An Enterprise Edition pool holds up to 12 Front End servers.
 MAX_ENTERPRISE_FRONT_ENDS = 12
 
-#: The Lync 2013 client's DNS lookup order (REFERENCE.md, "DNS").
+#: The Lync 2013 client's DNS lookup order (docs/reference.md, "DNS").
 LYNC_LOOKUP_ORDER: tuple[tuple[str, str], ...] = (
     ("lyncdiscoverinternal", "A"),
     ("lyncdiscover", "A"),

@@ -9,7 +9,7 @@ returns a list of *outputs*: actions for the adapter (:class:`Resolve`,
 :class:`Connect`, :class:`Send`, :class:`Ping`, :class:`Close`,
 :class:`Schedule`) and :class:`~sipdrill.clients.events.ClientEvent` records.
 
-What it does, and where the rules come from (../../shared/REFERENCE.md):
+What it does, and where the rules come from (docs/reference.md):
 
 * **Discovery** walks the Lync 2013 lookup order (lyncdiscoverinternal,
   lyncdiscover, _sipinternaltls._tcp, [_sipinternal._tcp], _sip._tls,
@@ -157,7 +157,7 @@ class LookupName:
 
 @functools.cache
 def lync_lookup_order(*, allow_tcp: bool = False) -> tuple[LookupName, ...]:
-    """The Lync 2013 client's order (REFERENCE.md, "DNS"); _sipinternal._tcp only with TCP."""
+    """The Lync 2013 client's order (docs/reference.md, "DNS"); _sipinternal._tcp only with TCP."""
     order = [
         LookupName("lyncdiscoverinternal", "A", autodiscover=True),
         LookupName("lyncdiscover", "A", autodiscover=True),

@@ -1,1 +1,1 @@
-"""The lab's authoritative DNS server (issue 4)."""
+"""The lab's authoritative DNS server."""

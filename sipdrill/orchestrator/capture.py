@@ -28,7 +28,7 @@ from sipdrill.orchestrator.timeline import Timeline
 
 __all__ = ["Capture", "fidelity"]
 
-#: Event and wire must agree within this (issue 17).
+#: Event and wire must agree within this (docs/measurements.md).
 AGREEMENT_MS = 10.0
 #: A Registered event is matched with the last 200 OK for that user at most this
 #: long before it (or, clocks being what they are, a little after).

@@ -207,7 +207,7 @@ class LiveLab:
 
     def _dns_repoint(self, old: str, new: str) -> dict[str, Any]:
         """Point every DNS view's lookup records from ``old`` to ``new`` in one
-        atomic change (one serial bump): seed 001's last recovery step."""
+        atomic change (one serial bump): the last recovery step of seed 001 (docs/sources.md)."""
         pools = {p.fqdn: p for p in self.topology.pools}
         if old not in pools or new not in pools or old == new:
             raise OperationError(

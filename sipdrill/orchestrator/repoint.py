@@ -1,5 +1,5 @@
 """Repointing DNS from a failed pool to a standby pool: the last step of the
-budget disaster-recovery plan (seed 001: "update DNS records so that the A
+budget disaster-recovery plan (seed 001, docs/sources.md: "update DNS records so that the A
 record points to the IP address of your DR Standard Edition server, or update
 your SRV records to point to the DR Standard Edition server").
 

@@ -4,7 +4,7 @@ Pure functions: the SIP registrar (``sipdrill.sip``) calls
 :func:`registrar_decision` from its per-AoR policy hook and turns the result
 into a response; nothing here knows about messages.
 
-Who serves a user (REFERENCE.md, "Backup registrar behaviour"):
+Who serves a user (docs/reference.md, "Backup registrar behaviour"):
 
 - the *serving pool* is the home pool, or its backup pool from the start of
   an administrator's pool failover until its failback completes;
@@ -31,7 +31,7 @@ from sipdrill.pool.state import FailoverState, PartnerState, serving_pool
 if TYPE_CHECKING:
     from sipdrill.topology import Topology
 
-#: q values of the 301's Contacts (REFERENCE.md): primary, then backup.
+#: q values of the 301's Contacts (docs/reference.md): primary, then backup.
 PRIMARY_Q = 0.7
 BACKUP_Q = 0.3
 #: A pool without a backup pool is the only Contact; RFC 3261's default q.
@@ -162,7 +162,7 @@ class Feature(Enum):
 
 _LIMITED = "Limited functionality"
 
-#: What resiliency mode refuses (REFERENCE.md, "Limited functionality").
+#: What resiliency mode refuses (docs/reference.md, "Limited functionality").
 #: 403 for operations on the user's own data and services, which live on the
 #: unreachable home pool; 488 for sessions the backup registrar cannot host.
 #: Never 503: RFC 3263 clients treat a 503 as a failed server and fail over.

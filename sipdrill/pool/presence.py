@@ -1,6 +1,6 @@
 """Presence for the Front End pool: PIDF documents and subscription tables, sans-IO.
 
-What a watcher sees of a user (REFERENCE.md, "Limited functionality"):
+What a watcher sees of a user (docs/reference.md, "Limited functionality"):
 
 - ``available``: registered with full service (or what they PUBLISHed);
 - ``offline``: not registered, and the pool that would serve them says so;

@@ -589,7 +589,7 @@ class PoolService:
         uri = self.store_uri(user)
         local = self.store.get_user(uri)
         # Lync: "if the CMS is unavailable, you lose the ability to conduct
-        # moves" (seed 001). Checked before anything is written.
+        # moves" (seed 001, docs/sources.md). Checked before anything is written.
         async with self._pool_clients() as clients:
             await require_cms(self.topology, clients)
         if local is not None and local.home_pool == self.fqdn:

@@ -861,7 +861,7 @@ class PoolSip:
     def _message(self, request: Request, rx: Received) -> Awaitable[Response] | Response:
         if not self._in_domain(request.uri):
             return make_response(request, 404, "Not Found: not a user of this lab")
-        # Peer-to-peer IM works in every mode (REFERENCE.md).
+        # Peer-to-peer IM works in every mode (docs/reference.md).
         return self.route_to_user(request, self._target_aor(request))
 
     # -- presence -----------------------------------------------------------------------

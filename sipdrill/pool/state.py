@@ -68,7 +68,7 @@ class TransitionTable(Generic[S, E]):
 class FailoverState(Enum):
     """The state of one (home pool -> backup pool) relationship.
 
-    The four states Lync reports (REFERENCE.md), plus FailingBack: failback
+    The four states Lync reports (docs/reference.md), plus FailingBack: failback
     takes up to an hour for 20,000 users, and during it a second failback or
     a new failover must be refused, which needs a state of its own.
     """

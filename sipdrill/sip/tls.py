@@ -7,7 +7,7 @@ share: ``ca.pem`` (the CA certificate every client trusts), ``ca-key.pem``
 CA) and, per service, ``<service>.pem`` / ``<service>-key.pem``.
 
 Server certificates carry a DNS SAN for every name a client may connect to:
-the pool FQDN, each front end's FQDN and any extra names (seed 003's fix: a
+the pool FQDN, each front end's FQDN and any extra names (the fix of seed 003, docs/sources.md: a
 client that connects to a name missing from the certificate fails the TLS
 handshake), plus IP SANs. Clients always verify the chain and the host name.
 
