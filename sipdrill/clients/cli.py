@@ -19,16 +19,13 @@ import dataclasses
 import logging
 import resource
 import signal
-import socket
 import ssl
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import typer
-import uvicorn
 
 from sipdrill.clients.api import create_app
 from sipdrill.clients.endpoint import Target
@@ -41,6 +38,7 @@ from sipdrill.clients.population import (
 )
 from sipdrill.clients.resolver import parse_nameserver
 from sipdrill.clients.runner import ClientRunner, RunnerConfig
+from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
 from sipdrill.sip.transport import Kind, TransportLimits
 
@@ -52,14 +50,6 @@ log = logging.getLogger("sipdrill.clients")
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"sipdrill serve clients: {message}", err=True)
     return typer.Exit(code)
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the command decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -258,37 +248,24 @@ async def _serve(plan: _Plan) -> int:
         loop.add_signal_handler(sig, stop.set)
     stream, owned = _open_events(plan.events_path)
     runner = ClientRunner(plan.config, events=EventLog(stream=stream))
-    server: _Uvicorn | None = None
-    server_task: asyncio.Task[None] | None = None
+    server: AppServer | None = None
     try:
         await runner.open()
         where = ""
         if plan.control is not None:
             host, port = plan.control
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, port))
+                sock = bind_tcp(host, port)
             except OSError as exc:
-                sock.close()
                 typer.echo(f"sipdrill serve clients: --control {host}:{port}: {exc}", err=True)
                 return 1
             port = sock.getsockname()[1]
-            config = uvicorn.Config(
-                create_app(runner),
-                lifespan="off",
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-            )
-            server = _Uvicorn(config)
-            server_task = asyncio.create_task(server.serve(sockets=[sock]))
-            while not server.started:
-                if server_task.done():
-                    server_task.result()
-                    typer.echo("sipdrill serve clients: the control API did not start", err=True)
-                    return 1
-                await asyncio.sleep(0.01)
+            server = AppServer(create_app(runner), sock)
+            try:
+                await server.start(lambda: RuntimeError("the control API did not start"))
+            except Exception as exc:
+                typer.echo(f"sipdrill serve clients: {exc}", err=True)
+                return 1
             where = f", control http://{host}:{port}"
         n = len(plan.config.users)
         dns = ", ".join(f"{h}:{p}" for h, p in plan.config.nameservers) or "none (--registrar)"
@@ -307,10 +284,8 @@ async def _serve(plan: _Plan) -> int:
             await stop.wait()
     finally:
         await runner.close()
-        if server is not None and server_task is not None:
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await server_task
+        if server is not None:
+            await server.stop()
         if stream is not None and owned:
             stream.close()
     return 0

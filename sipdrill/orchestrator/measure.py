@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sipdrill.orchestrator.timeline import CompactEvent, Mark, MarkKind, Timeline
@@ -157,34 +157,14 @@ class PhaseRow:
     first_pool: str | None = None  # where it first registered again
     full_pool: str | None = None  # where it got full service
 
-    CSV_FIELDS = (
-        "user",
-        "home_pool",
-        "fault",
-        "affected",
-        "mode_before",
-        "healed",
-        "lost_at",
-        "detect",
-        "reconnect",
-        "resiliency",
-        "full_service",
-        "full_after_failover",
-        "home",
-        "home_after_failback",
-        "attempts",
-        "redirects",
-        "backoffs",
-        "backoff",
-        "losses",
-        "pools_tried",
-        "first_pool",
-        "full_pool",
-    )
+    @classmethod
+    def csv_fields(cls) -> tuple[str, ...]:
+        """The columns of clients.csv: every field, in order."""
+        return tuple(f.name for f in fields(cls))
 
     def csv_row(self) -> list[str]:
         out = []
-        for name in self.CSV_FIELDS:
+        for name in self.csv_fields():
             v = getattr(self, name)
             if v is None:
                 out.append("")

@@ -209,7 +209,7 @@ class Report:
                 w = csv.writer(fh)
                 rows = self.measured.rows
                 if rows:
-                    w.writerow(rows[0].CSV_FIELDS)
+                    w.writerow(rows[0].csv_fields())
                     w.writerows(r.csv_row() for r in rows)
         (directory / "report.html").write_text(render_html(self))
         return j, m

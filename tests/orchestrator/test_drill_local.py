@@ -70,26 +70,26 @@ def _lab_processes(state: Path) -> list[int]:
     return pids
 
 
+def sipdrill_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m sipdrill ARGS`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "sipdrill", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
     """Run `sipdrill drill run` on ``text`` in a subprocess; its report, once it passed."""
     drill = tmp_path / "drill.yaml"
     drill.write_text(text.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sipdrill",
-            "drill",
-            "run",
-            str(drill),
-            "--state-dir",
-            str(state),
-            "--report-dir",
-            str(reports),
-        ],
-        capture_output=True,
-        text=True,
+    proc = sipdrill_cli(
+        "drill",
+        "run",
+        str(drill),
+        "--state-dir",
+        str(state),
+        "--report-dir",
+        str(reports),
         timeout=timeout,
     )
     assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
@@ -200,20 +200,7 @@ def test_interrupted_drill_heals_reports_and_exits_130(tmp_path: Path) -> None:
         if proc.poll() is None:  # the test failed: leave no lab behind all the same
             proc.kill()
             proc.wait()
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "sipdrill",
-                    "lab",
-                    "down",
-                    "paired-pools",
-                    "--state-dir",
-                    str(state),
-                ],
-                capture_output=True,
-                timeout=60,
-            )
+            sipdrill_cli("lab", "down", "paired-pools", "--state-dir", str(state), timeout=60)
     assert proc.returncode == 130, err[-3000:]
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
@@ -236,21 +223,14 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     state, reports = tmp_path / "state", tmp_path / "reports"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind((labnet.addr("0.53"), 5353))
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sipdrill",
-                "drill",
-                "run",
-                str(drill),
-                "--state-dir",
-                str(state),
-                "--report-dir",
-                str(reports),
-            ],
-            capture_output=True,
-            text=True,
+        proc = sipdrill_cli(
+            "drill",
+            "run",
+            str(drill),
+            "--state-dir",
+            str(state),
+            "--report-dir",
+            str(reports),
             timeout=200,
         )
     assert proc.returncode == 2
@@ -326,23 +306,16 @@ def test_sweep_runs_the_grid_and_plots_each_metric(tmp_path: Path) -> None:
         DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 4}")
     )
     reports = tmp_path / "reports"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sipdrill",
-            "drill",
-            "sweep",
-            str(drill),
-            "--set",
-            "timers.failover_detection_interval=6,9",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--report-dir",
-            str(reports),
-        ],
-        capture_output=True,
-        text=True,
+    proc = sipdrill_cli(
+        "drill",
+        "sweep",
+        str(drill),
+        "--set",
+        "timers.failover_detection_interval=6,9",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--report-dir",
+        str(reports),
         timeout=400,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
@@ -364,12 +337,7 @@ def test_sweep_runs_the_grid_and_plots_each_metric(tmp_path: Path) -> None:
     )
     assert "| 9 | passed |" in (folder / "sweep.md").read_text()
     assert _lab_processes(tmp_path / "state") == []
-    bad = subprocess.run(
-        [sys.executable, "-m", "sipdrill", "drill", "sweep", str(drill), "--set", "timers.x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = sipdrill_cli("drill", "sweep", str(drill), "--set", "timers.x", timeout=60)
     assert bad.returncode == 1 and "FIELD=V1,V2" in bad.stderr
 
 
@@ -388,22 +356,15 @@ def test_captured_drill_events_agree_with_the_wire(tmp_path: Path) -> None:
         DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 6}")
     )
     reports = tmp_path / "reports"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sipdrill",
-            "drill",
-            "run",
-            str(drill),
-            "--capture",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--report-dir",
-            str(reports),
-        ],
-        capture_output=True,
-        text=True,
+    proc = sipdrill_cli(
+        "drill",
+        "run",
+        str(drill),
+        "--capture",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--report-dir",
+        str(reports),
         timeout=400,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
