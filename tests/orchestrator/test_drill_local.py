@@ -77,6 +77,15 @@ def sipdrill_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]
     )
 
 
+def quick_drill(tmp_path: Path, clients: int) -> tuple[Path, Path]:
+    """DRILL with ``clients`` clients on the tests' network: the file and the
+    report folder to give `drill run|sweep`."""
+    drill = tmp_path / "drill.yaml"
+    text = DRILL.format(topology=isolated_topology(tmp_path))
+    drill.write_text(text.replace("{count: 12}", f"{{count: {clients}}}"))
+    return drill, tmp_path / "reports"
+
+
 def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
     """Run `sipdrill drill run` on ``text`` in a subprocess; its report, once it passed."""
     drill = tmp_path / "drill.yaml"
@@ -301,11 +310,7 @@ def test_site_loss_drill_with_admin_steps_counts_the_rpo(tmp_path: Path) -> None
 def test_sweep_runs_the_grid_and_plots_each_metric(tmp_path: Path) -> None:
     """Two settings of the failover detection interval, each a whole drill with
     its own report; the sweep's table and page have one row and point each."""
-    drill = tmp_path / "drill.yaml"
-    drill.write_text(
-        DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 4}")
-    )
-    reports = tmp_path / "reports"
+    drill, reports = quick_drill(tmp_path, clients=4)
     proc = sipdrill_cli(
         "drill",
         "sweep",
@@ -351,11 +356,7 @@ def test_captured_drill_events_agree_with_the_wire(tmp_path: Path) -> None:
 
     if shutil.which("tshark") is None and not os.environ.get("CI"):
         pytest.skip("no tshark here (apt-get install tshark); .ci/run installs it")
-    drill = tmp_path / "drill.yaml"
-    drill.write_text(
-        DRILL.format(topology=isolated_topology(tmp_path)).replace("{count: 12}", "{count: 6}")
-    )
-    reports = tmp_path / "reports"
+    drill, reports = quick_drill(tmp_path, clients=6)
     proc = sipdrill_cli(
         "drill",
         "run",
