@@ -203,12 +203,9 @@ class DockerLabFaults:
     def undo(self, fault_id: str) -> None:
         """Undo a fault (idempotent: an unknown or healed id does nothing)."""
         with lab_engine() as rt:
-            registry = self.registry(rt)
-            fault = registry.get(fault_id)
-            if fault is None or not fault.active:
-                return
-            registry.undo(fault)
-        self.progress(f"fault {fault.kind} healed ({fault_id})")
+            fault = self.registry(rt).heal_one(fault_id)
+        if fault is not None:
+            self.progress(f"fault {fault.kind} healed ({fault_id})")
 
     def heal_all(self) -> None:
         """Undo every fault in the journal; raise if any could not be undone."""

@@ -370,6 +370,15 @@ class FaultRegistry(Generic[R]):
         if found is not None:
             found.undo()
 
+    def heal_one(self, fault_id: str) -> Fault[R] | None:
+        """Undo the fault ``fault_id`` if it is in force: the fault undone, or
+        None (an unknown or healed id: undo is idempotent)."""
+        fault = self._faults.get(fault_id)
+        if fault is None or not fault.active:
+            return None
+        fault.undo()
+        return fault
+
     def active(self) -> list[Fault[R]]:
         return [f for f in self._faults.values() if f.active]
 

@@ -19,6 +19,7 @@ is one fault.
 from __future__ import annotations
 
 import subprocess
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -60,6 +61,20 @@ class LocalFault(Fault[Processes]):
     ) -> None:
         super().__init__(runtime, processes, fault_id=fault_id)
 
+    def _inject(self) -> None:
+        for name in self.targets:
+            self._inject_one(name)
+
+    def _undo(self) -> None:
+        for name in self.targets:
+            self._undo_one(name)
+
+    @abstractmethod
+    def _inject_one(self, name: str) -> None: ...
+
+    @abstractmethod
+    def _undo_one(self, name: str) -> None: ...
+
 
 class LocalCut(LocalFault):
     kind = FaultKind.CUT
@@ -67,35 +82,30 @@ class LocalCut(LocalFault):
     def describe(self) -> str:
         return f"cut {', '.join(self.targets)} (SIGSTOP)"
 
-    def _inject(self) -> None:
-        for name in self.targets:
-            self.runtime.suspend(name)
+    def _inject_one(self, name: str) -> None:
+        self.runtime.suspend(name)
 
-    def _undo(self) -> None:
-        for name in self.targets:
-            self.runtime.resume(name)
+    def _undo_one(self, name: str) -> None:
+        self.runtime.resume(name)
 
 
 class LocalCrash(LocalFault):
     kind = FaultKind.CRASH
 
-    def _inject(self) -> None:
-        for name in self.targets:
-            self.runtime.kill(name)
+    def _inject_one(self, name: str) -> None:
+        self.runtime.kill(name)
 
-    def _undo(self) -> None:
-        for name in self.targets:
-            self.runtime.revive(name)
+    def _undo_one(self, name: str) -> None:
+        self.runtime.revive(name)
 
 
 class LocalRestart(LocalFault):
     kind = FaultKind.RESTART
 
-    def _inject(self) -> None:
-        for name in self.targets:
-            self.runtime.restart(name)
+    def _inject_one(self, name: str) -> None:
+        self.runtime.restart(name)
 
-    def _undo(self) -> None:
+    def _undo_one(self, name: str) -> None:
         pass  # it is over when inject returns
 
 
@@ -119,14 +129,12 @@ class LocalDnsOutage(LocalFault):
     def describe(self) -> str:
         return f"dns-outage ({self.mode}) on {', '.join(self.targets)}"
 
-    def _inject(self) -> None:
-        for name in self.targets:
-            self.runtime.dns_outage(name, self.mode)
+    def _inject_one(self, name: str) -> None:
+        self.runtime.dns_outage(name, self.mode)
 
-    def _undo(self) -> None:
-        for name in self.targets:
-            if self.runtime.alive(name):  # else the fault died with it
-                self.runtime.dns_outage(name, None)
+    def _undo_one(self, name: str) -> None:
+        if self.runtime.alive(name):  # else the fault died with it
+            self.runtime.dns_outage(name, None)
 
 
 #: The local runtime's faults by kind (what its journal may hold).

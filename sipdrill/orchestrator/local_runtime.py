@@ -318,12 +318,9 @@ class LocalRuntime:
 
     def undo(self, fault_id: str) -> None:
         """Undo a fault (idempotent: an unknown or healed id does nothing)."""
-        registry = self._registry()
-        fault = registry.get(fault_id)
-        if fault is None or not fault.active:
-            return
-        registry.undo(fault)
-        self.progress(f"fault {fault.describe()} healed ({fault_id})")
+        fault = self._registry().heal_one(fault_id)
+        if fault is not None:
+            self.progress(f"fault {fault.describe()} healed ({fault_id})")
 
     def heal_all(self) -> None:
         state = LabState.load(self.state_path)
