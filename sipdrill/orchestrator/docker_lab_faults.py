@@ -196,7 +196,9 @@ class DockerLabFaults:
                 if c is not None and container_health(c) in ("healthy", "running"):
                     pending.discard(name)
             if pending and time.monotonic() > deadline:
-                raise FaultError("restart", RUNTIME, f"{', '.join(sorted(pending))} not healthy")
+                raise FaultError(
+                    FaultKind.RESTART, RUNTIME, f"{', '.join(sorted(pending))} not healthy"
+                )
             if pending:
                 time.sleep(0.5)
 
