@@ -111,5 +111,10 @@ class FaultError(SipdrillError):
     runtime: str
     message: str
 
+    def __post_init__(self) -> None:
+        # Plain strings, whatever was passed (an enum member): __str__ shows their repr.
+        self.fault = str(self.fault)
+        self.runtime = str(self.runtime)
+
     def __str__(self) -> str:
         return f"fault {self.fault!r} in the {self.runtime} runtime: {self.message}"

@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -19,17 +19,18 @@ from sipdrill.errors import ConfigFileError, FaultError, OperationError
 from sipdrill.orchestrator.compose import DEFAULT_PORT_BASE, ComposeOptions, docker_plan
 from sipdrill.orchestrator.compose import command_line as compose_command_line
 from sipdrill.orchestrator.compose import generate as generate_compose
-from sipdrill.orchestrator.drill import FaultKind, LoadedDrill, load_drill
+from sipdrill.orchestrator.drill import LoadedDrill, load_drill
 from sipdrill.orchestrator.engine import DrillInterrupted
-from sipdrill.orchestrator.local_runtime import LOCAL_FAULTS, LocalRuntime
+from sipdrill.orchestrator.fault_model import RUNTIME_FAULTS, FaultKind, parse_fault_request
+from sipdrill.orchestrator.local_runtime import LocalRuntime
 from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, lab_plan
 from sipdrill.orchestrator.report import Report
+from sipdrill.orchestrator.runtime import Runtime
 from sipdrill.topology import Topology
 from sipdrill.topology_cli import load_or_exit
 
 if TYPE_CHECKING:  # imported when used: the docker SDK costs every `sipdrill` command 0.1 s
     from sipdrill.orchestrator.capture import Capture
-    from sipdrill.orchestrator.docker_lab import DockerLab
     from sipdrill.orchestrator.engine import DrillEngine
 
 lab_app = typer.Typer(help="Start, inspect, break and stop a lab.", no_args_is_help=True)
@@ -58,7 +59,7 @@ def _runtime(
     state_dir: Path,
     topology_file: Path | None = None,
     progress: Callable[[str], None] = _progress,
-) -> LocalRuntime | DockerLab:
+) -> Runtime:
     """The runtime of a lab: its state lives in ``<state_dir>/<lab>``. The docker
     runtime needs the topology file (mounted in its containers) to start a lab."""
     if kind is RuntimeKind.LOCAL:
@@ -205,7 +206,8 @@ def lab_fault(
     name: str = typer.Argument(..., help="The lab's name."),
     kind: str = typer.Argument(
         ...,
-        help=f"local runtime: {', '.join(LOCAL_FAULTS)}; docker: {', '.join(get_args(FaultKind))}",
+        help=f"local runtime: {', '.join(RUNTIME_FAULTS[RuntimeKind.LOCAL])}; "
+        f"docker: {', '.join(FaultKind)}",
     ),
     target: str = typer.Argument(..., help="a service (pool1, dns...) or a site"),
     mode: str | None = typer.Option(None, "--mode", help="dns-outage: drop or servfail"),
@@ -226,7 +228,8 @@ def lab_fault(
     }
     params = {k: v for k, v in given.items() if v is not None}
     try:
-        fault = _runtime(runtime, name, state_dir).inject(kind, target, **params)
+        request = parse_fault_request(kind, target, params, runtime)
+        fault = _runtime(runtime, name, state_dir).apply(request)
     except (FaultError, OperationError) as exc:
         raise _fail(str(exc)) from None
     _console().print(f"fault {fault['id']}: {kind} on {target}")
@@ -524,7 +527,7 @@ def run_drill(
             live = LiveLab(
                 rt,
                 t,
-                rt.live_specs() if rt.kind is RuntimeKind.DOCKER else specs,  # type: ignore[union-attr]
+                rt.live_specs(specs),
                 rt.token,
                 loopback=kind is RuntimeKind.LOCAL,
                 topology_path=str(topo_file),

@@ -39,11 +39,11 @@ from types import TracebackType
 from typing import Any, Literal
 
 import docker
-from docker.errors import APIError, DockerException, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from sipdrill.errors import FaultError, SipdrillError
+from sipdrill.errors import FaultError, OperationError, SipdrillError
 from sipdrill.orchestrator import labels
 
 RUNTIME = "docker"
@@ -431,6 +431,52 @@ class DockerRuntime:
                 v.remove(force=True)
                 removed["volumes"].append(str(v.name))
         return removed
+
+    def check_new_lab(
+        self, lab: str, image: str, topology_subnets: list[ipaddress.IPv4Network]
+    ) -> None:
+        """Refuse to start ``lab`` (OperationError) when it already has objects,
+        ``image`` is missing, another network overlaps one of the topology's
+        subnets, or no Compose CLI is installed."""
+        lab_filter = labels.lab_filter(lab)
+        if (
+            self.lab_containers(lab)
+            or self.client.networks.list(filters=lab_filter)
+            or self.client.volumes.list(filters=lab_filter)
+        ):
+            raise OperationError(
+                "lab-already-up",
+                f"docker lab {lab!r} already has containers, networks or volumes: "
+                f"run `sipdrill lab down {lab} --runtime docker` first",
+            )
+        try:
+            self.client.images.get(image)
+        except ImageNotFound:
+            raise OperationError(
+                "no-image", f"no image {image}: run `make image` first", 503
+            ) from None
+        for net in self.client.networks.list():
+            for entry in (net.attrs.get("IPAM") or {}).get("Config") or []:
+                try:
+                    subnet = ipaddress.ip_network(entry.get("Subnet", ""), strict=False)
+                except ValueError:
+                    continue
+                clash = [s for s in topology_subnets if s.version == 4 and s.overlaps(subnet)]
+                if clash:
+                    owner = (net.attrs.get("Labels") or {}).get(labels.LAB)
+                    hint = (
+                        f"run `sipdrill lab down {owner} --runtime docker`"
+                        if owner
+                        else f"remove it (docker network rm {net.name})"
+                    )
+                    raise OperationError(
+                        "subnet-in-use",
+                        f"network {net.name} ({subnet}) overlaps this lab's {clash[0]}: {hint}",
+                    )
+        if compose_command() is None:
+            raise OperationError(
+                "no-compose", "neither `docker compose` nor `docker-compose` is installed", 503
+            )
 
     def labs(self, prefix: str = "") -> set[str]:
         """The names of the labs that have anything on this engine."""

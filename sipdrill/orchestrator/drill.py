@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sipdrill.errors import DrillFileError, FileIssue, TopologyError
+from sipdrill.orchestrator.fault_model import FaultKind
 from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
 from sipdrill.orchestrator.plan import short_name
 from sipdrill.topology import Topology, parse_topology
@@ -29,17 +30,6 @@ class _Model(BaseModel):
 
 
 ClientMode = Literal["full", "resiliency", "signed-out", "registered"]
-FaultKind = Literal[
-    "cut",  # silent drop: the realistic "site gone" case
-    "disconnect",  # docker network disconnect
-    "partition",  # two sites lose each other, both stay up
-    "degrade",  # latency / jitter / loss
-    "crash",  # kill the process / container
-    "stop",
-    "pause",
-    "restart",
-    "dns-outage",
-]
 AdminOp = Literal[
     "pool-failover",
     "pool-failback",
@@ -235,7 +225,7 @@ def load_drill(path: str | Path) -> LoadedDrill:
                     f"use a service ({', '.join(sorted(services))}) "
                     f"or a site ({', '.join(sorted(sites))})",
                 )
-            if f.kind == "partition" and f.peer not in sites:
+            if f.kind is FaultKind.PARTITION and f.peer not in sites:
                 err(
                     [*base, "fault", "peer"],
                     "a partition needs `peer:`, another site",

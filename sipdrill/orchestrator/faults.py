@@ -1,56 +1,55 @@
 """Faults for the docker runtime, each with ``inject()`` and an idempotent
-``undo()``, and a journal so that an interrupted drill can still heal them.
+``undo()`` (the discipline of :class:`~sipdrill.orchestrator.fault_model.Fault`),
+and a journal so that an interrupted drill can still heal them.
 
 Kinds (the names of the drill file's ``fault: {kind: ...}``):
 
-=============  =============================================================
-``cut``        silent drop: iptables DROP on the way in, and a tc drop on
-               the way out (an iptables DROP on output would tell the cut
-               container's own senders EPERM; a qdisc drop is silent both
-               ways). Peers see timeouts; ARP still answers.
-``disconnect`` ``docker network disconnect``; undo reconnects with the same
-               address and aliases. Peers see "host unreachable" once ARP fails.
-``partition``  two groups of containers lose each other (every address of
-               each on every network) while both stay up; rules on both sides.
-``degrade``    latency, jitter and loss on the way out. This kernel has no
-               ``sch_netem``, so by default (``method="nfqueue"``) packets go
-               to an NFQUEUE served by :mod:`nfq_delay` in the namespace;
-               ``method="netem"`` uses netem where the kernel has it.
-``crash``      ``docker kill`` (SIGKILL); undo starts the container.
-``stop``       ``docker stop``; undo starts it.
-``pause``      ``docker pause`` (cgroup freezer: the kernel still accepts
-               connections, nobody answers); undo unpauses.
-``restart``    ``docker restart``; nothing to undo (undo starts it if it
-               did not come back).
-=============  =============================================================
+==============  =============================================================
+``cut``         silent drop: iptables DROP on the way in, and a tc drop on
+                the way out (an iptables DROP on output would tell the cut
+                container's own senders EPERM; a qdisc drop is silent both
+                ways). Peers see timeouts; ARP still answers.
+``disconnect``  ``docker network disconnect``; undo reconnects with the same
+                address and aliases. Peers see "host unreachable" once ARP fails.
+``partition``   two groups of containers lose each other (every address of
+                each on every network) while both stay up; rules on both sides.
+``degrade``     latency, jitter and loss on the way out. This kernel has no
+                ``sch_netem``, so by default (``method="nfqueue"``) packets go
+                to an NFQUEUE served by :mod:`nfq_delay` in the namespace;
+                ``method="netem"`` uses netem where the kernel has it.
+``crash``       ``docker kill`` (SIGKILL); undo starts the container.
+``stop``        ``docker stop``; undo starts it.
+``pause``       ``docker pause`` (cgroup freezer: the kernel still accepts
+                connections, nobody answers); undo unpauses.
+``restart``     ``docker restart``; nothing to undo (undo starts it if it
+                did not come back).
+``dns-outage``  the lab's DNS server drops queries or answers SERVFAIL,
+                through its control API (not in :data:`FAULT_KINDS`: it
+                needs the lab's DNS server, :data:`LAB_FAULT_KINDS` has it).
+==============  =============================================================
 
 Every fault takes a list of container names, so a site fault is one fault.
 A fault that cannot be done raises :class:`~sipdrill.errors.FaultError`; an
 inject that fails half-way undoes what it did before raising.
 
-Use a :class:`FaultRegistry`: it writes each fault to a JSON journal *before*
-the fault takes effect (and again as it records what to undo), so that
-``FaultRegistry(runtime, path).heal()`` in a new process heals everything a
-crashed one left (``sipdrill lab down`` does this).
+Use a :class:`DockerFaultRegistry`: it writes each fault to a JSON journal
+*before* the fault takes effect (and again as it records what to undo), so
+that ``DockerFaultRegistry(runtime, path).heal()`` in a new process heals
+everything a crashed one left (``sipdrill lab down`` does this).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
-import secrets
 import shlex
 import subprocess
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any
 
+import httpx
 from docker.errors import DockerException
 
-from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError
 from sipdrill.orchestrator import labels
 from sipdrill.orchestrator.docker_runtime import (
@@ -63,13 +62,39 @@ from sipdrill.orchestrator.docker_runtime import (
     proc_start_time,
     python_bootstrap,
 )
+from sipdrill.orchestrator.fault_model import (
+    Fault,
+    FaultJournal,
+    FaultKind,
+    FaultRegistry,
+    check_dns_outage_mode,
+    journal_path,
+)
+
+__all__ = [
+    "FAULT_KINDS",
+    "LAB_FAULT_KINDS",
+    "Crash",
+    "Cut",
+    "Degrade",
+    "Disconnect",
+    "DnsOutage",
+    "DockerFault",
+    "DockerFaultRegistry",
+    "FaultJournal",
+    "Partition",
+    "Pause",
+    "Restart",
+    "Stop",
+    "heal_journal",
+    "journal_path",
+]
 
 IPT = "iptables -w 5"
 #: Our root qdisc on a container's interfaces: class 1 drops, class 2 passes.
 TC_ROOT = "5d1:"
 TC_NETEM = "5d3:"
 _DEVICES = "ip -o link show | sed -n 's/^[0-9]*: \\([^:@]*\\).*/\\1/p'"
-_ID_RE = re.compile(r"^[0-9a-f]{8}$")
 
 
 def _chain(fault_id: str, suffix: str) -> str:
@@ -140,109 +165,26 @@ def _addresses(runtime: DockerRuntime, containers: Sequence[str], fault: str) ->
     return sorted(set(out))
 
 
-class Fault(ABC):
-    """One fault on one or more containers. ``state`` holds what undo needs
-    (and goes to the journal); ``status`` is new, injecting, active or undone."""
+class DockerFault(Fault[DockerRuntime]):
+    """A fault on one or more containers (see :class:`~sipdrill.orchestrator.fault_model.Fault`)."""
 
-    kind: ClassVar[str]
+    runtime_name = RUNTIME
+    target_noun = "container"
+    targets_param = "containers"
+    inject_failures = (DockerException, OSError, subprocess.SubprocessError)
+    undo_failures = (DockerException,)
 
     def __init__(
         self, runtime: DockerRuntime, containers: Sequence[str], *, fault_id: str | None = None
     ) -> None:
-        if isinstance(containers, str):
-            containers = [containers]
-        if not containers:
-            raise FaultError(self.kind, RUNTIME, "no container to act on")
-        if fault_id is not None and not _ID_RE.match(fault_id):
-            raise FaultError(self.kind, RUNTIME, f"bad fault id {fault_id!r} (8 hex digits)")
-        self.runtime = runtime
-        self.containers = list(containers)
-        self.id = fault_id or secrets.token_hex(4)
-        self.status = "new"
-        self.state: dict[str, Any] = {}
-        self.listener: Callable[[Fault], None] | None = None
-
-    # --- what subclasses provide ---------------------------------------------
-
-    def params(self) -> dict[str, Any]:
-        """Constructor arguments (JSON), to rebuild the fault from the journal."""
-        return {"containers": list(self.containers)}
-
-    @abstractmethod
-    def _inject(self) -> None: ...
-
-    @abstractmethod
-    def _undo(self) -> None: ...
-
-    def describe(self) -> str:
-        return f"{self.kind} {', '.join(self.containers)}"
-
-    # --- the protocol ------------------------------------------------------------
-
-    def save(self) -> None:
-        """Tell the journal (if any) what this fault has done so far."""
-        if self.listener is not None:
-            self.listener(self)
-
-    def inject(self) -> None:
-        """Make the fault take effect; all or nothing."""
-        if self.status == "active":
-            return
-        if self.status == "undone":
-            raise FaultError(self.kind, RUNTIME, f"fault {self.id} was undone; make a new one")
-        self.status = "injecting"
-        self.save()
-        try:
-            self._inject()
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self._undo()
-            self.status = "undone"
-            self.save()
-            if isinstance(exc, DockerException | OSError | subprocess.SubprocessError):
-                raise FaultError(self.kind, RUNTIME, str(exc)) from exc
-            raise
-        self.status = "active"
-        self.save()
-
-    def undo(self) -> None:
-        """Remove the fault's effect. Safe to call again, and after a crash
-        (from the journal), whatever became of the containers meanwhile."""
-        if self.status in ("new", "undone"):
-            return
-        try:
-            self._undo()
-        except DockerException as exc:
-            raise FaultError(self.kind, RUNTIME, f"undo: {exc}") from exc
-        self.status = "undone"
-        self.save()
+        super().__init__(runtime, containers, fault_id=fault_id)
 
     @property
-    def active(self) -> bool:
-        return self.status in ("injecting", "active")
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "status": self.status,
-            "description": self.describe(),
-            "params": self.params(),
-            "state": self.state,
-        }
-
-    @classmethod
-    def from_record(cls, runtime: DockerRuntime, record: dict[str, Any]) -> Fault:
-        fault = cls(runtime, fault_id=record["id"], **record["params"])
-        fault.state = dict(record.get("state") or {})
-        fault.status = str(record.get("status", "active"))
-        return fault
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} {self.status}: {self.describe()}>"
+    def containers(self) -> list[str]:
+        return self.targets
 
 
-class _NetnsFault(Fault):
+class _NetnsFault(DockerFault):
     """A fault made of rules in each target's network namespace. ``state``
     keeps, per container, the namespace (method, generation) and what was put
     there, so that undo finds it, or knows it died with a restart."""
@@ -326,7 +268,7 @@ class _NetnsFault(Fault):
 class Cut(_NetnsFault):
     """Silent drop of everything in and out (the realistic "site gone")."""
 
-    kind = "cut"
+    kind = FaultKind.CUT
 
     def __init__(
         self,
@@ -356,7 +298,7 @@ class Cut(_NetnsFault):
 class Partition(_NetnsFault):
     """``containers`` and ``peer`` lose each other; each keeps every other path."""
 
-    kind = "partition"
+    kind = FaultKind.PARTITION
 
     def __init__(
         self,
@@ -398,7 +340,7 @@ class Degrade(_NetnsFault):
     """Latency, jitter and loss on the way out of each container (towards
     ``peers`` only, if given: addresses or CIDRs)."""
 
-    kind = "degrade"
+    kind = FaultKind.DEGRADE
 
     def __init__(
         self,
@@ -555,10 +497,10 @@ class Degrade(_NetnsFault):
             self.runtime.kill_tagged(record["method"], name, int(pid), record["helper_tag"])
 
 
-class Disconnect(Fault):
+class Disconnect(DockerFault):
     """``docker network disconnect`` from ``network`` (default: every network)."""
 
-    kind = "disconnect"
+    kind = FaultKind.DISCONNECT
 
     def __init__(
         self,
@@ -620,7 +562,7 @@ class Disconnect(Fault):
             net.connect(c, ipv4_address=fixed, aliases=ep["aliases"] or None, links=links)
 
 
-class _LifecycleFault(Fault):
+class _LifecycleFault(DockerFault):
     """A container lifecycle action whose undo brings the container back."""
 
     def _inject(self) -> None:
@@ -653,7 +595,7 @@ class _LifecycleFault(Fault):
 class Crash(_LifecycleFault):
     """``docker kill`` (SIGKILL unless ``signal``); undo starts the container."""
 
-    kind = "crash"
+    kind = FaultKind.CRASH
 
     def __init__(
         self,
@@ -698,7 +640,7 @@ class _TimedLifecycleFault(_LifecycleFault):
 class Stop(_TimedLifecycleFault):
     """``docker stop`` (SIGTERM, SIGKILL after ``timeout``); undo starts it."""
 
-    kind = "stop"
+    kind = FaultKind.STOP
 
     def _act(self, name: str) -> None:
         self.runtime.container(name, fault=self.kind).stop(timeout=self.timeout)
@@ -707,7 +649,7 @@ class Stop(_TimedLifecycleFault):
 class Pause(_LifecycleFault):
     """``docker pause``: frozen, the kernel still accepts; undo unpauses."""
 
-    kind = "pause"
+    kind = FaultKind.PAUSE
 
     def _act(self, name: str) -> None:
         self.runtime.container(name, fault=self.kind).pause()
@@ -717,151 +659,94 @@ class Restart(_TimedLifecycleFault):
     """``docker restart``; there is nothing to undo but a container that did
     not come back (undo starts it)."""
 
-    kind = "restart"
+    kind = FaultKind.RESTART
 
     def _act(self, name: str) -> None:
         self.runtime.container(name, fault=self.kind).restart(timeout=self.timeout)
         self.runtime.wait_for(name, "running", fault=self.kind)
 
 
-FAULT_KINDS: dict[str, type[Fault]] = {
+class DnsOutage(DockerFault):
+    """The DNS server drops every query (``mode="drop"``) or answers SERVFAIL,
+    through its control API (``PUT/DELETE /faults``). The token is the one
+    the container runs with, so the journal holds no secret."""
+
+    kind = FaultKind.DNS_OUTAGE
+
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        containers: Sequence[str],
+        *,
+        url: str,
+        mode: str = "drop",
+        fault_id: str | None = None,
+    ) -> None:
+        super().__init__(runtime, containers, fault_id=fault_id)
+        self.url = url
+        self.mode = check_dns_outage_mode(mode, RUNTIME)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "url": self.url, "mode": self.mode}
+
+    def describe(self) -> str:
+        return f"dns-outage ({self.mode}) on {', '.join(self.containers)}"
+
+    def _call(self, method: str, name: str) -> None:
+        c = self.runtime.container(name, fault=self.kind)
+        env = dict(e.split("=", 1) for e in c.attrs["Config"].get("Env") or [] if "=" in e)
+        token = env.get("SIPDRILL_DNS_TOKEN") or env.get("SIPDRILL_CONTROL_TOKEN", "")
+        body = {self.mode: True} if method == "PUT" else None
+        with httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {token}"}) as http:
+            try:
+                r = http.request(method, f"{self.url}/faults", json=body)
+            except httpx.HTTPError as exc:
+                raise FaultError(self.kind, RUNTIME, f"{self.url}: {exc!r}") from exc
+        if r.status_code >= 300:
+            raise FaultError(self.kind, RUNTIME, f"the DNS control API said {r.status_code}")
+
+    def _inject(self) -> None:
+        for name in self.containers:
+            self._call("PUT", name)
+
+    def _undo(self) -> None:
+        for name in self.containers:
+            c = self.runtime.find(name)
+            if c is None or not c.attrs["State"]["Running"]:
+                continue  # gone or stopped: the fault lived in its memory
+            self._call("DELETE", name)
+
+
+#: The Docker engine's faults (on any container): the kinds a plain
+#: :class:`DockerFaultRegistry` makes.
+FAULT_KINDS: dict[str, type[DockerFault]] = {
     cls.kind: cls for cls in (Cut, Partition, Degrade, Disconnect, Crash, Stop, Pause, Restart)
 }
 
-
-# --- the journal and the registry ----------------------------------------------
-
-
-class FaultJournal:
-    """The faults in force, as JSON at ``path`` (written atomically on every
-    change). An entry leaves the journal when its fault is undone."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-
-    def records(self) -> list[dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            raise FaultError("journal", RUNTIME, f"cannot read {self.path}: {exc}") from exc
-        return list(data.get("faults", []))
-
-    def put(self, fault: Fault) -> None:
-        records = [r for r in self.records() if r["id"] != fault.id]
-        if fault.status != "undone":
-            records.append(fault.to_record())
-        self._write(records)
-
-    def _write(self, records: list[dict[str, Any]]) -> None:
-        doc = {"version": 1, "runtime": RUNTIME, "faults": records}
-        data = json.dumps(doc, indent=2).encode()
-        write_atomically(self.path, data, mode=0o644, make_parents=True)
+#: The fault kinds of a docker lab: the engine's and dns-outage (through the
+#: lab's DNS server).
+LAB_FAULT_KINDS: dict[str, type[DockerFault]] = {**FAULT_KINDS, DnsOutage.kind: DnsOutage}
 
 
-class FaultRegistry:
-    """Creates, injects, undoes and heals faults, journalling each one.
+class DockerFaultRegistry(FaultRegistry[DockerRuntime]):
+    """A :class:`~sipdrill.orchestrator.fault_model.FaultRegistry` of docker
+    faults (``kinds``: :data:`FAULT_KINDS` unless told otherwise)."""
 
-    Built on a journal that holds faults (left by a crashed orchestrator),
-    it takes them over: :meth:`heal` undoes them too. As a context manager it
-    heals everything on exit.
-    """
-
-    def __init__(self, runtime: DockerRuntime, journal: Path | str | None = None) -> None:
-        self.runtime = runtime
-        self.journal = FaultJournal(journal) if journal is not None else None
-        self._faults: dict[str, Fault] = {}
-        if self.journal is not None:
-            for record in self.journal.records():
-                cls = FAULT_KINDS.get(record.get("kind", ""))
-                if cls is None:
-                    raise FaultError(
-                        str(record.get("kind")), RUNTIME, "unknown kind in the journal"
-                    )
-                self._adopt(cls.from_record(runtime, record))
-
-    def _adopt(self, fault: Fault) -> Fault:
-        if self.journal is not None:
-            fault.listener = self.journal.put
-        self._faults[fault.id] = fault
-        return fault
-
-    def create(self, kind: str, containers: Sequence[str], **params: Any) -> Fault:
-        """A fault of ``kind`` (the drill file's names), not yet injected."""
-        cls = FAULT_KINDS.get(kind)
-        if cls is None:
-            raise FaultError(
-                kind, RUNTIME, f"not a docker fault; this runtime can do: {', '.join(FAULT_KINDS)}"
-            )
-        try:
-            return cls(self.runtime, containers, **params)
-        except TypeError as exc:
-            raise FaultError(kind, RUNTIME, f"bad parameters {sorted(params)}: {exc}") from exc
-
-    def inject(self, fault: Fault) -> Fault:
-        self._adopt(fault)
-        fault.inject()
-        return fault
-
-    def get(self, fault_id: str) -> Fault | None:
-        return self._faults.get(fault_id)
-
-    def undo(self, fault: Fault | str) -> None:
-        found = self._faults.get(fault) if isinstance(fault, str) else fault
-        if found is not None:
-            found.undo()
-
-    def active(self) -> list[Fault]:
-        return [f for f in self._faults.values() if f.active]
-
-    def __iter__(self) -> Iterator[Fault]:
-        return iter(list(self._faults.values()))
-
-    def heal(self) -> list[FaultError]:
-        """Undo every fault in force, newest first; a fault that fails is
-        tried again after the others (a paused container may have blocked
-        it). Returns what still failed; those stay in the journal."""
-        pending = [f for f in reversed(list(self._faults.values())) if f.active]
-        errors: list[FaultError] = []
-        for _attempt in range(2):
-            failed: list[Fault] = []
-            errors = []
-            for fault in pending:
-                try:
-                    fault.undo()
-                except FaultError as exc:
-                    failed.append(fault)
-                    errors.append(exc)
-            pending = failed
-            if not pending:
-                break
-        return errors
-
-    def __enter__(self) -> FaultRegistry:
-        return self
-
-    def __exit__(
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        runtime: DockerRuntime,
+        journal: Path | str | None = None,
+        *,
+        kinds: Mapping[str, type[DockerFault]] = FAULT_KINDS,
     ) -> None:
-        errors = self.heal()
-        if errors and exc is None:
-            raise FaultError("heal", RUNTIME, "; ".join(f"{e.fault}: {e.message}" for e in errors))
+        super().__init__(runtime, journal, kinds=kinds, runtime_name=RUNTIME)
 
 
 def heal_journal(journal: Path | str, runtime: DockerRuntime | None = None) -> list[FaultError]:
-    """Undo every fault a journal holds (``sipdrill lab down`` after a crash)."""
+    """Undo every fault a docker lab's journal holds (``sipdrill lab down`` after a crash)."""
     if not Path(journal).exists():
         return []
     if runtime is not None:
-        return FaultRegistry(runtime, journal).heal()
+        return DockerFaultRegistry(runtime, journal).heal()
     with DockerRuntime.from_env() as rt:
-        return FaultRegistry(rt, journal).heal()
-
-
-def journal_path(state_dir: Path | str) -> Path:
-    """Where a lab's docker faults are journalled: ``<state_dir>/faults.json``."""
-    return Path(state_dir) / "faults.json"
+        return DockerFaultRegistry(rt, journal).heal()

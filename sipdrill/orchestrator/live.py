@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
 from sipdrill.errors import OperationError
 from sipdrill.orchestrator.drill import AdminStep, FaultStep, WriteStep
 from sipdrill.orchestrator.engine import ClientCount
+from sipdrill.orchestrator.fault_model import parse_fault_request
 from sipdrill.orchestrator.plan import Role, ServiceSpec
 from sipdrill.orchestrator.repoint import repoint_changes
+from sipdrill.orchestrator.runtime import Runtime
 from sipdrill.topology import Topology
 
 #: Events read per request from a clients process.
@@ -30,14 +32,6 @@ CLIENT_MODES = {
     "SigningIn": "signing-in",
     "BackingOff": "backing-off",
 }
-
-
-class Runtime(Protocol):
-    """What both runtimes (local, docker) offer the drill engine."""
-
-    def inject(self, kind: str, target: str, **params: Any) -> dict[str, Any]: ...
-    def undo(self, fault_id: str) -> None: ...
-    def heal_all(self) -> None: ...
 
 
 class LiveLab:
@@ -112,7 +106,8 @@ class LiveLab:
 
     def inject(self, fault: FaultStep) -> str:
         params = fault.model_dump(exclude={"kind", "target", "id"}, exclude_none=True)
-        return str(self.runtime.inject(fault.kind, fault.target, **params)["id"])
+        request = parse_fault_request(fault.kind, fault.target, params, self.runtime.kind)
+        return self.runtime.apply(request)["id"]
 
     def undo(self, handle: str) -> None:
         self.runtime.undo(handle)

@@ -1,9 +1,12 @@
 """The local runtime: every role of the lab as a subprocess on its own
-127.77.k.x address, for machines without Docker and for fast tests.
+127.77.k.x address, for machines without Docker and for fast tests; one
+implementation of the :class:`~sipdrill.orchestrator.runtime.Runtime`
+protocol (the docker runtime is the other).
 
-State lives in ``<state_dir>/lab.json`` (pids, specs, active faults) and is
-written before any change takes effect, so ``lab down`` after a crash of the
-orchestrator still finds and heals everything it started.
+State lives in ``<state_dir>/lab.json`` (pids, specs) and the faults in
+force in ``<state_dir>/faults.json`` (:mod:`sipdrill.orchestrator.local_faults`),
+each written before any change takes effect, so ``lab down`` after a crash of
+the orchestrator still finds and heals everything it started.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +28,26 @@ import httpx
 
 from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError, OperationError
+from sipdrill.orchestrator.fault_model import (
+    DnsOutageMode,
+    FaultKind,
+    FaultRegistry,
+    FaultRequest,
+    journal_path,
+    parse_fault_request,
+)
+from sipdrill.orchestrator.local_faults import (
+    LOCAL_FAULT_KINDS,
+    LocalDnsOutage,
+    Processes,
+)
 from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
-
-#: Faults this runtime can inject, and how. Anything else is refused.
-LOCAL_FAULTS = {
-    "cut": "SIGSTOP the process: its sockets stay open but nothing answers (a silent drop)",
-    "crash": "SIGKILL the process; undo starts it again",
-    "restart": "SIGTERM then start again (no undo needed)",
-    "dns-outage": "the DNS server drops queries (or answers SERVFAIL) through its control API",
-}
+from sipdrill.orchestrator.runtime import InjectedFault
 
 Progress = Callable[[str], None]
+
+#: The kinds a site target takes (every process of the site, as one fault).
+SITE_FAULTS = (FaultKind.CUT, FaultKind.CRASH)
 
 #: Children started by this process, shared by every LocalRuntime object: a
 #: runtime object made after another one failed must still reap its children.
@@ -60,7 +72,6 @@ class LabState:
     runtime: str
     token: str
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
-    faults: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> LabState | None:
@@ -69,6 +80,7 @@ class LabState:
         except FileNotFoundError:
             return None
         procs = {k: ProcessRecord(**v) for k, v in raw.pop("processes", {}).items()}
+        raw.pop("faults", None)  # where older versions kept them (now faults.json)
         return cls(processes=procs, **raw)
 
     def save(self, path: Path) -> None:
@@ -109,6 +121,7 @@ class LocalRuntime:
         self.lab = lab
         self.state_dir = state_dir
         self.state_path = state_dir / "lab.json"
+        self.journal = journal_path(state_dir)
         self.progress = progress
 
     # --- state ------------------------------------------------------------
@@ -139,6 +152,7 @@ class LocalRuntime:
             )
         state = LabState(lab=self.lab, runtime=self.kind.value, token=secrets.token_urlsafe(24))
         state.save(self.state_path)
+        self.journal.unlink(missing_ok=True)  # a dead lab's: its processes are gone
         try:
             for spec in _ordered(specs):
                 self._start(state, spec)
@@ -218,6 +232,7 @@ class LocalRuntime:
                 stopped.append(name)
             elif record.pid is not None:
                 _reap(record.pid)  # it exited by itself: collect it
+        self.journal.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
         return stopped
 
@@ -249,87 +264,70 @@ class LocalRuntime:
                 )
         return rows
 
+    def live_specs(self, planned: Sequence[ServiceSpec]) -> list[ServiceSpec]:
+        """The plan as a drill reaches it: what ``up`` was given."""
+        return list(planned)
+
     # --- faults -----------------------------------------------------------
 
-    def inject(self, kind: str, target: str, **params: Any) -> dict[str, Any]:
-        """Inject a fault; it is journalled before it takes effect."""
-        if kind not in LOCAL_FAULTS:
-            raise FaultError(
-                kind,
-                "local",
-                f"not supported; the local runtime can do: "
-                f"{', '.join(LOCAL_FAULTS)} (use --runtime docker for network faults)",
-            )
-        state = self._state()
+    def _registry(self) -> FaultRegistry[Processes]:
+        return FaultRegistry(
+            self, self.journal, kinds=LOCAL_FAULT_KINDS, runtime_name=self.kind.value
+        )
+
+    def inject(self, kind: str, target: str, **params: Any) -> InjectedFault:
+        """Parse and inject a fault; it is journalled before it takes effect."""
+        return self.apply(parse_fault_request(kind, target, params, self.kind))
+
+    def apply(self, request: FaultRequest) -> InjectedFault:
+        """Inject a fault on a service, or (cut, crash) on every process of a
+        site, as one fault; it is journalled before it takes effect."""
+        kind, target = request.kind, request.target
+        processes = self._targets(self._state(), request)
+        cls = LOCAL_FAULT_KINDS[kind]
+        fault = (
+            LocalDnsOutage(self, processes, mode=request.mode)
+            if cls is LocalDnsOutage
+            else cls(self, processes)
+        )
+        registry = self._registry()
+        registry.inject(fault)
+        if kind is FaultKind.RESTART:
+            registry.undo(fault)  # it is over: nothing to undo, it leaves the journal
+        else:
+            self.progress(f"fault {kind} on {target} injected ({fault.id})")
+        return {"id": fault.id, "kind": kind, "target": target}
+
+    def _targets(self, state: LabState, request: FaultRequest) -> list[str]:
+        kind, target = request.kind, request.target
         members = [n for n, r in state.processes.items() if r.spec["network"] == target]
-        if target not in state.processes and members and kind in ("cut", "crash"):
-            # A site: the fault hits every process in it, one journal entry each.
-            faults = [self.inject(kind, name, **params) for name in members]
-            return {"id": ",".join(f["id"] for f in faults), "kind": kind, "target": target}
+        if target not in state.processes and members and kind in SITE_FAULTS:
+            return members  # a site: the fault hits every process in it
         if target not in state.processes:
             sites = sorted({r.spec["network"] for r in state.processes.values()} - {"core"})
             raise FaultError(
                 kind,
-                "local",
+                self.kind,
                 f"unknown target {target!r}; services: {', '.join(state.processes)}; "
-                f"sites (cut, crash): {', '.join(sites)}",
+                f"sites ({', '.join(SITE_FAULTS)}): {', '.join(sites)}",
             )
-        record = state.processes[target]
-        fault = {"id": secrets.token_hex(4), "kind": kind, "target": target, "params": params}
-        if kind == "restart":
-            self._restart(state, target)
-            return fault
-        state.faults.append(fault)
-        state.save(self.state_path)
-        if kind == "cut":
-            _signal(record.pid, signal.SIGSTOP)
-            record.stopped = True
-        elif kind == "crash":
-            _signal(record.pid, signal.SIGKILL)
-            if record.pid is not None:
-                _reap(record.pid)
-        elif kind == "dns-outage":
-            spec = spec_from_dict(record.spec)
-            if spec.role is not Role.DNS:
-                raise FaultError(kind, "local", f"{target} is not the DNS server")
-            mode = params.get("mode") or "drop"
-            if mode not in ("drop", "servfail"):
-                raise FaultError(kind, "local", f"mode must be drop or servfail, not {mode!r}")
-            self._dns_fault(spec, state.token, mode)
-        state.save(self.state_path)
-        self.progress(f"fault {kind} on {target} injected ({fault['id']})")
-        return fault
+        spec = spec_from_dict(state.processes[target].spec)
+        if kind is FaultKind.DNS_OUTAGE and spec.role is not Role.DNS:
+            raise FaultError(kind, self.kind, f"{target} is not the DNS server")
+        return [target]
 
     def undo(self, fault_id: str) -> None:
-        if "," in fault_id:  # a site fault: undo each member's
-            for part in fault_id.split(","):
-                self.undo(part)
-            return
-        state = self._state()
-        fault = next((f for f in state.faults if f["id"] == fault_id), None)
-        if fault is None:
-            return  # already healed: undo is idempotent
-        record = state.processes[fault["target"]]
-        if fault["kind"] == "cut":
-            if _alive(record.pid):
-                _signal(record.pid, signal.SIGCONT)
-            record.stopped = False
-        elif fault["kind"] == "crash":
-            if not _alive(record.pid):
-                self._start(state, spec_from_dict(record.spec))
-        elif fault["kind"] == "dns-outage" and _alive(record.pid):
-            self._dns_fault(spec_from_dict(record.spec), state.token, None)
-        state.faults = [f for f in state.faults if f["id"] != fault_id]
-        state.save(self.state_path)
-        self.progress(f"fault {fault['kind']} on {fault['target']} healed ({fault_id})")
+        """Undo a fault (idempotent: an unknown or healed id does nothing)."""
+        fault = self._registry().heal_one(fault_id)
+        if fault is not None:
+            self.progress(f"fault {fault.describe()} healed ({fault_id})")
 
     def heal_all(self) -> None:
         state = LabState.load(self.state_path)
         if state is None:
             return
-        for fault in list(reversed(state.faults)):
-            with contextlib.suppress(Exception):
-                self.undo(fault["id"])
+        with contextlib.suppress(Exception):
+            self._registry().heal()  # what it cannot undo stays in the journal
         # Belt and braces: nothing may stay stopped, whatever the journal says.
         state = self._state()
         for record in state.processes.values():
@@ -338,8 +336,41 @@ class LocalRuntime:
             record.stopped = False
         state.save(self.state_path)
 
-    def _restart(self, state: LabState, target: str) -> None:
-        record = state.processes[target]
+    # --- what the faults do to processes (local_faults.Processes) ----------
+
+    def alive(self, name: str) -> bool:
+        return _alive(self._state().processes[name].pid)
+
+    def suspend(self, name: str) -> None:
+        state = self._state()
+        record = state.processes[name]
+        _signal(record.pid, signal.SIGSTOP)
+        record.stopped = True
+        state.save(self.state_path)
+
+    def resume(self, name: str) -> None:
+        state = self._state()
+        record = state.processes[name]
+        if _alive(record.pid):
+            _signal(record.pid, signal.SIGCONT)
+        record.stopped = False
+        state.save(self.state_path)
+
+    def kill(self, name: str) -> None:
+        pid = self._state().processes[name].pid
+        _signal(pid, signal.SIGKILL)
+        if pid is not None:
+            _reap(pid)
+
+    def revive(self, name: str) -> None:
+        state = self._state()
+        record = state.processes[name]
+        if not _alive(record.pid):
+            self._start(state, spec_from_dict(record.spec))
+
+    def restart(self, name: str) -> None:
+        state = self._state()
+        record = state.processes[name]
         if _alive(record.pid):
             assert record.pid is not None
             _terminate(record.pid)
@@ -347,14 +378,19 @@ class LocalRuntime:
         self._start(state, spec)
         self._wait_healthy(spec, state.token, 60.0)
 
-    def _dns_fault(self, spec: ServiceSpec, token: str, mode: str | None) -> None:
-        with httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {token}"}) as http:
+    def dns_outage(self, name: str, mode: DnsOutageMode | None) -> None:
+        state = self._state()
+        spec = spec_from_dict(state.processes[name].spec)
+        headers = {"Authorization": f"Bearer {state.token}"}
+        with httpx.Client(timeout=5.0, headers=headers) as http:
             if mode is None:
                 r = http.delete(f"{spec.control_url}/faults")
             else:
                 r = http.put(f"{spec.control_url}/faults", json={mode: True})
             if r.status_code >= 300:
-                raise FaultError("dns-outage", "local", f"the DNS control API said {r.status_code}")
+                raise FaultError(
+                    FaultKind.DNS_OUTAGE, self.kind, f"the DNS control API said {r.status_code}"
+                )
 
 
 def _ordered(specs: list[ServiceSpec]) -> Iterator[ServiceSpec]:

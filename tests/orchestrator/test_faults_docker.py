@@ -32,8 +32,8 @@ from sipdrill.orchestrator.faults import (
     Cut,
     Degrade,
     Disconnect,
+    DockerFaultRegistry,
     FaultJournal,
-    FaultRegistry,
     Partition,
     Pause,
     Restart,
@@ -67,8 +67,8 @@ def lab() -> Iterator[ProbeLab]:
 
 
 @pytest.fixture
-def faults(lab: ProbeLab, tmp_path: Path) -> Iterator[FaultRegistry]:
-    registry = FaultRegistry(lab.runtime, tmp_path / "faults.json")
+def faults(lab: ProbeLab, tmp_path: Path) -> Iterator[DockerFaultRegistry]:
+    registry = DockerFaultRegistry(lab.runtime, tmp_path / "faults.json")
     yield registry
     assert registry.heal() == []
     assert FaultJournal(tmp_path / "faults.json").records() == []
@@ -127,7 +127,7 @@ def test_every_container_reaches_every_other_before_any_fault(lab: ProbeLab) -> 
     ("target", "method"), [("b", "exec"), pytest.param("c", "nsenter", marks=needs_root)]
 )
 def test_cut_drops_silently_both_ways_and_undo_restores(
-    lab: ProbeLab, faults: FaultRegistry, target: str, method: str
+    lab: ProbeLab, faults: DockerFaultRegistry, target: str, method: str
 ) -> None:
     name = lab.container(target)
     cut = faults.inject(Cut(lab.runtime, [name]))
@@ -153,7 +153,7 @@ def test_cut_drops_silently_both_ways_and_undo_restores(
 
 
 def test_cut_with_iptables_egress_tells_the_cut_container_eperm(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     cut = faults.inject(Cut(lab.runtime, [lab.container("b")], egress="iptables"))
     away = lab.probe("b", "a", tcp=False)
@@ -164,7 +164,7 @@ def test_cut_with_iptables_egress_tells_the_cut_container_eperm(
 
 
 def test_partition_separates_two_groups_that_both_stay_up(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     a, b = lab.container("a"), lab.container("b")
     part = faults.inject(Partition(lab.runtime, [a], [b]))
@@ -179,7 +179,9 @@ def test_partition_separates_two_groups_that_both_stay_up(
     assert lab.probe("b", "a").reachable
 
 
-def test_degrade_adds_latency_and_jitter_then_goes(lab: ProbeLab, faults: FaultRegistry) -> None:
+def test_degrade_adds_latency_and_jitter_then_goes(
+    lab: ProbeLab, faults: DockerFaultRegistry
+) -> None:
     name = lab.container("b")
     assert max(lab.probe("a", "b", count=3, tcp=False).rtt_ms) < 50
     slow = faults.inject(Degrade(lab.runtime, [name], delay_ms=150, jitter_ms=30, seed=1))
@@ -197,7 +199,7 @@ def test_degrade_adds_latency_and_jitter_then_goes(lab: ProbeLab, faults: FaultR
 
 @needs_root
 def test_degrade_from_the_host_for_a_container_without_net_admin(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     name = lab.container("c")
     slow = faults.inject(Degrade(lab.runtime, [name], delay_ms=100))
@@ -211,7 +213,7 @@ def test_degrade_from_the_host_for_a_container_without_net_admin(
     assert max(lab.probe("a", "c", count=3, tcp=False).rtt_ms) < 50
 
 
-def test_degrade_loss_drops_silently(lab: ProbeLab, faults: FaultRegistry) -> None:
+def test_degrade_loss_drops_silently(lab: ProbeLab, faults: DockerFaultRegistry) -> None:
     name = lab.container("b")
     lossy = faults.inject(Degrade(lab.runtime, [name], loss_percent=100))
     assert lab.probe("a", "b", count=3, tcp=False).udp_ok == 0  # the replies are lost
@@ -228,7 +230,7 @@ def test_degrade_loss_drops_silently(lab: ProbeLab, faults: FaultRegistry) -> No
 
 
 def test_a_second_degrade_is_refused_and_the_first_stays(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     name = lab.container("b")
     first = faults.inject(Degrade(lab.runtime, [name], delay_ms=100))
@@ -242,7 +244,7 @@ def test_a_second_degrade_is_refused_and_the_first_stays(
 
 
 def test_degrade_with_netem_works_or_says_the_kernel_lacks_it(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     fault = Degrade(lab.runtime, [lab.container("b")], delay_ms=100, method="netem")
     try:
@@ -259,7 +261,7 @@ def test_degrade_with_netem_works_or_says_the_kernel_lacks_it(
 
 
 def test_disconnect_then_reconnect_with_the_same_address_and_alias(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     name = lab.container("b")
     gone = faults.inject(Disconnect(lab.runtime, [name], network=lab.network))
@@ -279,7 +281,7 @@ def test_disconnect_then_reconnect_with_the_same_address_and_alias(
 
 
 def test_pause_freezes_the_container_but_the_kernel_still_accepts(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     name = lab.container("b")
     frozen = faults.inject(Pause(lab.runtime, [name]))
@@ -294,7 +296,7 @@ def test_pause_freezes_the_container_but_the_kernel_still_accepts(
 
 @pytest.mark.parametrize("kind", [Crash, Stop])
 def test_crash_and_stop_are_undone_by_starting_again(
-    lab: ProbeLab, faults: FaultRegistry, kind: type[Crash] | type[Stop]
+    lab: ProbeLab, faults: DockerFaultRegistry, kind: type[Crash] | type[Stop]
 ) -> None:
     name = lab.container("b")
     down = faults.inject(kind(lab.runtime, [name]))
@@ -308,7 +310,7 @@ def test_crash_and_stop_are_undone_by_starting_again(
 
 
 def test_a_restart_takes_network_faults_with_the_old_namespace(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     name = lab.container("b")
     cut = faults.inject(Cut(lab.runtime, [name]))
@@ -321,7 +323,7 @@ def test_a_restart_takes_network_faults_with_the_old_namespace(
 
 
 def test_what_the_runtime_cannot_do_raises_fault_error(
-    lab: ProbeLab, faults: FaultRegistry
+    lab: ProbeLab, faults: DockerFaultRegistry
 ) -> None:
     with pytest.raises(FaultError) as info:
         faults.create("dns-outage", [lab.container("b")])
@@ -348,9 +350,9 @@ def test_a_crashed_orchestrator_is_healed_from_its_journal(lab: ProbeLab, tmp_pa
         f"""
         import os
         from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
-        from sipdrill.orchestrator.faults import Cut, Degrade, FaultRegistry, Pause
+        from sipdrill.orchestrator.faults import Cut, Degrade, DockerFaultRegistry, Pause
         rt = DockerRuntime.from_env()
-        registry = FaultRegistry(rt, {str(journal)!r})
+        registry = DockerFaultRegistry(rt, {str(journal)!r})
         registry.inject(Cut(rt, [{b!r}]))
         registry.inject(Degrade(rt, [{degraded!r}], delay_ms=200))
         registry.inject(Pause(rt, [{a!r}]))
@@ -388,7 +390,7 @@ def test_a_lab_is_removed_when_the_block_raises() -> None:
 INNER_TEST = """
 import pytest
 from docker_labkit import ProbeLab
-from sipdrill.orchestrator.faults import Cut, FaultRegistry
+from sipdrill.orchestrator.faults import Cut, DockerFaultRegistry
 
 
 @pytest.fixture
@@ -398,7 +400,7 @@ def lab():
 
 
 def test_fails_on_purpose(lab, tmp_path):
-    registry = FaultRegistry(lab.runtime, tmp_path / "faults.json")
+    registry = DockerFaultRegistry(lab.runtime, tmp_path / "faults.json")
     registry.inject(Cut(lab.runtime, [lab.container("x")]))
     assert lab.runtime.labs(lab.name) == {lab.name}
     print("made", lab.name)

@@ -20,8 +20,8 @@ from sipdrill.orchestrator.faults import (
     Cut,
     Degrade,
     Disconnect,
+    DockerFaultRegistry,
     FaultJournal,
-    FaultRegistry,
     Partition,
     heal_journal,
     journal_path,
@@ -81,7 +81,7 @@ def test_the_kinds_are_the_drill_files_names() -> None:
 def test_impossible_faults_raise_fault_error(
     kind: str, params: dict[str, Any], message: str
 ) -> None:
-    registry = FaultRegistry(_runtime())
+    registry = DockerFaultRegistry(_runtime())
     with pytest.raises(FaultError, match=message) as info:
         registry.create(kind, ["x"], **params)
     assert info.value.runtime == "docker"
@@ -132,7 +132,7 @@ def test_the_journal_holds_what_is_in_force(tmp_path: Path) -> None:
 def test_a_registry_takes_over_a_journal_and_heals_it(tmp_path: Path) -> None:
     path = tmp_path / "faults.json"
     rt = _runtime()
-    first = FaultRegistry(rt, path)
+    first = DockerFaultRegistry(rt, path)
     for fault in (
         Crash(rt, ["pool1"]),
         Disconnect(rt, ["pool1"]),
@@ -155,7 +155,7 @@ def test_a_registry_takes_over_a_journal_and_heals_it(tmp_path: Path) -> None:
         fault.save()
     # A new process (after a crash) finds them, and heals them although every
     # container is gone: the host-side delayer is still stopped.
-    second = FaultRegistry(rt, path)
+    second = DockerFaultRegistry(rt, path)
     assert [f.kind for f in second.active()] == ["crash", "disconnect", "degrade"]
     assert second.heal() == []
     assert rt.killed == ("nsenter", "pool2", 4242, "sipdrill-0-dg")
@@ -167,7 +167,7 @@ def test_a_journal_with_an_unknown_kind_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "faults.json"
     path.write_text(json.dumps({"faults": [{"id": "00000000", "kind": "flood", "params": {}}]}))
     with pytest.raises(FaultError, match="unknown kind"):
-        FaultRegistry(_runtime(), path)
+        DockerFaultRegistry(_runtime(), path)
 
 
 def test_undo_before_inject_does_nothing() -> None:
