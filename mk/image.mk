@@ -7,7 +7,8 @@ BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE ?= sipdrill-base:bookworm
 
 .PHONY: image image-clean
-image:
+# PYTHON (the Makefile's .venv) builds the wheelhouse: it must exist first.
+image: | $(VENV)/bin/python
 	PYTHON=$(PYTHON) IMAGE=$(SIPDRILL_IMAGE) BASE_IMAGE=$(BASE_IMAGE) LOCAL_BASE_IMAGE=$(LOCAL_BASE_IMAGE) \
 		bash scripts/build-image.sh
 
