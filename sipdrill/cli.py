@@ -7,7 +7,10 @@ never means editing another part's code.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 from sipdrill import __version__
 from sipdrill.admin.cli import admin_app
@@ -18,6 +21,19 @@ from sipdrill.orchestrator import cli as orchestrator_cli
 from sipdrill.pool.cli import serve_pool
 from sipdrill.sip import cli as sip_cli
 from sipdrill.topology_cli import app as topology_app
+
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_takes_no_value(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value, so its help shows no type (typer 0.29 prints
+    ``<bool>`` beside every flag, --help included, as if it wanted one)."""
+    if self.is_flag and self.metavar is None:
+        return None
+    return _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_takes_no_value  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="sipdrill",

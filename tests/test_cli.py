@@ -22,14 +22,21 @@ def _all_command_paths() -> list[list[str]]:
     root = typer.main.get_command(app)
     paths: list[list[str]] = [[]]
 
+    # Duck-typed: typer 0.29 carries its own copy of click, whose Group is not click.Group.
     def walk(cmd: click.Command, prefix: list[str]) -> None:
-        if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
-                paths.append([*prefix, name])
-                walk(sub, [*prefix, name])
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            paths.append([*prefix, name])
+            walk(sub, [*prefix, name])
 
     walk(root, [])
     return paths
+
+
+def _command(path: list[str]) -> click.Command:
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    return cmd
 
 
 @pytest.mark.parametrize("path", _all_command_paths(), ids=lambda p: " ".join(p) or "sipdrill")
@@ -37,6 +44,18 @@ def test_help_everywhere(path: list[str]) -> None:
     result = runner.invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+    assert "<bool>" not in result.output  # a flag takes no value
+    undocumented = [
+        p.opts[0]
+        for p in _command(path).params
+        if getattr(p, "param_type_name", "") == "option" and not getattr(p, "help", None)
+    ]
+    assert undocumented == [], f"options without help: {undocumented}"
+
+
+def test_every_command_is_walked() -> None:
+    paths = {" ".join(p) for p in _all_command_paths()}
+    assert {"drill run", "drill sweep", "lab fault", "serve clients", "admin pool"} <= paths
 
 
 def test_validate_ok() -> None:

@@ -40,16 +40,21 @@ def serve_backup(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token for every control API."
     ),
     control: str | None = typer.Option(
-        None, "--control",
+        None,
+        "--control",
         help="HOST:PORT to serve the control API on (default: the pool's first front end "
         "+ 100, port 8080).",
     ),
     pool_url: list[str] | None = POOL_URL_OPTION,
     page_size: int = typer.Option(
-        5000, "--page-size", min=1, max=10000, help="Changes per read and per apply.",
+        5000,
+        "--page-size",
+        min=1,
+        max=10000,
+        help="Changes per read and per apply.",
         hidden=True,
     ),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run a pool's Backup Service: replicate its user data to the paired pool
     every sync interval, and serve /status and /sync."""
@@ -84,8 +89,16 @@ def serve_backup(
             )
 
         await run_backup_process(
-            topo, fqdn, state_dir, listen=listen, token=token, loopback=loopback,
-            pool_urls=urls, stop=stop, ready=ready, page_size=page_size,
+            topo,
+            fqdn,
+            state_dir,
+            listen=listen,
+            token=token,
+            loopback=loopback,
+            pool_urls=urls,
+            stop=stop,
+            ready=ready,
+            page_size=page_size,
         )
 
     try:

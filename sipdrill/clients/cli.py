@@ -152,7 +152,7 @@ def serve_clients(
     tls_max: str = typer.Option(
         "1.2", "--tls-max", help="Highest TLS version: 1.2 (Lync 2013 era; less memory) or 1.3."
     ),
-    log_level: str = typer.Option("warning", "--log-level"),
+    log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Simulate the topology's users as Lync 2013 clients: discover, register, keep alive,
     fail over, and record every state change."""

@@ -22,7 +22,9 @@ def serve_dns(
         ..., "--topology", "-t", exists=True, dir_okay=False, help="The topology YAML file."
     ),
     listen: list[str] | None = typer.Option(
-        None, "--listen", "-l",
+        None,
+        "--listen",
+        "-l",
         help="host:port to answer on over UDP and TCP; repeatable. Default 127.0.0.1:5353 "
         "(use port 53 in containers).",
     ),
@@ -30,11 +32,14 @@ def serve_dns(
         None, "--control", help="host:port of the HTTP control API, e.g. 127.0.0.1:8053."
     ),
     token: str | None = typer.Option(
-        None, "--token", envvar="SIPDRILL_DNS_TOKEN",
+        None,
+        "--token",
+        envvar="SIPDRILL_DNS_TOKEN",
         help="Bearer token for the control API (required when it is not on loopback).",
     ),
     tsig_key: list[str] | None = typer.Option(
-        None, "--tsig-key",
+        None,
+        "--tsig-key",
         help="TSIG key allowed to UPDATE the zone: [hmac-sha256:]name:base64secret; repeatable.",
     ),
     loopback: bool = typer.Option(
@@ -44,7 +49,7 @@ def serve_dns(
         None, "--client-view", help="NETWORK=VIEW: queries from NETWORK get VIEW; repeatable."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Disable the answer cache."),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve the topology's zone: authoritative, UDP and TCP, with live changes
     (control API, RFC 2136 UPDATE with TSIG) and fault hooks."""

@@ -100,7 +100,9 @@ def lab_up(
     topology: Path = typer.Argument(..., help="The topology YAML file."),
     runtime: RuntimeKind = RUNTIME_OPT,
     clients: int = typer.Option(0, "--clients", min=0, help="Simulated endpoints to start."),
-    clients_processes: int = typer.Option(1, "--clients-processes", min=1),
+    clients_processes: int = typer.Option(
+        1, "--clients-processes", min=1, help="Clients processes the clients are spread over."
+    ),
     state_dir: Path = STATE_OPT,
     timeout: float = typer.Option(90.0, "--timeout", help="Seconds to wait for each service."),
 ) -> None:

@@ -37,7 +37,7 @@ def serve_pool(
     token: str | None = typer.Option(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token of the control API."
     ),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run a Front End pool: registrar (home and backup), presence, IM and
     conferences on SIP TLS 5061 / TCP+UDP 5060, and the control API."""
@@ -70,6 +70,5 @@ async def _run(service: PoolService) -> None:
         # tune_gc, and "Garbage-collector thresholds in servers" in docs/decisions.md).
         tune_gc()
         sip = ", ".join(f"{k}:{h}:{p}" for k, (h, p) in service.sip_addresses)
-        print(f"sipdrill pool {service.fqdn}: sip {sip}, control {service.control_url}",
-              flush=True)
+        print(f"sipdrill pool {service.fqdn}: sip {sip}, control {service.control_url}", flush=True)
         await stop.wait()

@@ -306,13 +306,19 @@ def registrar(
         help="Worker processes: UDP requests are shared out by AoR (one location service "
         "per AoR), TCP/TLS connections with SO_REUSEPORT.",
     ),
-    expires_default: int = typer.Option(600, "--expires-default"),
-    expires_min: int = typer.Option(300, "--expires-min"),
-    expires_max: int = typer.Option(900, "--expires-max"),
+    expires_default: int = typer.Option(
+        600, "--expires-default", help="Expires granted when a REGISTER asks for none (s)."
+    ),
+    expires_min: int = typer.Option(
+        300, "--expires-min", help="Shorter requests get 423 with this Min-Expires (s)."
+    ),
+    expires_max: int = typer.Option(
+        900, "--expires-max", help="Longer requests are cut to this (s)."
+    ),
     event_loop: str = typer.Option(
         "asyncio", "--loop", help="asyncio, or uvloop if installed (optional)."
     ),
-    log_level: str = typer.Option("warning", "--log-level"),
+    log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the generic RFC 3261 registrar on UDP/TCP/TLS until SIGINT/SIGTERM."""
     logging.basicConfig(
