@@ -158,13 +158,42 @@ def lab_compose(
     typer.echo(text, nl=False)
 
 
+def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
+    """The lab a command means: a name, a topology file (its `name:`), or, when
+    none is given, the only lab of this runtime with its state in ``state_dir``."""
+    if given is not None:
+        if given.endswith((".yaml", ".yml")) or Path(given).is_file():
+            return load_or_exit(Path(given)).topology.name
+        return given
+    state_file = "lab.json" if runtime is RuntimeKind.LOCAL else "docker-lab.json"
+    labs = sorted(d.name for d in state_dir.glob("*") if (d / state_file).is_file())
+    if len(labs) == 1:
+        return labs[0]
+    if not labs:
+        raise _fail(
+            f"no {runtime.value} lab has its state in {state_dir}: name one "
+            f"(or its topology file), or start one with `sipdrill lab up TOPOLOGY`"
+            + ("" if runtime is RuntimeKind.DOCKER else " (a docker lab? add --runtime docker)")
+        )
+    raise _fail(f"{len(labs)} labs in {state_dir} ({', '.join(labs)}): name the one you mean")
+
+
+LAB_ARG = typer.Argument(
+    None,
+    help="The lab: its name (the topology's `name:`) or its topology file; "
+    "default: the only lab running from --state-dir.",
+    show_default=False,
+)
+
+
 @lab_app.command("down")
 def lab_down(
-    name: str = typer.Argument(..., help="The lab's name (the topology's `name:`)."),
+    name: str | None = LAB_ARG,
     runtime: RuntimeKind = RUNTIME_OPT,
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Heal every fault and stop everything the lab started."""
+    name = _lab_name(name, state_dir, runtime)
     try:
         stopped = _runtime(runtime, name, state_dir).down()
     except OperationError as exc:
@@ -174,11 +203,12 @@ def lab_down(
 
 @lab_app.command("status")
 def lab_status(
-    name: str = typer.Argument(..., help="The lab's name."),
+    name: str | None = LAB_ARG,
     runtime: RuntimeKind = RUNTIME_OPT,
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Show each service: role, address, health."""
+    name = _lab_name(name, state_dir, runtime)
     try:
         rows = _runtime(runtime, name, state_dir).status()
     except OperationError as exc:
@@ -205,7 +235,9 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
 
 @lab_app.command("fault")
 def lab_fault(
-    name: str = typer.Argument(..., help="The lab's name."),
+    name: str = typer.Argument(
+        ..., help="The lab: its name (the topology's `name:`) or its topology file."
+    ),
     kind: str = typer.Argument(
         ...,
         help=f"local runtime: {', '.join(RUNTIME_FAULTS[RuntimeKind.LOCAL])}; "
@@ -229,6 +261,7 @@ def lab_fault(
         "loss_percent": loss_percent,
     }
     params = {k: v for k, v in given.items() if v is not None}
+    name = _lab_name(name, state_dir, runtime)
     try:
         request = parse_fault_request(kind, target, params, runtime)
         fault = _runtime(runtime, name, state_dir).apply(request)
@@ -239,11 +272,12 @@ def lab_fault(
 
 @lab_app.command("heal")
 def lab_heal(
-    name: str = typer.Argument(..., help="The lab's name."),
+    name: str | None = LAB_ARG,
     runtime: RuntimeKind = RUNTIME_OPT,
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Undo every fault of the lab."""
+    name = _lab_name(name, state_dir, runtime)
     try:
         _runtime(runtime, name, state_dir).heal_all()
     except (FaultError, OperationError) as exc:

@@ -311,6 +311,9 @@ class DockerLab:
             removed = rt.remove_lab(self.lab)
         self.journal.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
+        # The generated compose file and the log of `up` belong to the lab that is gone.
+        for leftover in ("compose.yaml", "compose-up.log"):
+            (self.state_dir / leftover).unlink(missing_ok=True)
         if any(removed.values()):
             self.progress(
                 f"removed {len(removed['containers'])} container(s), "

@@ -79,12 +79,24 @@ class LabState:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        procs = {k: ProcessRecord(**v) for k, v in raw.pop("processes", {}).items()}
-        raw.pop("faults", None)  # where older versions kept them (now faults.json)
-        return cls(processes=procs, **raw)
+        except (OSError, ValueError) as exc:
+            raise OperationError(
+                "bad-lab-state", f"{path}: unreadable lab state ({exc}); {_STATE_FIX}", 409
+            ) from None
+        try:
+            procs = {k: ProcessRecord(**v) for k, v in raw.pop("processes", {}).items()}
+            raw.pop("faults", None)  # where older versions kept them (now faults.json)
+            return cls(processes=procs, **raw)
+        except (TypeError, AttributeError) as exc:
+            raise OperationError(
+                "bad-lab-state", f"{path}: not a lab state ({exc}); {_STATE_FIX}", 409
+            ) from None
 
     def save(self, path: Path) -> None:
         write_atomically(path, json.dumps(asdict(self), indent=2).encode(), mode=0o644)
+
+
+_STATE_FIX = "stop any process it started by hand (see its logs/ folder), then remove the file"
 
 
 def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
