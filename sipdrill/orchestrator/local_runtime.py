@@ -165,6 +165,10 @@ class LocalRuntime:
         state = LabState(lab=self.lab, runtime=self.kind.value, token=secrets.token_urlsafe(24))
         state.save(self.state_path)
         self.journal.unlink(missing_ok=True)  # a dead lab's: its processes are gone
+        # One run's logs: the previous run's are kept once, as *.log.1 (a restart
+        # fault appends to the running lab's log; only a new lab starts anew).
+        for log in (self.state_dir / "logs").glob("*.log"):
+            log.replace(log.with_name(log.name + ".1"))
         try:
             for spec in _ordered(specs):
                 self._start(state, spec)

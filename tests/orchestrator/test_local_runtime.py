@@ -74,6 +74,15 @@ def test_up_fault_undo_down(lab: LocalRuntime, tmp_path: Path) -> None:
     assert lab.down() == []  # idempotent
     assert lab.status() == []
 
+    # A new run starts its logs anew and keeps the last run's once.
+    log = lab.state_dir / "logs" / "dns.log"
+    first_run = log.read_bytes()
+    assert first_run
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    lab.down()
+    assert (lab.state_dir / "logs" / "dns.log.1").read_bytes() == first_run
+    assert first_run not in log.read_bytes()  # this run alone
+
 
 def test_heal_all_after_orchestrator_loss(tmp_path: Path) -> None:
     """A second runtime object (a new orchestrator after a crash) heals and stops
