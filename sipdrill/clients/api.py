@@ -11,7 +11,7 @@
 ``GET /events.jsonl``      the same events as their JSON lines (``after``,
                            ``limit``), for an orchestrator to ingest; headers
                            ``X-First-Seq`` (oldest kept) and ``X-Latest-Seq``
-``GET /metrics``           Prometheus: endpoints by mode and pool,
+``GET /metrics``           Prometheus (no token needed, as /health): endpoints by mode and pool,
                            registrations, failovers, time to reconnect...
 =========================  =====================================================
 """
@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from sipdrill.clients.runner import ClientRunner
+from sipdrill.control.auth import bearer_auth
 
 __all__ = ["Counts", "EventsPage", "Health", "RunState", "create_app"]
 
@@ -69,11 +70,15 @@ class EventsPage(BaseModel):
     latest: int
 
 
-def create_app(runner: ClientRunner) -> FastAPI:
+def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
+    """The API; with ``token``, everything but /health and /metrics needs
+    ``Authorization: Bearer <token>`` (an anonymous POST /stop would sign
+    every user out)."""
     app = FastAPI(
         title="sipdrill clients",
         description="Simulated Lync 2013 clients: counts, events, start/stop, metrics.",
     )
+    auth = [bearer_auth(token)]
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
@@ -88,21 +93,21 @@ def create_app(runner: ClientRunner) -> FastAPI:
             started_at=runner.started_at,
         )
 
-    @app.get("/counts", response_model=Counts)
+    @app.get("/counts", response_model=Counts, dependencies=auth)
     def counts() -> Counts:
         return Counts(running=runner.running, **runner.counts())
 
-    @app.post("/start", response_model=RunState)
+    @app.post("/start", response_model=RunState, dependencies=auth)
     def start() -> RunState:
         runner.start()
         return RunState(running=True, message=f"signing in {len(runner.endpoints)} endpoints")
 
-    @app.post("/stop", response_model=RunState)
+    @app.post("/stop", response_model=RunState, dependencies=auth)
     async def stop() -> RunState:
         await runner.stop()
         return RunState(running=False, message="every endpoint signed out")
 
-    @app.get("/events", response_model=EventsPage)
+    @app.get("/events", response_model=EventsPage, dependencies=auth)
     def events(
         since: float | None = Query(None, description="Wall-clock seconds (Unix time)."),
         after: int | None = Query(None, ge=0, description="Only events with a larger seq."),
@@ -117,7 +122,7 @@ def create_app(runner: ClientRunner) -> FastAPI:
             latest=runner.events.seq,
         )
 
-    @app.get("/events.jsonl")
+    @app.get("/events.jsonl", dependencies=auth)
     def events_jsonl(
         after: int = Query(0, ge=0, description="Only events with a larger seq."),
         limit: int = Query(10_000, ge=1, le=100_000),

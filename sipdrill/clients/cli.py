@@ -39,6 +39,7 @@ from sipdrill.clients.population import (
 from sipdrill.clients.resolver import parse_nameserver
 from sipdrill.clients.runner import ClientRunner, RunnerConfig
 from sipdrill.control.server import AppServer, bind_tcp
+from sipdrill.control.settings import token_from_env
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
 from sipdrill.sip.transport import Kind, TransportLimits
 
@@ -260,7 +261,7 @@ async def _serve(plan: _Plan) -> int:
                 typer.echo(f"sipdrill serve clients: --control {host}:{port}: {exc}", err=True)
                 return 1
             port = sock.getsockname()[1]
-            server = AppServer(create_app(runner), sock)
+            server = AppServer(create_app(runner, token_from_env()), sock)
             try:
                 await server.start(lambda: RuntimeError("the control API did not start"))
             except Exception as exc:

@@ -256,7 +256,7 @@ def _compile(cls: type[ClientEvent]) -> Callable[[ClientEvent, int | None], str]
     head = '{"event":' + _STR(cls.KIND)
     terms = []
     for f in fields(cls):
-        terms.append(f"{','+_STR(f.name)+':'!r} + _json(e.{f.name})")
+        terms.append(f"{',' + _STR(f.name) + ':'!r} + _json(e.{f.name})")
     source = (
         "def encode(e, seq):\n"
         f"    head = {head!r} if seq is None else {head!r} + ',\"seq\":' + int.__repr__(seq)\n"

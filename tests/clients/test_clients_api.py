@@ -153,3 +153,27 @@ async def _get_json_text(url: str) -> str:
     async with httpx.AsyncClient() as client:
         response = await client.get(url, timeout=2)
         return response.text
+
+
+async def test_with_a_token_only_health_and_metrics_are_open(lab: Lab) -> None:
+    runner = runner_for(lab, ["pool1.lab.local:*"])
+    async with runner:
+        app = create_app(runner, token="s3cret")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://clients") as api:
+            assert (await api.get("/health")).status_code == 200
+            assert (await api.get("/metrics")).status_code == 200
+            for method, path in [
+                ("POST", "/stop"),
+                ("POST", "/start"),
+                ("GET", "/counts"),
+                ("GET", "/events"),
+                ("GET", "/events.jsonl"),
+            ]:
+                anonymous = await api.request(method, path)
+                assert anonymous.status_code == 401, path
+                assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+                wrong = await api.request(method, path, headers={"Authorization": "Bearer x"})
+                assert wrong.status_code == 401, path
+            ok = await api.get("/counts", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and ok.json()["running"] is False

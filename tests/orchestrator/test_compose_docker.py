@@ -115,7 +115,8 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 
 def _replica_counts(lab: ComposeLab) -> dict[str, dict[str, Any]]:
     out = {}
-    with httpx.Client(timeout=3.0) as http:
+    # The clients' API wants the lab's token, as every control API does (`lab` here).
+    with httpx.Client(timeout=3.0, headers={"Authorization": "Bearer lab"}) as http:
         for name, attrs in lab.containers().items():
             if attrs["Config"]["Labels"].get("sipdrill.service") != "clients":
                 continue
