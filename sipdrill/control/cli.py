@@ -19,7 +19,9 @@ LOOPBACK_OPTION = typer.Option(
     False, "--loopback", help="Use the topology's 127.x stand-in addresses (local runtime)."
 )
 POOL_URL_OPTION = typer.Option(
-    None, "--pool-url", help="FQDN=URL: reach this pool's control API here; repeatable.",
+    None,
+    "--pool-url",
+    help="FQDN=URL: reach this pool's control API here; repeatable.",
     hidden=True,
 )
 

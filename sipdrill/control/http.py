@@ -36,17 +36,16 @@ def error_from(response: httpx.Response, what: str) -> OperationError:
         body = None
     if isinstance(body, dict):
         if isinstance(body.get("code"), str):
-            return OperationError(
-                body["code"], str(body.get("message", "")), response.status_code
-            )
+            return OperationError(body["code"], str(body.get("message", "")), response.status_code)
         detail = body.get("detail")
         if isinstance(detail, dict) and isinstance(detail.get("code"), str):
             return OperationError(
                 detail["code"], str(detail.get("message", "")), response.status_code
             )
         if detail is not None:
-            return OperationError(f"http-{response.status_code}", f"{what}: {detail}",
-                                  response.status_code)
+            return OperationError(
+                f"http-{response.status_code}", f"{what}: {detail}", response.status_code
+            )
     text = response.text[:200]
     return OperationError(f"http-{response.status_code}", f"{what}: {text}", response.status_code)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from sipdrill.control.limits import MAX_BODY, BodyLimit
+
 
 class QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: the owner of the loop decides when to stop."""
@@ -38,13 +40,18 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 class AppServer:
-    """``app`` served on a bound socket by uvicorn, as a task of the running loop."""
+    """``app`` served on a bound socket by uvicorn, as a task of the running loop,
+    with request bodies limited to ``max_body`` bytes (413 beyond)."""
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
+    def __init__(self, app: Any, sock: socket.socket, max_body: int = MAX_BODY) -> None:
         self.sock = sock
         self.server = QuietServer(
             uvicorn.Config(
-                app, lifespan="off", log_config=None, log_level="warning", access_log=False
+                BodyLimit(app, max_body),
+                lifespan="off",
+                log_config=None,
+                log_level="warning",
+                access_log=False,
             )
         )
         self.task: asyncio.Task[None] | None = None

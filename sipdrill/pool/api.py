@@ -118,6 +118,9 @@ def _error(code: str, message: str, status: int) -> JSONResponse:
 
 def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None) -> FastAPI:
     app = FastAPI(title=f"sipdrill pool {pool.fqdn}", version="1")
+    # Above the 1 MiB every other request gets: a replication batch and a user
+    # import grow with the pool (10,000 users and their contact lists).
+    app.state.body_limits = {"/replication/apply": 64 << 20, "/admin/users/import": 256 << 20}
     auth = [bearer_auth(pool.token)]
     api = APIRouter(dependencies=auth)
 

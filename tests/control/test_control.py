@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from sipdrill.control.auth import bearer_auth
 from sipdrill.control.files import write_atomically
@@ -122,3 +122,44 @@ async def test_control_client_unreachable_and_refusals() -> None:
     refused = answer(409, {"code": "read-only", "message": "no"})
     assert (refused.code, refused.message, refused.http_status) == ("read-only", "no", 409)
     assert answer(401, {"detail": "a valid bearer token is required"}).code == "http-401"
+
+
+async def test_bodies_over_the_limit_get_413_and_are_not_echoed() -> None:
+    app = FastAPI()
+    seen: list[int] = []
+
+    @app.post("/changes")
+    async def changes(request: Request) -> dict[str, int]:
+        body = await request.body()
+        seen.append(len(body))
+        return {"bytes": len(body)}
+
+    sock = bind_tcp("127.0.0.1", 0)
+    host, port = sock.getsockname()
+    server = AppServer(app, sock, max_body=1000)
+    await server.start(lambda: RuntimeError("did not start"))
+    url = f"http://{host}:{port}/changes"
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(url, content=b"x" * 1000)).json() == {"bytes": 1000}
+            big = await http.post(url, content=b"SECRET" * 1000)  # Content-Length declared
+            assert big.status_code == 413 and big.json()["code"] == "too-large"
+            assert "SECRET" not in big.text
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                for _ in range(50):
+                    yield b"SECRET" * 100
+
+            # No Content-Length: refused as soon as it goes over; the server may close
+            # the connection while the client still sends (then the client sees it cut).
+            try:
+                chunked = await http.post(url, content=chunks())
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                pass
+            else:
+                assert chunked.status_code == 413 and "SECRET" not in chunked.text
+            app.state.body_limits = {"/changes": 10_000}  # an app may allow more on a path
+            assert (await http.post(url, content=b"x" * 9000)).json() == {"bytes": 9000}
+        assert seen == [1000, 9000]  # the handler never saw an oversized body
+    finally:
+        await server.stop()
