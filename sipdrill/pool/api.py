@@ -201,7 +201,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     @api.get("/registrations")
     async def registrations(mode: Literal["full", "resiliency"] | None = None) -> dict[str, str]:
         return {
-            aor: m.value for aor, m in sorted(pool.sip.modes.items())
+            aor: m.value for aor, m in sorted(pool.sip.registrations.modes.items())
             if mode is None or m.value == mode
         }
 
@@ -215,7 +215,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
                 "adhoc": conf.adhoc,
                 "participants": sorted(p.aor for p in conf.participants.values()),
             }
-            for ref, conf in pool.sip.conferences.active.items()
+            for ref, conf in pool.sip.focus.conferences.active.items()
         ]
 
     # -- administrator operations --

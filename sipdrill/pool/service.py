@@ -315,9 +315,9 @@ class PoolService:
                 now=loop.time(),
             )
         self.metrics.bind_gauges(
-            registrations=lambda mode: self.sip.counts()[mode],
-            bindings=lambda: len(self.sip.registrar),
-            conferences=lambda: len(self.sip.conferences.active),
+            registrations=lambda mode: self.sip.registrations.counts()[mode],
+            bindings=lambda: len(self.sip.registrations.registrar),
+            conferences=lambda: len(self.sip.focus.conferences.active),
             read_only=lambda: self.store.read_only,
             partner_state=lambda: self.monitor.state.value if self.monitor else None,
             partner_states=tuple(s.value for s in PartnerState),
@@ -473,7 +473,7 @@ class PoolService:
                     )
                 except OperationError as exc:
                     log.warning("could not record %s as serving %s: %s", serving, home, exc)
-        summary = self.sip.reevaluate(f"{event.value} {home}")
+        summary = self.sip.registrations.reevaluate(f"{event.value} {home}")
         return {
             "pool": self.fqdn,
             "home_pool": home,
@@ -490,10 +490,10 @@ class PoolService:
     async def user_data(self, aor: str) -> dict[str, Any]:
         data = await asyncio.to_thread(self._user_data, aor)
         key = aor.lower()
-        mode = self.sip.modes.get(key)
+        mode = self.sip.registrations.modes.get(key)
         data["registration"] = {
             "mode": mode.value if mode else None,
-            "bindings": len(self.sip.registered(key)),
+            "bindings": len(self.sip.registrations.registered(key)),
         }
         return data
 
@@ -541,7 +541,7 @@ class PoolService:
         seq = await asyncio.to_thread(self.store.delete_user, self.store_uri(aor))
         if moved_to:
             await self._record_move(key, moved_to.lower())
-        self.sip.force_reregister([key], "moved")
+        self.sip.registrations.force_reregister([key], "moved")
         return seq
 
     async def _record_move(self, aor: str, pool: str) -> None:
@@ -701,7 +701,7 @@ class PoolService:
                 await self._save_state()
         # Clients of the user registered here (e.g. in resiliency mode) must
         # register again to get full service from their new home.
-        self.sip.reevaluate(f"move {key}")
+        self.sip.registrations.reevaluate(f"move {key}")
 
     async def _delete_at_source(self, uri: str, source: str) -> bool:
         response = await self._peer(
