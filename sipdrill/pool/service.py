@@ -39,13 +39,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from sipdrill import addresses
-from sipdrill.cms.operations import cms_update, require_cms
-from sipdrill.cms.store import CmsConfigPatch, CmsStore, cms_router
 from sipdrill.control.files import write_atomically
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.pool.api import create_pool_app
-from sipdrill.pool.client import PoolClients
+from sipdrill.pool.cms_replica import CmsReplica
 from sipdrill.pool.conference import conference_uri
 from sipdrill.pool.metrics import PoolMetrics
 from sipdrill.pool.policy import (
@@ -170,11 +168,7 @@ class PoolService:
         #: Accounts a moved user left on a pool that was down: deleted when it answers.
         self.pending_deletes: dict[str, dict[str, str]] = {}
         self.last_failover_event: dict[str, Any] | None = None
-        #: This pool's CMS replica (once started), and its user homing cached
-        #: per document version.
-        self.cms_store: CmsStore | None = None
-        self._cms_homing: dict[str, str] = {}
-        self._cms_version: tuple[int, int] | None = None
+        self.cms = CmsReplica(topology, self.fqdn, token=token, loopback=settings.loopback)
         self.started_at = time.time()
         self._store: UserStore | None = None
         self._state_lock = asyncio.Lock()
@@ -225,7 +219,7 @@ class PoolService:
         took part in, else the topology, else the store (a user only a move
         created)."""
         key = aor.lower()
-        home = self._cms_homing.get(key) or self.moves.get(key) or self._topo_home.get(key)
+        home = self.cms.home_of(key) or self.moves.get(key) or self._topo_home.get(key)
         if home is not None:
             return home
         if self._store is None:
@@ -304,9 +298,9 @@ class PoolService:
         self.server_ssl = server_context(cert)
         self.client_ssl = client_context(cert.ca_path)
         loop = asyncio.get_running_loop()
-        app_router = self._cms_router()
+        app_router = self.cms.open(settings.state_dir)
         if self.partner is not None:
-            timers = self.timers()
+            timers = self.cms.timers()
             self._set_heartbeat(timers.failover_detection_interval)
             self.monitor = PartnerMonitor(
                 self.partner,
@@ -353,37 +347,6 @@ class PoolService:
         await self._control_server.start(
             lambda: OperationError("listen-failed", "the control API did not start", 500)
         )
-
-    def _cms_router(self) -> APIRouter:
-        """Open this pool's CMS replica; its routes, for the control API."""
-        store_dir = self.settings.state_dir / "cms"
-        self.cms_store = CmsStore(store_dir, self.fqdn, self.topology)
-        router = cms_router(store_dir, self.fqdn, self.topology, store=self.cms_store)
-        self.refresh_cms()
-        return router
-
-    def refresh_cms(self) -> None:
-        """Pick up the CMS replica's user homing when its document changed
-        (replication from the master arrives through the CMS routes)."""
-        if self.cms_store is None:
-            return
-        doc = self.cms_store.state().document
-        version = (doc.generation, doc.version)
-        if version != self._cms_version:
-            self._cms_version = version
-            self._cms_homing = {
-                uri.lower(): pool.lower() for uri, pool in doc.config.user_homing.items()
-            }
-
-    def timers(self) -> Any:
-        """The topology's timers with the CMS's overrides."""
-        if self.cms_store is not None:
-            return self.cms_store.effective_timers()
-        return self.topology.timers
-
-    def _pool_clients(self) -> PoolClients:
-        """Clients of every pool's control API (the CMS replicas)."""
-        return PoolClients(self.topology, token=self.token, loopback=self.settings.loopback)
 
     async def close(self) -> None:
         if self._control_server is not None:
@@ -590,10 +553,9 @@ class PoolService:
         local = self.store.get_user(uri)
         # Lync: "if the CMS is unavailable, you lose the ability to conduct
         # moves" (seed 001, docs/sources.md). Checked before anything is written.
-        async with self._pool_clients() as clients:
-            await require_cms(self.topology, clients)
+        await self.cms.require_master()
         if local is not None and local.home_pool == self.fqdn:
-            recorded = self._cms_homing.get(key) or self._topo_home.get(key)
+            recorded = self.cms.home_of(key) or self._topo_home.get(key)
             if recorded == self.fqdn and key not in self.pending_deletes:
                 raise OperationError("same-pool", f"{user} is already homed on {self.fqdn}", 409)
             # An interrupted move: the account is here, the CMS or the old
@@ -687,9 +649,7 @@ class PoolService:
         pool's own record, the source's stale account (now, or when it
         answers again), and the user's registrations here."""
         home = None if self._topo_home.get(key) == self.fqdn else self.fqdn
-        async with self._pool_clients() as clients:
-            await cms_update(self.topology, clients, CmsConfigPatch(user_homing={key: home}))
-        self.refresh_cms()
+        await self.cms.set_home(key, home)
         await self._record_move(key, self.fqdn)
         if source != self.fqdn and not await self._delete_at_source(uri, source):
             async with self._state_lock:
@@ -808,16 +768,6 @@ class PoolService:
         return await asyncio.to_thread(run)
 
     # -- status ---------------------------------------------------------------------------
-    def cms_role(self) -> str | None:
-        if self.cms_store is not None:
-            role: str = self.cms_store.state().role.value
-            return role
-        if self.topology.cms.active == self.fqdn:
-            return "active"
-        if self.topology.cms_standby == self.fqdn:
-            return "standby"
-        return None
-
     def _store_status(self) -> dict[str, Any]:
         counts = self.store.counts()
         return {
@@ -840,7 +790,7 @@ class PoolService:
             "address": self.address,
             "backup_pool": self.partner,
             "read_only": self.store.read_only,
-            "cms_role": self.cms_role(),
+            "cms_role": self.cms.role(),
             "failover": {h: s.value for h, s in self.failover.snapshot().items()},
             "last_failover_event": self.last_failover_event,
             **self.sip.status(),

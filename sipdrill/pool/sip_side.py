@@ -312,7 +312,7 @@ class PoolSip:
         while True:
             await asyncio.sleep(interval)
             now = self.now()
-            self.svc.refresh_cms()
+            self.svc.cms.refresh()
             self.registrations.nudges_due(now)
             await self.presence.housekeeping(now)
             await self.svc.retry_pending()
