@@ -221,7 +221,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     # -- administrator operations --
     @api.post("/admin/users/move")
     async def move(body: MoveIn) -> MoveOut:
-        return MoveOut(**await pool.move_user(body.user, body.to, body.force))
+        return MoveOut(**await pool.user_moves.move(body.user, body.to, body.force))
 
     @api.get("/admin/users/export")
     async def export(fmt: Annotated[Literal["xml", "json"], Query(alias="format")] = "xml"

@@ -23,29 +23,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
 import logging
 import os
 import ssl
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from sipdrill import addresses
-from sipdrill.control.files import write_atomically
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.pool.api import create_pool_app
 from sipdrill.pool.cms_replica import CmsReplica
 from sipdrill.pool.conference import conference_uri
 from sipdrill.pool.metrics import PoolMetrics
+from sipdrill.pool.moves import UserMoves
 from sipdrill.pool.policy import (
     Feature,
     Redirect,
@@ -64,18 +61,15 @@ from sipdrill.pool.state import (
     PartnerState,
     PoolFailoverStates,
 )
+from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
-from sipdrill.pool.userdata import MoveResult, export_cs_user_data, import_cs_user_data
+from sipdrill.pool.userdata import export_cs_user_data, import_cs_user_data
 from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
 
 log = logging.getLogger("sipdrill.pool")
 
-STATE_FILE = "pool-state.json"
 STORE_FILE = "store.db"
-STATE_VERSION = 1
-#: How long a pool waits for another pool's control API (Move-CsUser).
-PEER_HTTP_TIMEOUT = 5.0
 
 
 class PoolSettings(BaseModel):
@@ -163,20 +157,17 @@ class PoolService:
         for u in topology.all_users():
             self._topo_home[u.uri.lower()] = u.home_pool
             self._topo_uri[u.uri.lower()] = u.uri
-        #: Users Move-CsUser re-homed away from the topology's answer.
-        self.moves: dict[str, str] = {}
-        #: Accounts a moved user left on a pool that was down: deleted when it answers.
-        self.pending_deletes: dict[str, dict[str, str]] = {}
-        self.last_failover_event: dict[str, Any] | None = None
+        self.state_file = PoolStateFile(settings.state_dir, self.fqdn, self.failover)
         self.cms = CmsReplica(topology, self.fqdn, token=token, loopback=settings.loopback)
+        self.user_moves = UserMoves(
+            self, self.state_file, self.cms, token=token, loopback=settings.loopback,
+            retry_interval=settings.pending_retry_interval,
+        )
         self.started_at = time.time()
         self._store: UserStore | None = None
-        self._state_lock = asyncio.Lock()
-        self._retry_after = 0.0
         self.sip = PoolSip(self)
         self.server_ssl: ssl.SSLContext | None = None
         self.client_ssl: ssl.SSLContext | None = None
-        self.http: httpx.AsyncClient | None = None
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
         self._control_server: AppServer | None = None
@@ -219,7 +210,7 @@ class PoolService:
         took part in, else the topology, else the store (a user only a move
         created)."""
         key = aor.lower()
-        home = self.cms.home_of(key) or self.moves.get(key) or self._topo_home.get(key)
+        home = self.cms.home_of(key) or self.state_file.moves.get(key) or self.topology_home(key)
         if home is not None:
             return home
         if self._store is None:
@@ -227,9 +218,16 @@ class PoolService:
         rec = self._store.get_user(self.store_uri(key))
         return rec.home_pool if rec else None
 
+    def topology_home(self, aor: str) -> str | None:
+        return self._topo_home.get(aor.lower())
+
     def store_uri(self, aor: str) -> str:
         """The URI as the store spells it (topology files may use capitals)."""
         return self._topo_uri.get(aor.lower(), aor)
+
+    def reevaluate(self, reason: str) -> dict[str, object]:
+        """Registered users whose mode or pool changed must register again."""
+        return self.sip.registrations.reevaluate(reason)
 
     def decide(self, aor: str) -> RegistrarDecision:
         home = self.home_of(aor)
@@ -286,7 +284,7 @@ class PoolService:
             created = await asyncio.to_thread(self._store.seed_from_topology, self.topology)
             if created:
                 log.info("seeded %d users homed on %s", created, self.fqdn)
-        await asyncio.to_thread(self._load_state)
+        await asyncio.to_thread(self.state_file.load)
         fe_names = [fe.fqdn for fe in self.pool.front_ends]
         cert = await asyncio.to_thread(
             ensure_server_cert,
@@ -318,8 +316,7 @@ class PoolService:
         )
         bound = await self.sip.start()
         self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.http = httpx.AsyncClient(timeout=PEER_HTTP_TIMEOUT, headers=headers)
+        self.user_moves.start()
         await self._start_control(app_router)
         log.info(
             "pool %s: sip %s, control %s, partner %s (detection %gs, failback %gs, "
@@ -353,9 +350,7 @@ class PoolService:
             await self._control_server.stop()
             self._control_server = None
         await self.sip.close()
-        if self.http is not None:
-            await self.http.aclose()
-            self.http = None
+        await self.user_moves.close()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -363,38 +358,6 @@ class PoolService:
     async def serve_forever(self, stop: asyncio.Event) -> None:
         async with self:
             await stop.wait()
-
-    # -- persisted state ----------------------------------------------------------------
-    def _load_state(self) -> None:
-        path = self.settings.state_dir / STATE_FILE
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            raise OperationError("bad-state", f"{path}: unreadable ({exc})", 500) from None
-        if doc.get("version") != STATE_VERSION:
-            raise OperationError("bad-state", f"{path}: version {doc.get('version')}", 500)
-        states = {home: FailoverState(v) for home, v in doc.get("failover", {}).items()}
-        try:
-            self.failover.restore(states)
-        except ValueError as exc:
-            raise OperationError("bad-state", f"{path}: {exc} (topology changed?)", 500) from None
-        self.moves = dict(doc.get("moves", {}))
-        self.pending_deletes = dict(doc.get("pending_deletes", {}))
-        self.last_failover_event = doc.get("last_failover_event")
-
-    async def _save_state(self) -> None:
-        doc = {
-            "version": STATE_VERSION,
-            "pool": self.fqdn,
-            "failover": {h: s.value for h, s in self.failover.snapshot().items()},
-            "moves": self.moves,
-            "pending_deletes": self.pending_deletes,
-            "last_failover_event": self.last_failover_event,
-        }
-        data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-        await asyncio.to_thread(write_atomically, self.settings.state_dir / STATE_FILE, data)
 
     # -- failover -------------------------------------------------------------------------
     def failover_view(self) -> dict[str, Any]:
@@ -416,13 +379,13 @@ class PoolService:
     ) -> dict[str, Any]:
         event = parse_failover_event(event_name)
         home = home_pool.lower()
-        async with self._state_lock:
+        async with self.state_file.lock:
             new = self.failover.handle(home, event)
-            self.last_failover_event = {
+            self.state_file.last_failover_event = {
                 "home_pool": home, "event": event.value, "state": new.value,
                 "disaster_mode": disaster_mode, "at": time.time(),
             }
-            await self._save_state()
+            await self.state_file.save()
         self.metrics.failover_events.labels(event.value).inc()
         log.warning("failover: %s for %s%s -> %s", event.value, home,
                     " (disaster mode)" if disaster_mode else "", new.value)
@@ -436,7 +399,7 @@ class PoolService:
                     )
                 except OperationError as exc:
                     log.warning("could not record %s as serving %s: %s", serving, home, exc)
-        summary = self.sip.registrations.reevaluate(f"{event.value} {home}")
+        summary = self.reevaluate(f"{event.value} {home}")
         return {
             "pool": self.fqdn,
             "home_pool": home,
@@ -503,184 +466,9 @@ class PoolService:
         key = aor.lower()
         seq = await asyncio.to_thread(self.store.delete_user, self.store_uri(aor))
         if moved_to:
-            await self._record_move(key, moved_to.lower())
+            await self.user_moves.record(key, moved_to.lower())
         self.sip.registrations.force_reregister([key], "moved")
         return seq
-
-    async def _record_move(self, aor: str, pool: str) -> None:
-        async with self._state_lock:
-            if self._topo_home.get(aor) == pool:
-                self.moves.pop(aor, None)
-            else:
-                self.moves[aor] = pool
-            await self._save_state()
-
-    async def _peer(self, method: str, pool: str, path: str, **kw: Any) -> httpx.Response | None:
-        """A call to another pool's control API; None when it cannot be reached."""
-        assert self.http is not None
-        try:
-            return await self.http.request(method, self.control_url_of(pool) + path, **kw)
-        except httpx.HTTPError as exc:
-            log.info("%s %s on %s: %s", method, path, pool, exc)
-            return None
-
-    async def move_user(self, user: str, to: str, force: bool) -> dict[str, Any]:
-        """Move-CsUser, run by the target pool (the one that is surely up).
-
-        Without ``force`` the source pool must answer: the contact list and
-        meetings come along, then the source drops the account. With
-        ``force`` the account is re-homed without them, and the result counts
-        what was lost (from the source if it answers, else from this pool's
-        Backup Service replica, which may lag by a sync interval as the real
-        loss would). The target is written first: a crash in between leaves
-        the user in two places, and running the move again finishes it.
-        """
-        target = to.lower()
-        if target not in self.pool_names:
-            raise OperationError("unknown-pool", f"{to} is not a pool of this lab", 404)
-        if target != self.fqdn:
-            response = await self._peer(
-                "POST", target, "/admin/users/move",
-                json={"user": user, "to": target, "force": force},
-            )
-            if response is None:
-                raise OperationError("pool-down", f"the target pool {target} is down", 503)
-            _raise_for(response)
-            result: dict[str, Any] = response.json()
-            return result
-        key = user.lower()
-        uri = self.store_uri(user)
-        local = self.store.get_user(uri)
-        # Lync: "if the CMS is unavailable, you lose the ability to conduct
-        # moves" (seed 001, docs/sources.md). Checked before anything is written.
-        await self.cms.require_master()
-        if local is not None and local.home_pool == self.fqdn:
-            recorded = self.cms.home_of(key) or self._topo_home.get(key)
-            if recorded == self.fqdn and key not in self.pending_deletes:
-                raise OperationError("same-pool", f"{user} is already homed on {self.fqdn}", 409)
-            # An interrupted move: the account is here, the CMS or the old
-            # pool do not know yet. Finish it.
-            pending = self.pending_deletes.get(key, {}).get("pool")
-            previous = pending or recorded or self.fqdn
-            await self._finish_move(key, uri, previous)
-            return asdict(MoveResult(uri, previous, self.fqdn, force, 0, 0, 0, 0)) | {
-                "source_cleaned": key not in self.pending_deletes, "counted_from": "nothing",
-            }
-        source = local.home_pool if local is not None else self.home_of(key)
-        if source is None or source == self.fqdn:
-            raise OperationError("unknown-user", f"no pool has an account for {user}", 404)
-        self.store.require_writable()
-        response = await self._peer("GET", source, f"/users/{uri}")
-        data: dict[str, Any] | None = None
-        if response is not None and response.status_code == 200:
-            data = response.json()
-        elif response is not None and response.status_code not in (404, 503):
-            _raise_for(response)
-        if not force:
-            if response is None:
-                raise OperationError(
-                    "pool-down",
-                    f"the source pool {source} is down; only Move-CsUser -Force can move {user}, "
-                    "and their contacts and meetings are then lost",
-                    503,
-                )
-            if data is None:
-                raise OperationError(
-                    "unknown-user",
-                    f"{user}'s home pool {source} has no account for them; use -Force",
-                    404,
-                )
-            if data.get("read_only"):
-                raise OperationError(
-                    "read-only",
-                    f"the user store of {source} is read-only (pool failover); fail the pool "
-                    f"back before moving {user}",
-                    409,
-                )
-        if data is not None:
-            contacts = list(data["contacts"])
-            conferences = [
-                (c["conf_id"], c["subject"], base64.b64decode(c["content"]))
-                for c in data["conferences"]
-            ]
-            settings = dict(data["settings"])
-        elif local is not None:
-            contacts = self.store.contacts(uri)
-            conferences = [(c.conf_id, c.subject, c.content) for c in self.store.conferences(uri)]
-            settings = dict(local.settings)
-        else:
-            contacts, conferences, settings = [], [], {}
-
-        def write_target() -> None:
-            store = self.store
-            with store.batch():
-                if store.get_user(uri) is not None:
-                    store.delete_user(uri)
-                store.upsert_user(uri, home_pool=self.fqdn, settings=settings)
-                if not force:
-                    store.replace_contacts(uri, contacts)
-                    for conf_id, subject, content in conferences:
-                        store.schedule_conference(uri, conf_id, subject=subject, content=content)
-
-        await asyncio.to_thread(write_target)
-        await self._finish_move(key, uri, source)
-        deleted = key not in self.pending_deletes
-        n_contacts, n_confs = len(contacts), len(conferences)
-        result_obj = MoveResult(
-            user=uri,
-            source_pool=source,
-            target_pool=self.fqdn,
-            force=force,
-            contacts_moved=0 if force else n_contacts,
-            conferences_moved=0 if force else n_confs,
-            contacts_lost=n_contacts if force else 0,
-            conferences_lost=n_confs if force else 0,
-        )
-        out = asdict(result_obj)
-        out["source_cleaned"] = deleted
-        out["counted_from"] = "source" if data is not None else (
-            "replica" if local is not None else "nothing"
-        )
-        log.info("moved %s from %s to %s%s", uri, source, self.fqdn, " (forced)" if force else "")
-        return out
-
-    async def _finish_move(self, key: str, uri: str, source: str) -> None:
-        """After the target holds the account: the CMS's user homing, this
-        pool's own record, the source's stale account (now, or when it
-        answers again), and the user's registrations here."""
-        home = None if self._topo_home.get(key) == self.fqdn else self.fqdn
-        await self.cms.set_home(key, home)
-        await self._record_move(key, self.fqdn)
-        if source != self.fqdn and not await self._delete_at_source(uri, source):
-            async with self._state_lock:
-                self.pending_deletes[key] = {"uri": uri, "pool": source, "moved_to": self.fqdn}
-                await self._save_state()
-        elif key in self.pending_deletes:
-            async with self._state_lock:
-                self.pending_deletes.pop(key, None)
-                await self._save_state()
-        # Clients of the user registered here (e.g. in resiliency mode) must
-        # register again to get full service from their new home.
-        self.sip.registrations.reevaluate(f"move {key}")
-
-    async def _delete_at_source(self, uri: str, source: str) -> bool:
-        response = await self._peer(
-            "DELETE", source, f"/users/{uri}", params={"moved_to": self.fqdn}
-        )
-        return response is not None and response.status_code in (200, 404)
-
-    async def retry_pending(self) -> None:
-        """Clean-ups owed to pools that were down during a forced move."""
-        loop = asyncio.get_running_loop()
-        if not self.pending_deletes or loop.time() < self._retry_after:
-            return
-        self._retry_after = loop.time() + self.settings.pending_retry_interval
-        for key, item in list(self.pending_deletes.items()):
-            if await self._delete_at_source(item["uri"], item["pool"]):
-                log.info("removed %s's stale account from %s", item["uri"], item["pool"])
-                async with self._state_lock:
-                    self.pending_deletes.pop(key, None)
-                    await self._save_state()
 
     # -- replication ----------------------------------------------------------------------
     async def changes(self, since: int, limit: int) -> dict[str, Any]:
@@ -727,7 +515,7 @@ class PoolService:
             if ch.entity is Entity.USER and ch.op is ChangeOp.UPSERT:
                 uri, home = str(ch.payload["uri"]).lower(), str(ch.payload["home_pool"])
                 if self.home_of(uri) != home and home in self.pool_names:
-                    await self._record_move(uri, home)
+                    await self.user_moves.record(uri, home)
         return {"applied": applied, "last_applied": self.store.last_applied(source)}
 
     async def set_read_only(self, read_only: bool) -> bool:
@@ -792,22 +580,11 @@ class PoolService:
             "read_only": self.store.read_only,
             "cms_role": self.cms.role(),
             "failover": {h: s.value for h, s in self.failover.snapshot().items()},
-            "last_failover_event": self.last_failover_event,
+            "last_failover_event": self.state_file.last_failover_event,
             **self.sip.status(),
             "store": store,
-            "moves": len(self.moves),
-            "pending_deletes": len(self.pending_deletes),
+            "moves": len(self.state_file.moves),
+            "pending_deletes": len(self.state_file.pending_deletes),
             "uptime": round(time.time() - self.started_at, 3),
         }
 
-
-def _raise_for(response: httpx.Response) -> None:
-    """Re-raise another pool's refusal as ours (same code and status)."""
-    if response.status_code < 400:
-        return
-    try:
-        body = response.json()
-        code, message = str(body["code"]), str(body["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "peer-error", response.text[:200]
-    raise OperationError(code, message, response.status_code)

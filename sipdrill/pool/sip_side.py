@@ -315,7 +315,7 @@ class PoolSip:
             self.svc.cms.refresh()
             self.registrations.nudges_due(now)
             await self.presence.housekeeping(now)
-            await self.svc.retry_pending()
+            await self.svc.user_moves.retry_pending()
 
     def status(self) -> dict[str, object]:
         now = self.now()
