@@ -1,7 +1,8 @@
 """The pool's HTTP control API (docs/control-api.md), on ``pool.control_port``.
 
 Routes are thin: they check the body (pydantic), call :class:`PoolService`
-and shape the answer. Everything but ``/health`` and ``/metrics`` needs
+(or its parts: the user moves, :mod:`.import_export`) and shape the answer.
+Everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer $SIPDRILL_CONTROL_TOKEN``. Errors are
 ``{"code": ..., "message": ...}`` with the :class:`OperationError`'s status
 (409 refused, 404 unknown, 503 unavailable, 422 a bad body).
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field
 from sipdrill.control.auth import bearer_auth
 from sipdrill.errors import OperationError
 from sipdrill.pool.conference import conference_uri
+from sipdrill.pool.import_export import export_users, import_users
 
 if TYPE_CHECKING:
     from sipdrill.pool.service import PoolService
@@ -226,14 +228,15 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     @api.get("/admin/users/export")
     async def export(fmt: Annotated[Literal["xml", "json"], Query(alias="format")] = "xml"
                      ) -> Response:
-        data, summary = await pool.export_users(fmt)
+        data, summary = await export_users(pool.store, pool.settings.state_dir, fmt)
         media = "application/json" if fmt == "json" else "application/xml"
         headers = {f"X-Sipdrill-Export-{k.title()}": str(v) for k, v in summary.items()}
         return Response(data, media_type=media, headers=headers)
 
     @api.post("/admin/users/import")
     async def import_(request: Request) -> ImportOut:
-        return ImportOut(**await pool.import_users(await request.body()))
+        data = await request.body()
+        return ImportOut(**await import_users(pool.store, pool.settings.state_dir, data))
 
     app.include_router(api)
     if cms_router is not None:

@@ -24,9 +24,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
-import os
 import ssl
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,7 +61,6 @@ from sipdrill.pool.state import (
 )
 from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
-from sipdrill.pool.userdata import export_cs_user_data, import_cs_user_data
 from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
 
@@ -523,37 +520,6 @@ class PoolService:
         log.warning("user store of %s is now %s", self.fqdn,
                     "read-only" if read_only else "writable")
         return self.store.read_only
-
-    # -- Export/Import-CsUserData ------------------------------------------------------------
-    async def export_users(self, fmt: str) -> tuple[bytes, dict[str, Any]]:
-        def run() -> tuple[bytes, dict[str, Any]]:
-            out_dir = self.settings.state_dir / "exports"
-            out_dir.mkdir(exist_ok=True)
-            path = out_dir / f"userdata-{int(time.time())}.{fmt}"
-            result = export_cs_user_data(self.store, path, fmt="json" if fmt == "json" else "xml")
-            summary = {"pool": result.pool, "users": result.users, "contacts": result.contacts}
-            return path.read_bytes(), summary
-
-        return await asyncio.to_thread(run)
-
-    async def import_users(self, data: bytes) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
-            out_dir = self.settings.state_dir / "exports"
-            out_dir.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix="import-", suffix=".dat")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                result = import_cs_user_data(self.store, tmp)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            return {
-                "users_restored": result.users_restored,
-                "contacts_restored": result.contacts_restored,
-                "skipped": list(result.skipped),
-            }
-
-        return await asyncio.to_thread(run)
 
     # -- status ---------------------------------------------------------------------------
     def _store_status(self) -> dict[str, Any]:
