@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from sipdrill.control.auth import bearer_auth
 from sipdrill.errors import OperationError
+from sipdrill.pool import failover_events, replication
 from sipdrill.pool.conference import conference_uri
 from sipdrill.pool.import_export import export_users, import_users
 
@@ -156,12 +157,12 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     async def changes(
         since: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10000)] = 1000
     ) -> ChangesOut:
-        return ChangesOut.model_validate(await pool.changes(since, limit))
+        return ChangesOut.model_validate(await replication.changes(pool, since, limit))
 
     @api.post("/replication/apply")
     async def apply(body: ApplyIn) -> ApplyOut:
-        result = await pool.apply_changes(
-            body.source_pool, [c.model_dump() for c in body.changes]
+        result = await replication.apply_changes(
+            pool, body.source_pool, [c.model_dump() for c in body.changes]
         )
         return ApplyOut(**result)
 
@@ -171,16 +172,18 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
 
     @api.put("/replication/read-only")
     async def read_only(body: ReadOnlyModel) -> ReadOnlyModel:
-        return ReadOnlyModel(read_only=await pool.set_read_only(body.read_only))
+        return ReadOnlyModel(read_only=await replication.set_read_only(pool, body.read_only))
 
     # -- pool failover --
     @api.get("/failover/state")
     async def failover_state() -> dict[str, Any]:
-        return pool.failover_view()
+        return failover_events.failover_view(pool)
 
     @api.post("/failover/state")
     async def failover_event(body: FailoverEventIn) -> dict[str, Any]:
-        return await pool.failover_event(body.home_pool, body.event, body.disaster_mode)
+        return await failover_events.failover_event(
+            pool, body.home_pool, body.event, body.disaster_mode
+        )
 
     # -- users --
     @api.get("/users/{uri}")

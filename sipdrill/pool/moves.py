@@ -34,11 +34,8 @@ PEER_HTTP_TIMEOUT = 5.0
 class MovingPool(Protocol):
     """What a move uses of the pool that runs it."""
 
-    @property
-    def fqdn(self) -> str: ...
-
-    @property
-    def pool_names(self) -> frozenset[str]: ...
+    fqdn: str
+    pool_names: frozenset[str]
 
     @property
     def store(self) -> UserStore: ...

@@ -12,10 +12,18 @@ loop. In-process (tests)::
 
 State that must survive a restart lives in ``--state-dir``: the user store
 (``store.db``, SQLite WAL, seeded from the topology for the users homed here;
-a write is acknowledged only after its commit) and ``pool-state.json`` (the
-failover state of every pairing as this pool saw it, users moved by
-Move-CsUser, and clean-ups still owed to a pool that was down). Registrations
-are not kept: clients register again after a restart, as with Lync.
+a write is acknowledged only after its commit) and ``pool-state.json``
+(:mod:`.state_file`: the failover state of every pairing as this pool saw it,
+users moved by Move-CsUser, and clean-ups still owed to a pool that was
+down). Registrations are not kept: clients register again after a restart,
+as with Lync.
+
+This module wires the process together and answers for its directory (where
+a user is homed, what the registrar decides for them) and its users' data.
+The rest is in parts beside it: :mod:`.settings`, :mod:`.cms_replica` (the
+CMS replica), :mod:`.moves` (Move-CsUser), :mod:`.replication` (the Backup
+Service's feed), :mod:`.failover_events` (pool failover and failback),
+:mod:`.import_export` (Export/Import-CsUserData).
 """
 
 from __future__ import annotations
@@ -26,12 +34,9 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
@@ -51,76 +56,30 @@ from sipdrill.pool.policy import (
     check_feature,
     registrar_decision,
 )
+from sipdrill.pool.settings import PoolSettings
 from sipdrill.pool.sip_side import PoolSip
 from sipdrill.pool.state import (
-    FailoverEvent,
     FailoverState,
     PartnerMonitor,
     PartnerState,
     PoolFailoverStates,
 )
 from sipdrill.pool.state_file import PoolStateFile
-from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
+from sipdrill.pool.store import UserStore
 from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
+
+__all__ = ["PoolService", "PoolSettings"]
 
 log = logging.getLogger("sipdrill.pool")
 
 STORE_FILE = "store.db"
 
 
-class PoolSettings(BaseModel):
-    """How one pool process runs; the topology says everything else."""
-
-    model_config = ConfigDict(frozen=True)
-
-    pool: str
-    state_dir: Path
-    ca_dir: Path
-    loopback: bool = False
-    token: SecretStr | None = None
-    heartbeat_interval: float | None = Field(
-        default=None, gt=0, description="Default: min(5 s, detection interval / 4)."
-    )
-    heartbeat_timeout: float | None = Field(
-        default=None, gt=0,
-        description="Default: min(detection / 2, max(2 x interval, 1 s)).",
-    )
-    forward_timeout: float = Field(
-        default=8.0, gt=0, description="How long a relayed request may wait for its answer."
-    )
-    presence_refresh: float = Field(
-        default=60.0, gt=0, description="Refresh of back-end presence subscriptions."
-    )
-    nudge_grace: float = Field(
-        default=30.0, ge=0,
-        description="How long a client asked to register again (NOTIFY x-sipdrill-reregister) "
-        "has before its flow is closed; 0 closes flows at once.",
-    )
-    nudge_rate: float = Field(
-        default=1000.0, gt=0, description="Nudges sent per second after a mass change."
-    )
-    nudge_window: int = Field(
-        default=500, ge=1, description="Users nudged and not yet registered again, at most."
-    )
-    housekeeping_interval: float = Field(default=1.0, gt=0)
-    pending_retry_interval: float = Field(default=5.0, gt=0)
-    max_connections: int = Field(default=60_000, ge=16)
-    sip_t1: float = Field(default=0.5, gt=0)
-
-
-def parse_failover_event(name: str) -> FailoverEvent:
-    """The contract spells events with underscores, the state table with hyphens."""
-    try:
-        return FailoverEvent(name.strip().lower().replace("_", "-"))
-    except ValueError:
-        events = ", ".join(e.value.replace("-", "_") for e in FailoverEvent)
-        raise OperationError(
-            "bad-event", f"unknown failover event {name!r}; use {events}", 422
-        ) from None
-
-
 class PoolService:
+    """One pool process: its user store, state file, CMS replica, SIP side,
+    user moves and control API."""
+
     def __init__(self, topology: Topology, settings: PoolSettings) -> None:
         self.topology = topology
         self.settings = settings
@@ -137,7 +96,7 @@ class PoolService:
         self.partner: str | None = self.pool.backup
         self.backups = backups_from_topology(topology)
         self.pool_names = frozenset(p.fqdn for p in topology.pools)
-        self.address = self.address_of(self.pool)
+        self.address = addresses.pool_host(topology, self.pool, loopback=settings.loopback)
         token = settings.token.get_secret_value() if settings.token else None
         if token is None and not ipaddress.ip_address(self.address).is_loopback:
             raise OperationError(
@@ -176,19 +135,6 @@ class PoolService:
             detection / 2, max(2 * self.heartbeat_interval, 1.0)
         )
 
-    # -- addresses ----------------------------------------------------------------------
-    def address_of(self, pool: Pool) -> str:
-        return addresses.pool_host(self.topology, pool, loopback=self.settings.loopback)
-
-    def pool_sip_address(self, fqdn: str) -> tuple[str, int]:
-        return addresses.pool_sip_address(self.topology, fqdn, loopback=self.settings.loopback)
-
-    def pool_sip_uri(self, fqdn: str) -> str:
-        return f"sip:{fqdn}:{self.topology.pool(fqdn).sip_tls_port};transport=tls"
-
-    def control_url_of(self, fqdn: str) -> str:
-        return addresses.pool_control_url(self.topology, fqdn, loopback=self.settings.loopback)
-
     @property
     def control_url(self) -> str:
         host, port = self.control_address or (self.address, self.pool.control_port)
@@ -216,6 +162,7 @@ class PoolService:
         return rec.home_pool if rec else None
 
     def topology_home(self, aor: str) -> str | None:
+        """The home pool the topology gives ``aor`` (before any move)."""
         return self._topo_home.get(aor.lower())
 
     def store_uri(self, aor: str) -> str:
@@ -356,59 +303,6 @@ class PoolService:
         async with self:
             await stop.wait()
 
-    # -- failover -------------------------------------------------------------------------
-    def failover_view(self) -> dict[str, Any]:
-        pairs = []
-        for a, b in self.topology.pairs():
-            for home, backup in ((a.fqdn, b.fqdn), (b.fqdn, a.fqdn)):
-                state = self.failover.state(home)
-                pairs.append({
-                    "home_pool": home,
-                    "backup_pool": backup,
-                    "state": state.value,
-                    "serving_pool": self.failover.serving_pool(home),
-                })
-        states = {h: s.value for h, s in self.failover.snapshot().items()}
-        return {"pool": self.fqdn, "states": states, "pairs": pairs}
-
-    async def failover_event(
-        self, home_pool: str, event_name: str, disaster_mode: bool
-    ) -> dict[str, Any]:
-        event = parse_failover_event(event_name)
-        home = home_pool.lower()
-        async with self.state_file.lock:
-            new = self.failover.handle(home, event)
-            self.state_file.last_failover_event = {
-                "home_pool": home, "event": event.value, "state": new.value,
-                "disaster_mode": disaster_mode, "at": time.time(),
-            }
-            await self.state_file.save()
-        self.metrics.failover_events.labels(event.value).inc()
-        log.warning("failover: %s for %s%s -> %s", event.value, home,
-                    " (disaster mode)" if disaster_mode else "", new.value)
-        reassigned = 0
-        if event in (FailoverEvent.FAILOVER_COMPLETED, FailoverEvent.FAILBACK_COMPLETED):
-            serving = self.failover.serving_pool(home)
-            if not self.store.read_only:
-                try:
-                    reassigned = await asyncio.to_thread(
-                        self.store.reassign_serving_pool, home, serving
-                    )
-                except OperationError as exc:
-                    log.warning("could not record %s as serving %s: %s", serving, home, exc)
-        summary = self.reevaluate(f"{event.value} {home}")
-        return {
-            "pool": self.fqdn,
-            "home_pool": home,
-            "backup_pool": self.failover.backup_of(home),
-            "event": event.value.replace("-", "_"),
-            "state": new.value,
-            "serving_pool": self.failover.serving_pool(home),
-            "disaster_mode": disaster_mode,
-            "serving_pool_recorded": reassigned,
-            "reevaluated": summary,
-        }
-
     # -- users ---------------------------------------------------------------------------
     async def user_data(self, aor: str) -> dict[str, Any]:
         data = await asyncio.to_thread(self._user_data, aor)
@@ -466,60 +360,6 @@ class PoolService:
             await self.user_moves.record(key, moved_to.lower())
         self.sip.registrations.force_reregister([key], "moved")
         return seq
-
-    # -- replication ----------------------------------------------------------------------
-    async def changes(self, since: int, limit: int) -> dict[str, Any]:
-        return await asyncio.to_thread(self._changes, since, limit)
-
-    def _changes(self, since: int, limit: int) -> dict[str, Any]:
-        changes = self.store.changes_since(since, limit)
-        return {
-            "pool": self.fqdn,
-            "high_water_mark": self.store.high_water_mark(),
-            "read_only": self.store.read_only,
-            "changes": [
-                {
-                    "seq": c.seq,
-                    "op": c.op.value,
-                    "entity": c.entity.value,
-                    "key": c.key,
-                    "payload": dict(c.payload),
-                    "origin_pool": c.origin_pool,
-                    "timestamp": c.timestamp,
-                }
-                for c in changes
-            ],
-        }
-
-    async def apply_changes(
-        self, source_pool: str, changes: Sequence[Mapping[str, Any]]
-    ) -> dict[str, int]:
-        try:
-            batch = [
-                Change(
-                    int(c["seq"]), ChangeOp(c["op"]), Entity(c["entity"]), str(c["key"]),
-                    dict(c["payload"]), str(c["origin_pool"]), float(c["timestamp"]),
-                )
-                for c in changes
-            ]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise OperationError("bad-changes", f"not a change feed batch: {exc!r}", 422) from None
-        source = source_pool.lower()
-        applied = await asyncio.to_thread(self.store.apply_changes, batch, source)
-        # A replicated account tells where its user lives now (a move on
-        # the partner): remember it so this pool routes and redirects right.
-        for ch in batch:
-            if ch.entity is Entity.USER and ch.op is ChangeOp.UPSERT:
-                uri, home = str(ch.payload["uri"]).lower(), str(ch.payload["home_pool"])
-                if self.home_of(uri) != home and home in self.pool_names:
-                    await self.user_moves.record(uri, home)
-        return {"applied": applied, "last_applied": self.store.last_applied(source)}
-
-    async def set_read_only(self, read_only: bool) -> bool:
-        await asyncio.to_thread(self.store.set_read_only, read_only)
-        log.warning("user store of %s is now %s", self.fqdn,
-                    "read-only" if read_only else "writable")
-        return self.store.read_only
 
     # -- status ---------------------------------------------------------------------------
     def _store_status(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from sipdrill.sip.transport import Flow, TimerCore
 
 if TYPE_CHECKING:
     from sipdrill.pool.metrics import PoolMetrics
-    from sipdrill.pool.service import PoolSettings
+    from sipdrill.pool.settings import PoolSettings
     from sipdrill.pool.store import UserStore
 
 MODE_HEADER = "X-Sipdrill-Mode"
@@ -45,17 +45,10 @@ class Timer(Protocol):
 class SipContext(Protocol):
     """A pool as its SIP side's parts see it."""
 
-    @property
-    def fqdn(self) -> str: ...
-
-    @property
-    def domain(self) -> str: ...
-
-    @property
-    def settings(self) -> PoolSettings: ...
-
-    @property
-    def metrics(self) -> PoolMetrics: ...
+    fqdn: str
+    domain: str
+    settings: PoolSettings
+    metrics: PoolMetrics
 
     # -- store, policy, failover state ---------------------------------------------------
     @property

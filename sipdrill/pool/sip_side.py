@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from sipmessage import URI, Request, Response
 
+from sipdrill import addresses
 from sipdrill.errors import SipError
 from sipdrill.pool.policy import RegistrarDecision
 from sipdrill.pool.presence import CONTACTS_EVENT
@@ -75,7 +76,8 @@ from sipdrill.sip.transport import (
 
 if TYPE_CHECKING:
     from sipdrill.pool.metrics import PoolMetrics
-    from sipdrill.pool.service import PoolService, PoolSettings
+    from sipdrill.pool.service import PoolService
+    from sipdrill.pool.settings import PoolSettings
     from sipdrill.pool.store import UserStore
 
 Answer = Response | Awaitable[Response]
@@ -92,6 +94,8 @@ class PoolSip:
         expiry = topo.timers.registration_expiry
         self.fqdn = svc.fqdn
         self.domain = topo.domain
+        self.settings: PoolSettings = svc.settings
+        self.metrics: PoolMetrics = svc.metrics
         registrar = Registrar(
             topo.domain,
             expiry.default,
@@ -233,14 +237,6 @@ class PoolSip:
 
     # -- the parts' context (SipContext) --------------------------------------------------
     @property
-    def settings(self) -> PoolSettings:
-        return self.svc.settings
-
-    @property
-    def metrics(self) -> PoolMetrics:
-        return self.svc.metrics
-
-    @property
     def store(self) -> UserStore:
         return self.svc.store
 
@@ -260,7 +256,7 @@ class PoolSip:
         return name in self.svc.pool_names
 
     def pool_sip_uri(self, pool: str) -> str:
-        return self.svc.pool_sip_uri(pool)
+        return addresses.pool_sip_uri(self.svc.topology, pool)
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -295,9 +291,10 @@ class PoolSip:
         )
 
     async def pool_flow(self, pool: str) -> Flow:
-        host, port = self.svc.pool_sip_address(pool)
+        svc = self.svc
+        host, port = addresses.pool_sip_address(svc.topology, pool, loopback=svc.settings.loopback)
         return await self.endpoint.open_flow(
-            Kind.TLS, host, port, ssl_context=self.svc.client_ssl, server_hostname=pool
+            Kind.TLS, host, port, ssl_context=svc.client_ssl, server_hostname=pool
         )
 
     def is_open(self, flow: Flow) -> bool:

@@ -19,7 +19,7 @@ from sipdrill.pool.policy import (
     Serve,
     ServiceMode,
 )
-from sipdrill.pool.service import PoolSettings
+from sipdrill.pool.settings import PoolSettings
 from sipdrill.pool.sip_partner import PartnerHeartbeat
 from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.pool.state import PartnerMonitor, PartnerState
