@@ -56,6 +56,12 @@ def pool_sip_address(
     return pool_host(topology, p, loopback=loopback), p.sip_tls_port
 
 
+def pool_sip_uri(topology: Topology, pool: Pool | str) -> str:
+    """The pool's SIP URI over TLS, by name (a 301's Contact, a heartbeat's target)."""
+    p = _pool(topology, pool)
+    return f"sip:{p.fqdn}:{p.sip_tls_port};transport=tls"
+
+
 def pool_control_url(topology: Topology, pool: Pool | str, *, loopback: bool = False) -> str:
     """The pool's control API."""
     p = _pool(topology, pool)

@@ -28,6 +28,7 @@ from sipdrill.backup.service import BackupService
 from sipdrill.cms.store import cms_router
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
+from sipdrill.pool.replication import change_json
 from sipdrill.pool.state import FailoverEvent, PoolFailoverStates
 from sipdrill.pool.store import Change, ChangeOp, Entity, UserStore
 from sipdrill.topology import Topology
@@ -60,18 +61,6 @@ class FailoverIn(BaseModel):
 
 class ContactIn(BaseModel):
     contact: str
-
-
-def change_json(c: Change) -> dict[str, Any]:
-    return {
-        "seq": c.seq,
-        "op": c.op.value,
-        "entity": c.entity.value,
-        "key": c.key,
-        "payload": dict(c.payload),
-        "origin_pool": c.origin_pool,
-        "timestamp": c.timestamp,
-    }
 
 
 @dataclass

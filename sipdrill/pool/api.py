@@ -1,7 +1,8 @@
 """The pool's HTTP control API (docs/control-api.md), on ``pool.control_port``.
 
 Routes are thin: they check the body (pydantic), call :class:`PoolService`
-and shape the answer. Everything but ``/health`` and ``/metrics`` needs
+(or its parts: the user moves, :mod:`.import_export`) and shape the answer.
+Everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer $SIPDRILL_CONTROL_TOKEN``. Errors are
 ``{"code": ..., "message": ...}`` with the :class:`OperationError`'s status
 (409 refused, 404 unknown, 503 unavailable, 422 a bad body).
@@ -19,7 +20,9 @@ from pydantic import BaseModel, Field
 
 from sipdrill.control.auth import bearer_auth
 from sipdrill.errors import OperationError
+from sipdrill.pool import failover_events, replication
 from sipdrill.pool.conference import conference_uri
+from sipdrill.pool.import_export import export_users, import_users
 
 if TYPE_CHECKING:
     from sipdrill.pool.service import PoolService
@@ -157,12 +160,12 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     async def changes(
         since: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10000)] = 1000
     ) -> ChangesOut:
-        return ChangesOut.model_validate(await pool.changes(since, limit))
+        return ChangesOut.model_validate(await replication.changes(pool, since, limit))
 
     @api.post("/replication/apply")
     async def apply(body: ApplyIn) -> ApplyOut:
-        result = await pool.apply_changes(
-            body.source_pool, [c.model_dump() for c in body.changes]
+        result = await replication.apply_changes(
+            pool, body.source_pool, [c.model_dump() for c in body.changes]
         )
         return ApplyOut(**result)
 
@@ -172,16 +175,18 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
 
     @api.put("/replication/read-only")
     async def read_only(body: ReadOnlyModel) -> ReadOnlyModel:
-        return ReadOnlyModel(read_only=await pool.set_read_only(body.read_only))
+        return ReadOnlyModel(read_only=await replication.set_read_only(pool, body.read_only))
 
     # -- pool failover --
     @api.get("/failover/state")
     async def failover_state() -> dict[str, Any]:
-        return pool.failover_view()
+        return failover_events.failover_view(pool)
 
     @api.post("/failover/state")
     async def failover_event(body: FailoverEventIn) -> dict[str, Any]:
-        return await pool.failover_event(body.home_pool, body.event, body.disaster_mode)
+        return await failover_events.failover_event(
+            pool, body.home_pool, body.event, body.disaster_mode
+        )
 
     # -- users --
     @api.get("/users/{uri}")
@@ -204,7 +209,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     @api.get("/registrations")
     async def registrations(mode: Literal["full", "resiliency"] | None = None) -> dict[str, str]:
         return {
-            aor: m.value for aor, m in sorted(pool.sip.modes.items())
+            aor: m.value for aor, m in sorted(pool.sip.registrations.modes.items())
             if mode is None or m.value == mode
         }
 
@@ -218,25 +223,26 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
                 "adhoc": conf.adhoc,
                 "participants": sorted(p.aor for p in conf.participants.values()),
             }
-            for ref, conf in pool.sip.conferences.active.items()
+            for ref, conf in pool.sip.focus.conferences.active.items()
         ]
 
     # -- administrator operations --
     @api.post("/admin/users/move")
     async def move(body: MoveIn) -> MoveOut:
-        return MoveOut(**await pool.move_user(body.user, body.to, body.force))
+        return MoveOut(**await pool.user_moves.move(body.user, body.to, body.force))
 
     @api.get("/admin/users/export")
     async def export(fmt: Annotated[Literal["xml", "json"], Query(alias="format")] = "xml"
                      ) -> Response:
-        data, summary = await pool.export_users(fmt)
+        data, summary = await export_users(pool.store, pool.settings.state_dir, fmt)
         media = "application/json" if fmt == "json" else "application/xml"
         headers = {f"X-Sipdrill-Export-{k.title()}": str(v) for k, v in summary.items()}
         return Response(data, media_type=media, headers=headers)
 
     @api.post("/admin/users/import")
     async def import_(request: Request) -> ImportOut:
-        return ImportOut(**await pool.import_users(await request.body()))
+        data = await request.body()
+        return ImportOut(**await import_users(pool.store, pool.settings.state_dir, data))
 
     app.include_router(api)
     if cms_router is not None:

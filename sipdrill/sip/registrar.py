@@ -6,9 +6,10 @@ clock or touches the network. The work per request is proportional to the
 Contacts in it and the bindings of that one AoR, and expiry runs off a heap,
 so a storm of 10,000 clients costs 10,000 small steps.
 
-The Front End pool plugs in through ``policy``: called per AoR before any
-binding changes, it can accept, redirect (301 to home pool and backup, with
-q values) or reject.
+The Front End pool plugs in through ``policy`` (the registrar's own, or one
+given to :meth:`Registrar.handle` for that request): called per AoR before
+any binding changes, it can accept, redirect (301 to home pool and backup,
+with q values) or reject; the result carries what it decided.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class RegistrarResult:
     response: Response
     events: tuple[RegistrarEvent, ...] = ()
     aor: str | None = None
+    #: What the policy decided (None: no policy ran, or it returned None).
+    decision: Decision | None = None
 
     @property
     def status(self) -> int:
@@ -290,7 +293,11 @@ class Registrar:
 
     # -- REGISTER --
 
-    def handle(self, request: Request, now: float, source: object = None) -> RegistrarResult:
+    def handle(
+        self, request: Request, now: float, source: object = None, *, policy: Policy | None = None
+    ) -> RegistrarResult:
+        """Answer one REGISTER; ``policy`` decides for this request in place
+        of the registrar's own."""
         if request.method != "REGISTER":
             return self._answer(request, 405, headers=(("Allow", "REGISTER"),))
         try:
@@ -306,20 +313,25 @@ class Registrar:
             user = request.to_address.uri.user or ""
             if outcome.username.lower() not in (user.lower(), aor.partition(":")[2]):
                 return self._answer(request, 403, "Forbidden: not your AoR", aor=aor)
-        if self.policy is not None:
-            decision = self.policy(aor, request)
-            if isinstance(decision, Redirect):
-                contacts = tuple(("Contact", f"<{uri}>;q={_q(q)}") for uri, q in decision.contacts)
-                return self._answer(request, decision.status, headers=contacts, aor=aor)
-            if isinstance(decision, Reject):
-                return self._answer(
-                    request, decision.status, decision.reason, decision.headers, aor=aor
-                )
+        policy = policy or self.policy
+        decision = policy(aor, request) if policy is not None else None
+        if isinstance(decision, Redirect):
+            contacts = tuple(("Contact", f"<{uri}>;q={_q(q)}") for uri, q in decision.contacts)
+            return self._answer(
+                request, decision.status, headers=contacts, aor=aor, decision=decision
+            )
+        if isinstance(decision, Reject):
+            return self._answer(
+                request, decision.status, decision.reason, decision.headers, aor=aor,
+                decision=decision,
+            )
         try:
             events = self._update(aor, request, now, source)
         except _BadRequest as exc:
-            return self._answer(request, exc.status, exc.reason, exc.headers, aor=aor)
-        return RegistrarResult(self._ok(request, aor, now), tuple(events), aor)
+            return self._answer(
+                request, exc.status, exc.reason, exc.headers, aor=aor, decision=decision
+            )
+        return RegistrarResult(self._ok(request, aor, now), tuple(events), aor, decision)
 
     def _update(
         self, aor: str, request: Request, now: float, source: object
@@ -440,8 +452,9 @@ class Registrar:
         headers: tuple[tuple[str, str], ...] = (),
         *,
         aor: str | None = None,
+        decision: Decision | None = None,
     ) -> RegistrarResult:
-        return RegistrarResult(make_response(request, status, reason, headers), (), aor)
+        return RegistrarResult(make_response(request, status, reason, headers), (), aor, decision)
 
 
 def _q(q: float) -> str:

@@ -336,6 +336,22 @@ class TestHooks:
         assert reg.handle(register(user="alice"), 0.0).status == 200
         assert reg.handle(register(user="carol", call_id="c"), 0.0).status == 200
 
+    def test_policy_per_request_and_its_decision_in_the_result(self) -> None:
+        def own(aor: str, request: Request) -> Decision | None:
+            return Reject(403)
+
+        def redirect(aor: str, request: Request) -> Decision | None:
+            return Redirect((("sip:pool2.example.com", 0.3),))
+
+        reg = Registrar(DOMAIN, policy=own)
+        assert reg.handle(register(), 0.0).decision == Reject(403)
+        moved = reg.handle(register(), 0.0, policy=redirect)
+        assert (moved.status, moved.decision) == (301, redirect("", register()))
+        accept = Accept()
+        served = Registrar(DOMAIN).handle(register(), 0.0, policy=lambda a, r: accept)
+        assert (served.status, served.decision) == (200, accept)
+        assert Registrar(DOMAIN).handle(register(), 0.0).decision is None
+
     def test_auth_hook(self) -> None:
         class Auth:
             def check(self, request: Request, now: float) -> AuthOk | AuthRequired:

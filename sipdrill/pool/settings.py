@@ -1,0 +1,48 @@
+"""How one pool process runs (``sipdrill serve pool``'s options): its
+:class:`PoolSettings`; the topology says everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class PoolSettings(BaseModel):
+    """How one pool process runs; the topology says everything else."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pool: str
+    state_dir: Path
+    ca_dir: Path
+    loopback: bool = False
+    token: SecretStr | None = None
+    heartbeat_interval: float | None = Field(
+        default=None, gt=0, description="Default: min(5 s, detection interval / 4)."
+    )
+    heartbeat_timeout: float | None = Field(
+        default=None, gt=0,
+        description="Default: min(detection / 2, max(2 x interval, 1 s)).",
+    )
+    forward_timeout: float = Field(
+        default=8.0, gt=0, description="How long a relayed request may wait for its answer."
+    )
+    presence_refresh: float = Field(
+        default=60.0, gt=0, description="Refresh of back-end presence subscriptions."
+    )
+    nudge_grace: float = Field(
+        default=30.0, ge=0,
+        description="How long a client asked to register again (NOTIFY x-sipdrill-reregister) "
+        "has before its flow is closed; 0 closes flows at once.",
+    )
+    nudge_rate: float = Field(
+        default=1000.0, gt=0, description="Nudges sent per second after a mass change."
+    )
+    nudge_window: int = Field(
+        default=500, ge=1, description="Users nudged and not yet registered again, at most."
+    )
+    housekeeping_interval: float = Field(default=1.0, gt=0)
+    pending_retry_interval: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=60_000, ge=16)
+    sip_t1: float = Field(default=0.5, gt=0)
