@@ -238,8 +238,19 @@ class World:
     def advance(self, seconds: float) -> None:
         """Move the clock forward, firing every deadline on the way."""
         end = self.clock.now + seconds
+        # A timer that never clears, or one that fires ever more often, must fail
+        # the test with a message, not hang it (hypothesis then shrinks the input).
+        stuck = fired = 0
         while self.deadline is not None and self.deadline <= end:
+            before = self.clock.now
             self.clock.now = max(self.clock.now, self.deadline)
+            stuck = stuck + 1 if self.clock.now == before else 0
+            fired += 1
+            if stuck > 1000 or fired > 100_000:
+                raise AssertionError(
+                    f"timer loop: {fired} timers in {self.clock.now - (end - seconds):.3f} s, "
+                    f"the deadline at {self.deadline} (now {before}), mode {self.ep.mode}"
+                )
             self.deadline = None
             self.feed(self.ep.handle_timer())
             if self.deadline is None:
