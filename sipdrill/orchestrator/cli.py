@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -32,6 +32,8 @@ from sipdrill.topology_cli import load_or_exit
 if TYPE_CHECKING:  # imported when used: the docker SDK costs every `sipdrill` command 0.1 s
     from sipdrill.orchestrator.capture import Capture
     from sipdrill.orchestrator.engine import DrillEngine
+
+T = TypeVar("T")
 
 lab_app = typer.Typer(help="Start, inspect, break and stop a lab.", no_args_is_help=True)
 drill_app = typer.Typer(help="Run drills (scenarios) on a lab.", no_args_is_help=True)
@@ -186,6 +188,17 @@ LAB_ARG = typer.Argument(
 )
 
 
+def _on_lab(
+    name: str | None, runtime: RuntimeKind, state_dir: Path, action: Callable[[Runtime], T]
+) -> tuple[str, T]:
+    """``action`` on the lab a command means; a refusal exits 1 with its message."""
+    lab = _lab_name(name, state_dir, runtime)
+    try:
+        return lab, action(_runtime(runtime, lab, state_dir))
+    except (FaultError, OperationError) as exc:
+        raise _fail(exc.message if isinstance(exc, OperationError) else str(exc)) from None
+
+
 @lab_app.command("down")
 def lab_down(
     name: str | None = LAB_ARG,
@@ -193,11 +206,7 @@ def lab_down(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Heal every fault and stop everything the lab started."""
-    name = _lab_name(name, state_dir, runtime)
-    try:
-        stopped = _runtime(runtime, name, state_dir).down()
-    except OperationError as exc:
-        raise _fail(exc.message) from None
+    _, stopped = _on_lab(name, runtime, state_dir, lambda rt: rt.down())
     _console().print(f"stopped {len(stopped)} service(s): {', '.join(stopped) or '-'}")
 
 
@@ -208,13 +217,9 @@ def lab_status(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Show each service: role, address, health."""
-    name = _lab_name(name, state_dir, runtime)
-    try:
-        rows = _runtime(runtime, name, state_dir).status()
-    except OperationError as exc:
-        raise _fail(exc.message) from None
+    lab, rows = _on_lab(name, runtime, state_dir, lambda rt: rt.status())
     if not rows:
-        raise _fail(f"no lab {name!r} is running from {state_dir}")
+        raise _fail(f"no lab {lab!r} is running from {state_dir}")
     _print_status(rows)
 
 
@@ -277,11 +282,7 @@ def lab_heal(
     state_dir: Path = STATE_OPT,
 ) -> None:
     """Undo every fault of the lab."""
-    name = _lab_name(name, state_dir, runtime)
-    try:
-        _runtime(runtime, name, state_dir).heal_all()
-    except (FaultError, OperationError) as exc:
-        raise _fail(str(exc)) from None
+    _on_lab(name, runtime, state_dir, lambda rt: rt.heal_all())
     _console().print("every fault healed")
 
 
