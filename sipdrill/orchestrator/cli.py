@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -446,8 +445,8 @@ def drill_sweep(
     def progress(message: str) -> None:
         display.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
 
-    def run_one(settings: dict[str, Any], r: int) -> tuple[Report, Path]:
-        i = sweep.grid.index(settings)
+    def run_one(i: int, settings: dict[str, Any], r: int) -> tuple[Report, Path]:
+        # By position: `--set x=30,30` runs twice, in two folders.
         folder = out / (f"run-{i + 1}" + (f"-{r + 1}" if repeat > 1 else ""))
         report = run_drill(variants[i], runtime, None, state_dir, folder, summary=False)
         return report, folder
@@ -478,17 +477,16 @@ def _check_capture(
     """The wire against the events: the report's ``fidelity`` section."""
     from sipdrill.orchestrator.capture import fidelity
 
-    log(f"reading the capture ({recorder.pcap.stat().st_size // 1024} KiB) with tshark")
     try:
+        log(f"reading the capture ({recorder.pcap.stat().st_size // 1024} KiB) with tshark")
         oks = recorder.register_oks()
         clients = [s.address for s in specs if s.role is Role.CLIENTS]
         # Up to the drill's end: the events cover the clients from their start,
         # and a clients process being stopped asks DNS again, unrecorded.
         dns = recorder.dns_queries(clients, 0.0, report.started_wall + report.duration)
-    except (OperationError, OSError, subprocess.SubprocessError) as exc:
-        report.measurements["fidelity"] = {"ok": False, "error": str(exc)}
-        return
-    report.measurements["fidelity"] = fidelity(engine.timeline, oks, dns)
+        report.measurements["fidelity"] = fidelity(engine.timeline, oks, dns)
+    except Exception as exc:  # the report is still written, saying why
+        report.measurements["fidelity"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _summary_console() -> Console:
@@ -511,7 +509,12 @@ def run_drill(
     """One drill, start to end, with its report written to ``out_dir``. Never
     raises for a drill that failed or a lab that did not start: the report
     says so (status ``error`` when the lab could not be run)."""
-    from sipdrill.orchestrator.engine import DrillEngine, signals_interrupt
+    from sipdrill.orchestrator.engine import (
+        INTERRUPTS,
+        DrillEngine,
+        deferred_interrupts,
+        signals_interrupt,
+    )
     from sipdrill.orchestrator.live import LiveLab
     from sipdrill.orchestrator.terminal import DrillDisplay, print_summary
 
@@ -588,16 +591,24 @@ def run_drill(
         except OperationError as exc:
             if report.status != "error":
                 report.status, report.error = "error", exc.message
+        except Exception as exc:  # a bug or an OS error: still a report, exit 2
+            report.status, report.error = "error", f"{type(exc).__name__}: {exc}"
         finally:
-            if not keep:
-                display.log("stopping the lab")
-                with contextlib.suppress(Exception):
-                    rt.down()
-            if recorder is not None:
-                recorder.stop()
-                if engine is not None:
-                    _check_capture(recorder, engine, specs, report, display.log)
-            report.write(out_dir)
+            with deferred_interrupts():
+                if not keep:
+                    display.log("stopping the lab")
+                    with contextlib.suppress(Exception):
+                        rt.down()
+                try:
+                    if recorder is not None:
+                        recorder.stop()
+                        if engine is not None:
+                            _check_capture(recorder, engine, specs, report, display.log)
+                finally:
+                    if INTERRUPTS.pending is not None and report.status != "interrupted":
+                        report.status = "interrupted"
+                        report.error = f"interrupted by signal {INTERRUPTS.pending}"
+                    report.write(out_dir)
     if summary:
         print_summary(report, out_dir)
     return report

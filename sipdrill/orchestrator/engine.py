@@ -73,22 +73,45 @@ Progress = Callable[[str], None]
 Tick = Callable[[dict[str, Any]], None]
 
 
+class _Interrupts:
+    """What the signal handler does: raise DrillInterrupted, or, while cleanup
+    runs (heal, report, stop the lab), only remember the signal: a Ctrl-C must
+    never cut a heal short, and the report it asks for is still written."""
+
+    def __init__(self) -> None:
+        self.deferring = 0
+        self.pending: int | None = None
+
+
+INTERRUPTS = _Interrupts()
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Cleanup runs in here: a signal is recorded (INTERRUPTS.pending), not raised."""
+    INTERRUPTS.deferring += 1
+    try:
+        yield
+    finally:
+        INTERRUPTS.deferring -= 1
+
+
 @contextlib.contextmanager
 def signals_interrupt(notice: Callable[[str], None] | None = None) -> Iterator[None]:
     """Turn the first SIGTERM or SIGINT into DrillInterrupted so `finally` blocks
-    run; later ones only say that healing is under way (a second Ctrl-C must
-    not cut the heal short and leave a network broken)."""
+    run; later ones, and any during cleanup, only say that healing is under way."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired: list[int] = []
+    INTERRUPTS.pending = None
 
     def handler(signum: int, _frame: Any) -> None:
-        if fired:
+        if INTERRUPTS.pending is not None or INTERRUPTS.deferring:
+            INTERRUPTS.pending = INTERRUPTS.pending or signum
             if notice is not None:
-                notice("interrupted again: still healing faults and stopping the lab, please wait")
+                notice("interrupted: still healing faults and stopping the lab, please wait")
             return
-        fired.append(signum)
+        INTERRUPTS.pending = signum
         raise DrillInterrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -97,6 +120,7 @@ def signals_interrupt(notice: Callable[[str], None] | None = None) -> Iterator[N
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        INTERRUPTS.pending = None
 
 
 class DrillEngine:
@@ -201,13 +225,24 @@ class DrillEngine:
                 report.steps[-1].duration = d.clock() - self._t0 - report.steps[-1].started_at
             self.progress(f"[interrupted] {report.error}: healing every fault")
         finally:
-            self._step = None
-            report.healed = self._heal_everything(report)
-            with contextlib.suppress(Exception):
-                report.data = d.data_report()
-            report.duration = self._since()
-            with contextlib.suppress(Exception):
-                self._collector.stop()
+            with deferred_interrupts():
+                self._step = None
+                report.healed = self._heal_everything(report)
+                with contextlib.suppress(Exception):
+                    report.data = d.data_report()
+                report.duration = self._since()
+                with contextlib.suppress(Exception):
+                    self._collector.stop()
+        with deferred_interrupts():
+            self._finish(report)
+        if INTERRUPTS.pending is not None and report.status != "interrupted":
+            # Interrupted while healing or measuring: everything above still ran.
+            report.status = "interrupted"
+            report.error = f"interrupted by signal {INTERRUPTS.pending} while cleaning up"
+        return report
+
+    def _finish(self, report: Report) -> None:
+        """Skipped steps, the measurements and the expectations: the report's end."""
         for i, _step in enumerate(self.drill.steps[len(report.steps) :], start=len(report.steps)):
             report.steps.append(
                 StepRecord(i, _step.describe(), _step.action, report.duration, None, "skipped")
@@ -216,19 +251,27 @@ class DrillEngine:
         measured = measure(self.timeline, report.duration)
         report.measured = measured
         report.measurements = measured.summary()
+        if self._collector is not None and self._collector.errors:
+            # A clients process that never answered: its users are in no row.
+            report.measurements["unread_sources"] = dict(self._collector.errors)
         report.expectations = self._check_expectations(report.metrics, measured)
         if report.status == "running":
             failed = [e for e in report.expectations if not e["ok"]]
             report.status = "failed" if failed else "passed"
             if failed:
                 report.error = "expectations not met: " + ", ".join(e["metric"] for e in failed)
-        return report
+        if not report.healed and report.status == "passed":
+            # A fault left in place is a failed drill, whatever the clients did.
+            report.status = "failed"
+            report.error = ("not every fault was healed" + (report.error or "")).rstrip("; ")
 
     # --- the timeline -----------------------------------------------------
 
-    def _mark(self, mark: MarkKind, label: str, /, **detail: Any) -> float:
-        t = self._since()
-        self.timeline.mark(mark, t, self.driver.wall(), label, **detail)
+    def _mark(self, mark: MarkKind, label: str, /, at: float | None = None, **detail: Any) -> float:
+        """Record a mark at ``at`` (seconds since the start; default now)."""
+        t = self._since() if at is None else at
+        wall = self.driver.wall() - (self._since() - t)
+        self.timeline.mark(mark, t, wall, label, **detail)
         return t
 
     def _poll_events(self) -> None:
@@ -349,24 +392,47 @@ class DrillEngine:
             d.sleep(POLL_INTERVAL)
 
     def _inject(self, f: FaultStep) -> dict[str, Any]:
-        fid = f.id or f"fault-{len(self._fault_rows) + 1}"
+        fid = f.id or self._free_fault_id()
+        # The fault's window opens when it was asked for, not when inject returned:
+        # a restart returns once the service is healthy again, tens of seconds later,
+        # and clients lose service meanwhile.
+        asked = self._since()
         handle = self.driver.inject(f)
         self._handles[fid] = handle
-        row = {"id": fid, "kind": f.kind, "target": f.target, "injected_at": self._since()}
+        row = {"id": fid, "kind": f.kind, "target": f.target, "injected_at": asked}
         self._fault_rows[fid] = {**row, "healed_at": None}
-        self._mark(MarkKind.FAULT, f"{f.kind} {f.target}", **row)
+        self._mark(
+            MarkKind.FAULT, f"{f.kind} {f.target}", at=asked, returned_at=self._since(), **row
+        )
         return {"fault": fid}
+
+    def _free_fault_id(self) -> str:
+        """``fault-N``, not taken by an explicit id of the drill file."""
+        taken = set(self._fault_rows) | {
+            s.fault.id for s in self.drill.steps if s.fault and s.fault.id
+        }
+        n = len(self._fault_rows) + 1
+        while f"fault-{n}" in taken:
+            n += 1
+        return f"fault-{n}"
 
     def _heal(self, which: str) -> dict[str, Any]:
         ids = list(self._handles) if which == "all" else [which]
         for fid in ids:
             handle = self._handles.pop(fid, None)
             if handle is not None:
+                asked = self._since()  # as for inject: undoing may take a while
                 self.driver.undo(handle)
                 row = self._fault_rows[fid]
-                row["healed_at"] = self._since()
+                row["healed_at"] = asked
                 self._mark(
-                    MarkKind.HEAL, f"heal {fid}", id=fid, kind=row["kind"], target=row["target"]
+                    MarkKind.HEAL,
+                    f"heal {fid}",
+                    at=asked,
+                    returned_at=self._since(),
+                    id=fid,
+                    kind=row["kind"],
+                    target=row["target"],
                 )
         return {"healed": ids}
 

@@ -62,6 +62,14 @@ def junit_xml(report: Report) -> str:
                 message=f"{e['metric']} = {value}, expected {bound}",
                 type="ExpectationNotMet",
             )
+    if report.status in ("error", "interrupted") and not any(
+        s.status == "interrupted" for s in report.steps
+    ):
+        # The lab never ran (or the run was cut before any step): say so, not "0 tests".
+        tests += 1
+        errors += 1
+        case = ET.SubElement(suite, "testcase", classname=f"drill.{report.drill}", name="lab")
+        ET.SubElement(case, "error", message=report.error or report.status, type=report.status)
     if not report.healed:
         tests += 1
         errors += 1

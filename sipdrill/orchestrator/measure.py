@@ -353,6 +353,7 @@ def _client_row(
             mode = new
     if lost_at is None or not registered:
         # Did not lose service in this window (or had none to lose): unaffected.
+        row.losses = 0
         return row
     row.affected = True
     row.lost_at = lost_at
@@ -389,7 +390,7 @@ def _client_row(
                 and pool == home
                 and home_t is None
                 and w.healed is not None
-                and t >= w.healed
+                and t >= max(w.healed, lost_at)
             ):
                 home_t = t
         elif recovering and kind in ("F", "D", "R") and not (kind == "R" and e[4]):
@@ -410,7 +411,9 @@ def _client_row(
     if w.healed is not None:
         if at_heal is None:  # nothing happened after the heal in the window
             at_heal = (mode, pool)
-        if at_heal == ("FullService", home):
+        # Already home at the heal, but only if it had lost service before the heal:
+        # a heal that came before the client noticed counts from the heal to home.
+        if at_heal == ("FullService", home) and w.healed >= lost_at:
             home_t = w.healed
         if home_t is not None:
             row.home = home_t - w.healed
@@ -536,7 +539,7 @@ def _rpo(
             # Known only when the pool is back: the failback that follows counts them.
             later = next(
                 (
-                    a.detail.get("result", {}).get("failover_lost_writes")
+                    (a.detail.get("result") or {}).get("failover_lost_writes")
                     for a in admin[i + 1 :]
                     if a.detail.get("op") == "pool-failback" and a.detail.get("pool") == pool
                 ),

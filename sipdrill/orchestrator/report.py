@@ -133,8 +133,9 @@ class Report:
 
     def _measurements_markdown(self) -> list[str]:
         m = self.measurements
-        if not m:
-            return []
+        if "rto" not in m:  # nothing measured (the lab never ran); maybe a capture note
+            fid = m.get("fidelity")
+            return [] if not fid else ["", f"- events against the wire: {fidelity_text(fid)}"]
         out = [
             "",
             "## Recovery",
@@ -148,6 +149,10 @@ class Report:
                 else ""
             ),
         ]
+        for source, why in (m.get("unread_sources") or {}).items():
+            out.append(
+                f"- **events of {source} could not be read** ({why}): its clients are missing"
+            )
         for f in m["faults"]:
             out.append(
                 f"- fault `{f['id']}` ({f['kind']} {f['target']}): {f['affected']} client(s) "

@@ -269,7 +269,7 @@ def render_html(report: Report) -> str:
         f"started {started}, duration {report.duration:.1f} s, every fault healed: "
         f"{'yes' if report.healed else '<b class=failed>NO</b>'}</p>",
     ]
-    if m:
+    if m and "rto" in m:
         rpo = "unknown" if m["rpo_writes"] is None else f"{m['rpo_writes']} writes"
         age = m.get("rpo_seconds")
         rt = "not reached" if m["rto"] is None else f"{m['rto']:.1f} s"

@@ -108,19 +108,19 @@ class Sweep:
 
     def run(
         self,
-        run_one: Callable[[dict[str, Any], int], tuple[Report, Path]],
+        run_one: Callable[[int, dict[str, Any], int], tuple[Report, Path]],
         progress: Callable[[str], None],
     ) -> None:
         total = len(self.grid) * self.repeat
         n = 0
-        for settings in self.grid:
+        for i, settings in enumerate(self.grid):
             for r in range(self.repeat):
                 n += 1
                 label = ", ".join(f"{k}={v}" for k, v in settings.items())
                 progress(
                     f"sweep run {n}/{total}: {label}" + (f" (#{r + 1})" if self.repeat > 1 else "")
                 )
-                report, folder = run_one(settings, r)
+                report, folder = run_one(i, settings, r)
                 point = GridPoint(settings, r, str(folder), report.status, point_values(report))
                 self.points.append(point)
                 rto = point.values.get("rto")

@@ -138,7 +138,7 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
         steps.add_row(str(s.index + 1), s.description, f"{s.started_at:.1f}", took, st)
     c.print(steps)
     m = report.measurements
-    if m:
+    if m and "rto" in m:
         dists = m["distributions"]
         table = Table(box=None, pad_edge=False, title_justify="left")
         table.add_column("per client (s)", no_wrap=True)
@@ -165,6 +165,8 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
             + ")",
             highlight=False,
         )
+    for source, why in ((m or {}).get("unread_sources") or {}).items():
+        c.print(f"[red]events of {source} could not be read[/red] ({why})", highlight=False)
     if m and m.get("fidelity"):
         c.print(f"wire check: {fidelity_text(m['fidelity'])}", highlight=False, soft_wrap=True)
     if report.metrics:

@@ -56,7 +56,7 @@ class Mark:
         return {
             "t": round(self.t, 6),
             "wall": self.wall,
-            "source": "orchestrator",
+            "process": "orchestrator",
             "event": self.kind.value,
             "label": self.label,
             **self.detail,
@@ -121,7 +121,8 @@ class Timeline:
         users = self.users
         out: list[str] = []
         n = 0
-        prefix = '{"source":' + json.dumps(source) + ',"t":'
+        # "process", not "source": TargetFailed has a field of that name.
+        prefix = '{"process":' + json.dumps(source) + ',"t":'
         with self._lock:
             self.events_lost += lost
             for line in lines:
@@ -170,6 +171,13 @@ def _compact(kind: str, t: float, e: dict[str, Any]) -> CompactEvent | None:
     return None
 
 
+def _seq(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["seq"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 Fetch = Callable[[str, int], tuple[list[str], int, int]]
 
 
@@ -207,20 +215,26 @@ class EventCollector:
                 while True:
                     after = self.after[name]
                     try:
-                        lines, first, latest = self.fetch(url, after)
+                        lines, _first, latest = self.fetch(url, after)
                     except Exception as exc:  # a process that does not answer: try next time
                         self.errors[name] = f"{type(exc).__name__}: {exc}"
                         break
                     self.errors.pop(name, None)
-                    if latest < after:  # the process restarted: its seqs start again
-                        self.after[name] = after = 0
-                        continue
                     if not lines:
+                        if latest < after:  # restarted, and nothing new yet
+                            self.after[name] = 0
                         break
-                    lost = max(0, first - (after + 1))
+                    # Positions from the lines themselves, not the headers: the buffer
+                    # may have moved between the two.
+                    first_seq, last_seq = _seq(lines[0]), _seq(lines[-1])
+                    if first_seq is None or last_seq is None:
+                        break  # not our lines: try again next time
+                    if first_seq <= after:  # the process restarted: its seqs start again
+                        after = 0
+                    lost = max(0, first_seq - (after + 1))
                     total += self.timeline.ingest(name, lines, lost)
-                    self.after[name] = after + lost + len(lines)
-                    if self.after[name] >= latest:
+                    self.after[name] = last_seq
+                    if last_seq >= latest:
                         break
         return total
 

@@ -203,8 +203,12 @@ class FakeLab:
         self.fetches += 1
         due = sorted((e for e in self.scripted if e[0] <= self.now), key=lambda e: e[0])
         self.scripted = [e for e in self.scripted if e[0] > self.now]
+        lines = [
+            json.dumps({**json.loads(text), "seq": self.delivered + i + 1})
+            for i, (_t, text) in enumerate(due)
+        ]
         self.delivered += len(due)
-        return [text for _t, text in due], 1, self.delivered
+        return lines, 1, self.delivered
 
     def data_report(self) -> dict[str, Any]:
         return {
@@ -376,3 +380,52 @@ def test_report_files(tmp_path: Path) -> None:
     j, m = report.write(tmp_path / "out")
     assert '"status": "passed"' in j.read_text()
     assert m.read_text().startswith("# Drill report: site-loss")
+
+
+def test_a_slow_inject_opens_the_fault_when_it_was_asked_for(tmp_path: Path) -> None:
+    """A restart returns once the service is up again: clients that lost service
+    meanwhile belong to the fault, which starts when it was asked for."""
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - fault: {kind: cut, target: site1}\n"
+        "  - wait: {mode: resiliency, users: 'pool1.lab.local:*'}\n",
+    )
+    lab = FakeLab()
+    inject = lab.inject
+
+    def slow(fault: FaultStep) -> str:
+        handle = inject(fault)
+        lab.now += 8  # the clients lose service at +5 .. +5.9, inside the inject
+        return handle
+
+    lab.inject = slow  # type: ignore[method-assign]
+    report = DrillEngine(load_drill(p), lab).run()
+    (f,) = report.measurements["faults"]
+    assert f["affected"] == 10 and f["injected_at"] == pytest.approx(0.0, abs=0.01)
+    assert report.measurements["distributions"]["detect"]["min"] == pytest.approx(5.0)
+
+
+def test_a_fault_left_in_place_fails_the_drill(tmp_path: Path) -> None:
+    from sipdrill.orchestrator.junit import junit_xml
+
+    p = write_drill(tmp_path, "name: d\nsteps:\n  - fault: {kind: cut, target: site1, id: a}\n")
+    lab = FakeLab()
+
+    def broken_undo(handle: str) -> None:
+        raise FaultError("cut", "local", "the process is gone")
+
+    lab.undo = broken_undo  # type: ignore[method-assign]
+    report = DrillEngine(load_drill(p), lab).run()
+    assert not report.healed and report.status == "failed" and report.exit_code == 1
+    assert "not every fault was healed" in (report.error or "")
+    assert 'name="healed"' in junit_xml(report)
+
+
+def test_junit_of_a_lab_that_never_ran_is_an_error() -> None:
+    from sipdrill.orchestrator.junit import junit_xml
+    from sipdrill.orchestrator.report import Report
+
+    report = Report("d", "t.yaml", "local", 0.0, status="error", error="the lab did not start")
+    report.healed = True  # nothing was injected
+    xml = junit_xml(report)
+    assert 'tests="1"' in xml and 'errors="1"' in xml and "the lab did not start" in xml

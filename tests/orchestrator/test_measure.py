@@ -277,10 +277,10 @@ def test_events_are_written_to_the_timeline_file_as_they_come() -> None:
     site_loss(tl)
     assert isinstance(tl.stream, io.StringIO)
     lines = [json.loads(x) for x in tl.stream.getvalue().splitlines()]
-    assert lines[0]["source"] == "clients-1" and lines[0]["t"] == pytest.approx(0.5)
+    assert lines[0]["process"] == "clients-1" and lines[0]["t"] == pytest.approx(0.5)
     faults = [x for x in lines if x["event"] == "FaultInjected"]
-    assert faults[0]["t"] == 10.0 and faults[0]["source"] == "orchestrator"
-    assert tl.events == sum(1 for x in lines if x["source"] == "clients-1")
+    assert faults[0]["t"] == 10.0 and faults[0]["process"] == "orchestrator"
+    assert tl.events == sum(1 for x in lines if x["process"] == "clients-1")
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -313,8 +313,12 @@ def test_known_metric_names() -> None:
 
 def test_collector_reads_each_event_once_and_counts_what_a_process_dropped() -> None:
     tl = timeline()
+
+    def seq(n: int, text: str) -> str:
+        return text.replace('"seq": 0', f'"seq": {n}')
+
     pages = {
-        0: ([line(A, 1.0, "ModeChanged", old="SignedOut", new="Discovering")], 1, 1),
+        0: ([seq(1, line(A, 1.0, "ModeChanged", old="SignedOut", new="Discovering"))], 1, 1),
         1: ([], 1, 1),
     }
     calls: list[int] = []
@@ -329,8 +333,30 @@ def test_collector_reads_each_event_once_and_counts_what_a_process_dropped() -> 
     assert col.poll() == 1 and col.poll() == 0
     assert calls == [0, 1] and tl.events == 1 and tl.events_lost == 0
     # The process's ring buffer moved on: seqs 2..4 are gone, 5 and 6 arrive.
-    pages[1] = ([line(A, 2.0, "Nudged", method="NOTIFY")] * 2, 5, 6)
+    nudge = line(A, 2.0, "Nudged", method="NOTIFY")
+    pages[1] = ([seq(5, nudge), seq(6, nudge)], 5, 6)
     assert col.poll() == 2 and tl.events_lost == 3 and col.after["clients-1"] == 6
-    # The process restarted: its seqs start again from 1.
-    pages[6] = ([], 1, 0)
-    assert col.poll() == 1 and col.after["clients-1"] == 1
+    # The headers say 4, the lines 6 (the buffer moved in between): the lines win.
+    pages[6] = ([seq(9, nudge)], 4, 9)
+    assert col.poll() == 1 and tl.events_lost == 5 and col.after["clients-1"] == 9
+    # The process restarted: its seqs start again from 1 (seen from the lines, even
+    # when it has already passed our position).
+    pages[9] = ([seq(n, nudge) for n in range(1, 11)], 1, 10)
+    assert col.poll() == 10 and col.after["clients-1"] == 10 and tl.events_lost == 5
+
+
+def test_a_heal_before_the_client_noticed_counts_home_from_the_heal() -> None:
+    tl = timeline({A: P1})
+    tl.ingest("clients-1", signed_in(A, P1))
+    fault(tl, 10.0)
+    heal(tl, 15.0)
+    tl.ingest(
+        "clients-1",
+        [
+            mode(A, 20.0, "FullService", "Discovering", P1),
+            mode(A, 21.0, "SigningIn", "FullService", P1),
+        ],
+    )
+    (row,) = measure(tl, 30.0).rows
+    assert row.affected and row.full_service == 11.0
+    assert row.home == 6.0  # from the heal at 15 to home at 21; it was not home "at once"
