@@ -67,7 +67,18 @@ class Compared:
     regressions: list[str]
 
 
+def _unique_labels(reports: list[dict[str, Any]]) -> None:
+    """Two reports with one folder name (a/run-1, b/run-1) get #2, #3...: the
+    table's columns and the plots' lines are keyed by label."""
+    seen: dict[str, int] = {}
+    for r in reports:
+        n = seen[r["_label"]] = seen.get(r["_label"], 0) + 1
+        if n > 1:
+            r["_label"] = f"{r['_label']} #{n}"
+
+
 def compare(reports: list[dict[str, Any]], fail_if_slower: float | None = None) -> Compared:
+    _unique_labels(reports)
     per = [metrics_of(r) for r in reports]
     names: list[str] = []
     for p in per:

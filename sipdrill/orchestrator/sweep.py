@@ -162,8 +162,12 @@ def _fmt(v: float | None) -> str:
 
 
 def _mean(values: list[float | None]) -> float | None:
+    """The mean of the repeats; None (no point) if any repeat never got there:
+    a mean of the others would hide that one did not recover."""
+    if not values or any(v is None for v in values):
+        return None
     got = [v for v in values if v is not None]
-    return sum(got) / len(got) if got else None
+    return sum(got) / len(got)
 
 
 def render_sweep(sweep: Sweep) -> str:
@@ -179,7 +183,8 @@ def render_sweep(sweep: Sweep) -> str:
         f"<title>Sweep: {e(sweep.drill)}</title><style>{CSS}</style></head><body>",
         f"<h1>Sweep of {e(sweep.drill)} over {e(', '.join(sweep.keys))}</h1>",
         f"<p>{len(sweep.points)} run(s), {sweep.repeat} per setting; each point is the mean of "
-        "its repeats. Every run's own report is in its folder.</p>",
+        "its repeats (no point where one of them never got there). Every run's own report "
+        "is in its folder.</p>",
     ]
     xs = sorted({p.settings[key] for p in sweep.points}, key=_sort_key)
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)

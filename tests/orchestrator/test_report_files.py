@@ -271,3 +271,19 @@ def test_compare_side_by_side_and_the_regression_gate(tmp_path: Path) -> None:
     assert runner.invoke(app, [*args, "--fail-if-slower", "60"]).exit_code == 0
     bad = runner.invoke(app, ["drill", "compare", str(tmp_path / "nowhere")])
     assert bad.exit_code == 1 and "cannot read" in bad.output
+
+
+def test_compare_keeps_two_reports_of_one_folder_name_apart(tmp_path: Path) -> None:
+    from sipdrill.orchestrator.compare import compare, load_report
+
+    for side in ("a", "b"):
+        synthetic_report(20).write(tmp_path / side / "run-1")
+    result = compare([load_report(tmp_path / s / "run-1") for s in ("a", "b")])
+    assert result.labels == ["run-1", "run-1 #2"]
+
+
+def test_sweep_plots_no_point_where_a_repeat_never_recovered() -> None:
+    from sipdrill.orchestrator.sweep import _mean
+
+    assert _mean([10.0, 20.0]) == 15.0
+    assert _mean([10.0, None]) is None and _mean([]) is None
