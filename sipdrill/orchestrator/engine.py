@@ -275,7 +275,9 @@ class DrillEngine:
         return t
 
     def _poll_events(self) -> None:
-        if self._collector is not None:
+        # With the collector's thread reading every 0.25 s, reading here as well
+        # would only double the requests; stop() reads what is left at the end.
+        if self._collector is not None and not self.background_events:
             self._collector.poll()
 
     def _tick(self, **extra: Any) -> None:
@@ -329,9 +331,15 @@ class DrillEngine:
 
     def _admin(self, op: AdminStep) -> dict[str, Any]:
         start = self._since()
+        outcome: dict[str, Any] = {"ok": False}
         try:
             result = self.driver.admin(op)
+            outcome = {"ok": True, "result": result}
+            return result
         except Exception as exc:
+            outcome["error"] = str(exc)
+            raise
+        finally:
             self._mark(
                 MarkKind.ADMIN,
                 op.op,
@@ -339,21 +347,8 @@ class DrillEngine:
                 pool=op.pool,
                 start=start,
                 end=self._since(),
-                ok=False,
-                error=str(exc),
+                **outcome,
             )
-            raise
-        self._mark(
-            MarkKind.ADMIN,
-            op.op,
-            op=op.op,
-            pool=op.pool,
-            start=start,
-            end=self._since(),
-            ok=True,
-            result=result,
-        )
-        return result
 
     def _write(self, op: WriteStep) -> dict[str, Any]:
         result = dict(self.driver.write(op))

@@ -86,8 +86,11 @@ def quick_drill(tmp_path: Path, clients: int) -> tuple[Path, Path]:
     return drill, tmp_path / "reports"
 
 
-def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
-    """Run `sipdrill drill run` on ``text`` in a subprocess; its report, once it passed."""
+def drill_in_subprocess(
+    tmp_path: Path, text: str, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """`sipdrill drill run` on ``text`` (a template with ``{topology}``): the process,
+    the state folder and the report folder."""
     drill = tmp_path / "drill.yaml"
     drill.write_text(text.format(topology=isolated_topology(tmp_path)))
     state, reports = tmp_path / "state", tmp_path / "reports"
@@ -101,6 +104,12 @@ def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
         str(reports),
         timeout=timeout,
     )
+    return proc, state, reports
+
+
+def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
+    """Run `sipdrill drill run` on ``text`` in a subprocess; its report, once it passed."""
+    proc, state, reports = drill_in_subprocess(tmp_path, text, timeout)
     assert reports.exists(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
@@ -227,21 +236,9 @@ def test_lab_that_cannot_start_still_reports(tmp_path: Path) -> None:
     no process behind."""
     import socket
 
-    drill = tmp_path / "drill.yaml"
-    drill.write_text(DRILL.format(topology=isolated_topology(tmp_path)))
-    state, reports = tmp_path / "state", tmp_path / "reports"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind((labnet.addr("0.53"), 5353))
-        proc = sipdrill_cli(
-            "drill",
-            "run",
-            str(drill),
-            "--state-dir",
-            str(state),
-            "--report-dir",
-            str(reports),
-            timeout=200,
-        )
+        proc, state, reports = drill_in_subprocess(tmp_path, DRILL, 200)
     assert proc.returncode == 2
     (report_dir,) = reports.iterdir()
     report = json.loads((report_dir / "report.json").read_text())
