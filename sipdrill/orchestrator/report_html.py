@@ -20,10 +20,12 @@ W, H = 900, 320
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 16, 40
 
 #: Per-client metrics drawn as CDFs, with their colours.
+#: reconnect is drawn after resiliency: without a pool failover they are the same
+#: times, and its dashed line must stay visible on top.
 CDF_METRICS = {
     "detect": "#7f7f7f",
-    "reconnect": "#1f77b4",
     "resiliency": "#ff7f0e",
+    "reconnect": "#1f77b4",
     "full_service": "#2ca02c",
     "home": "#9467bd",
 }
@@ -312,8 +314,10 @@ def render_html(report: Report) -> str:
                 + (f"; {f['not_recovered']} never got full service" if f["not_recovered"] else "")
                 + "</p>"
             )
-            for pool, pd in (f.get("by_pool") or {}).items():
-                out.append(f"<h3>Clients homed on {_e(pool)}</h3>" + _dist_table(pd))
+            by_pool = f.get("by_pool") or {}
+            if len(by_pool) > 1 or len(m.get("faults", [])) > 1:  # else the table above again
+                for pool, pd in by_pool.items():
+                    out.append(f"<h3>Clients homed on {_e(pool)}</h3>" + _dist_table(pd))
         if m.get("rpo_notes"):
             out.append(
                 "<h2>Data</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in m["rpo_notes"]) + "</ul>"
