@@ -21,11 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from sipdrill.clients.runner import ClientRunner
+from sipdrill.control.app import ControlApp
 from sipdrill.control.auth import bearer_auth
 
 __all__ = ["Counts", "EventsPage", "Health", "RunState", "create_app"]
@@ -70,12 +71,22 @@ class EventsPage(BaseModel):
     latest: int
 
 
+#: ``GET /events.jsonl`` answers JSON lines, not one JSON document.
+_JSONL: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One event per line, oldest first.",
+        "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+    }
+}
+
+
 def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
     """The API; with ``token``, everything but /health and /metrics needs
     ``Authorization: Bearer <token>`` (an anonymous POST /stop would sign
     every user out)."""
-    app = FastAPI(
-        title="sipdrill clients",
+    app = ControlApp(
+        "sipdrill clients",
+        token,
         description="Simulated Lync 2013 clients: counts, events, start/stop, metrics.",
     )
     auth = [bearer_auth(token)]
@@ -122,7 +133,7 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
             latest=runner.events.seq,
         )
 
-    @app.get("/events.jsonl", dependencies=auth)
+    @app.get("/events.jsonl", dependencies=auth, response_class=Response, responses=_JSONL)
     def events_jsonl(
         after: int = Query(0, ge=0, description="Only events with a larger seq."),
         limit: int = Query(10_000, ge=1, le=100_000),
@@ -137,7 +148,7 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
             },
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         return Response(runner.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from apicheck import SECRET, assert_docs_behind_token, assert_routing_errors, client, error_of
 from fake_pool import FakeLab
 from labkit import P1, P2, FakeClock, make_topology
 
@@ -340,6 +341,26 @@ async def test_api_health_status_sync_metrics_and_auth(lab: FakeLab) -> None:
         text = (await http.get("/metrics")).text
         assert f'sipdrill_backup_backlog_changes{{source="{P1}",target="{P2}"}} 0.0' in text
         assert "sipdrill_backup_changes_applied_total" in text
+
+
+async def test_api_docs_need_the_token(lab: FakeLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    await assert_docs_behind_token(
+        lambda: create_backup_app(lab.backups[P1], token="s3cret"), "s3cret", "/status",
+        monkeypatch,
+    )
+
+
+async def test_api_errors_are_code_and_message_without_the_body(lab: FakeLab) -> None:
+    app = create_backup_app(lab.backups[P1], token="s3cret")
+    async with client(app, {"Authorization": "Bearer s3cret"}) as http:
+        r = await http.post("/sync", json={"final": SECRET})
+        assert error_of(r, 422, "bad-request") == "final: Input should be a valid boolean"
+        r = await http.post("/sync", json={"final": 1})
+        assert error_of(r, 422, "bad-request") == "final: Input should be a valid boolean"
+        r = await http.post("/sync", json={"finale": True})
+        assert error_of(r, 422, "bad-request") == "finale: unknown field (not in the schema)"
+        await assert_routing_errors(http, "/sync", "GET")
+    assert lab.backups[P1].last_result is None  # nothing refused ran a cycle
 
 
 def test_a_pool_without_backup_has_no_backup_service(tmp_path: Path) -> None:
