@@ -4,22 +4,22 @@ Routes are thin: they check the body (pydantic), call :class:`PoolService`
 (or its parts: the user moves, :mod:`.import_export`) and shape the answer.
 Everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer $SIPDRILL_CONTROL_TOKEN``. Errors are
-``{"code": ..., "message": ...}`` with the :class:`OperationError`'s status
-(409 refused, 404 unknown, 503 unavailable, 422 a bad body).
+``{"code": ..., "message": ...}`` (:class:`~sipdrill.control.app.ControlApp`)
+with the :class:`OperationError`'s status (409 refused, 404 unknown, 503
+unavailable, 422 a bad body); each route documents the ones it may answer.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures.
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from sipdrill.control.app import ControlApp, RequestModel, errors
 from sipdrill.control.auth import bearer_auth
-from sipdrill.errors import OperationError
 from sipdrill.pool import failover_events, replication
 from sipdrill.pool.conference import conference_uri
 from sipdrill.pool.import_export import export_users, import_users
@@ -33,8 +33,12 @@ class Health(BaseModel):
     pool: str
 
 
-class ChangeModel(BaseModel):
-    seq: int
+#: The largest sequence number (SQLite's INTEGER).
+MAX_SEQ = 2**63 - 1
+
+
+class ChangeModel(RequestModel):
+    seq: int = Field(ge=1, le=MAX_SEQ)
     op: Literal["upsert", "delete"]
     entity: Literal["user", "contact", "conference"]
     key: str
@@ -50,7 +54,7 @@ class ChangesOut(BaseModel):
     changes: list[ChangeModel]
 
 
-class ApplyIn(BaseModel):
+class ApplyIn(RequestModel):
     source_pool: str
     changes: list[ChangeModel]
 
@@ -60,19 +64,24 @@ class ApplyOut(BaseModel):
     last_applied: int
 
 
-class ReadOnlyModel(BaseModel):
+class ReadOnlyModel(RequestModel):
     read_only: bool
 
 
-class FailoverEventIn(BaseModel):
+#: The contract spells events with underscores, the state table with hyphens: both go.
+FailoverEventName = Literal[
+    "failover_started", "failover_completed", "failback_started", "failback_completed",
+    "failover-started", "failover-completed", "failback-started", "failback-completed",
+]
+
+
+class FailoverEventIn(RequestModel):
     home_pool: str
-    event: str = Field(
-        description="failover_started, failover_completed, failback_started, failback_completed"
-    )
+    event: FailoverEventName
     disaster_mode: bool = False
 
 
-class ContactIn(BaseModel):
+class ContactIn(RequestModel):
     contact: str = Field(pattern=r"^sips?:[^@\s]+@[^@\s]+$")
 
 
@@ -80,7 +89,7 @@ class SeqOut(BaseModel):
     seq: int
 
 
-class ConferenceIn(BaseModel):
+class ConferenceIn(RequestModel):
     conf_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     subject: str = ""
 
@@ -90,7 +99,7 @@ class ConferenceOut(BaseModel):
     uri: str
 
 
-class MoveIn(BaseModel):
+class MoveIn(RequestModel):
     user: str
     to: str
     force: bool = False
@@ -115,39 +124,43 @@ class ImportOut(BaseModel):
     skipped: list[str]
 
 
-def _error(code: str, message: str, status: int) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+#: ``GET /admin/users/export`` answers the file itself.
+_EXPORT_OUT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The Export-CsUserData file (counts in X-Sipdrill-Export-* headers).",
+        "content": {
+            "application/xml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+#: The body of ``POST /admin/users/import``: an export file, read raw (not a model).
+_EXPORT_FILE = {
+    "requestBody": {
+        "required": True,
+        "description": "An Export-CsUserData file (XML, or sipdrill's JSON export).",
+        "content": {
+            "application/xml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
 
 
 def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None) -> FastAPI:
-    app = FastAPI(title=f"sipdrill pool {pool.fqdn}", version="1")
+    app = ControlApp(f"sipdrill pool {pool.fqdn}", pool.token)
     # Above the 1 MiB every other request gets: a replication batch and a user
     # import grow with the pool (10,000 users and their contact lists).
     app.state.body_limits = {"/replication/apply": 64 << 20, "/admin/users/import": 256 << 20}
     auth = [bearer_auth(pool.token)]
     api = APIRouter(dependencies=auth)
 
-    @app.exception_handler(OperationError)
-    async def _refused(request: Request, exc: OperationError) -> JSONResponse:
-        return _error(exc.code, exc.message, exc.http_status)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        response = _error("unauthorized" if exc.status_code == 401 else "http-error",
-                          str(exc.detail), exc.status_code)
-        for name, value in (exc.headers or {}).items():
-            response.headers[name] = value
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error("bad-request", str(exc.errors())[:2000], 422)
-
     @app.get("/health")
     async def health() -> Health:
         return Health(status="ok", pool=pool.fqdn)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(pool.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -158,11 +171,12 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     # -- replication (the Backup Service) --
     @api.get("/replication/changes")
     async def changes(
-        since: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10000)] = 1000
+        since: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> ChangesOut:
         return ChangesOut.model_validate(await replication.changes(pool, since, limit))
 
-    @api.post("/replication/apply")
+    @api.post("/replication/apply", responses=errors(404, 409, 422))
     async def apply(body: ApplyIn) -> ApplyOut:
         result = await replication.apply_changes(
             pool, body.source_pool, [c.model_dump() for c in body.changes]
@@ -182,26 +196,26 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     async def failover_state() -> dict[str, Any]:
         return failover_events.failover_view(pool)
 
-    @api.post("/failover/state")
+    @api.post("/failover/state", responses=errors(404, 409, 503))
     async def failover_event(body: FailoverEventIn) -> dict[str, Any]:
         return await failover_events.failover_event(
             pool, body.home_pool, body.event, body.disaster_mode
         )
 
     # -- users --
-    @api.get("/users/{uri}")
+    @api.get("/users/{uri}", responses=errors(404, 409))
     async def user(uri: str) -> dict[str, Any]:
         return await pool.user_data(uri)
 
-    @api.delete("/users/{uri}")
+    @api.delete("/users/{uri}", responses=errors(404, 409))
     async def delete_user(uri: str, moved_to: str | None = None) -> SeqOut:
         return SeqOut(seq=await pool.delete_user(uri, moved_to))
 
-    @api.post("/users/{uri}/contacts")
+    @api.post("/users/{uri}/contacts", responses=errors(404, 409, 503))
     async def add_contact(uri: str, body: ContactIn) -> SeqOut:
         return SeqOut(seq=await pool.add_contact(uri, body.contact))
 
-    @api.post("/users/{uri}/conferences")
+    @api.post("/users/{uri}/conferences", responses=errors(404, 409, 503))
     async def schedule(uri: str, body: ConferenceIn) -> ConferenceOut:
         seq = await pool.schedule_conference(uri, body.conf_id, body.subject)
         return ConferenceOut(seq=seq, uri=conference_uri(uri.lower(), body.conf_id))
@@ -227,11 +241,11 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
         ]
 
     # -- administrator operations --
-    @api.post("/admin/users/move")
+    @api.post("/admin/users/move", responses=errors(404, 409, 503))
     async def move(body: MoveIn) -> MoveOut:
         return MoveOut(**await pool.user_moves.move(body.user, body.to, body.force))
 
-    @api.get("/admin/users/export")
+    @api.get("/admin/users/export", response_class=Response, responses=_EXPORT_OUT)
     async def export(fmt: Annotated[Literal["xml", "json"], Query(alias="format")] = "xml"
                      ) -> Response:
         data, summary = await export_users(pool.store, pool.settings.state_dir, fmt)
@@ -239,7 +253,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
         headers = {f"X-Sipdrill-Export-{k.title()}": str(v) for k, v in summary.items()}
         return Response(data, media_type=media, headers=headers)
 
-    @api.post("/admin/users/import")
+    @api.post("/admin/users/import", responses=errors(400, 409), openapi_extra=_EXPORT_FILE)
     async def import_(request: Request) -> ImportOut:
         data = await request.body()
         return ImportOut(**await import_users(pool.store, pool.settings.state_dir, data))

@@ -45,7 +45,8 @@ async def import_users(store: UserStore, state_dir: Path, data: bytes) -> dict[s
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            result = import_cs_user_data(store, tmp)
+            # Errors name "the uploaded export", not the temporary file's path.
+            result = import_cs_user_data(store, tmp, name="the uploaded export")
         finally:
             Path(tmp).unlink(missing_ok=True)
         return {

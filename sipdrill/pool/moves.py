@@ -110,7 +110,12 @@ class UserMoves:
         """
         target = to.lower()
         if target not in self.pool.pool_names:
-            raise OperationError("unknown-pool", f"{to} is not a pool of this lab", 404)
+            raise OperationError(
+                "unknown-pool",
+                f"the target pool is not a pool of this lab "
+                f"(pools: {', '.join(sorted(self.pool.pool_names))})",
+                404,
+            )
         if target != self.fqdn:
             response = await self._peer(
                 "POST", target, "/admin/users/move",
@@ -142,7 +147,7 @@ class UserMoves:
             }
         source = local.home_pool if local is not None else self.pool.home_of(key)
         if source is None or source == self.fqdn:
-            raise OperationError("unknown-user", f"no pool has an account for {user}", 404)
+            raise OperationError("unknown-user", "no pool has an account for this user", 404)
         store.require_writable()
         response = await self._peer("GET", source, f"/users/{uri}")
         data: dict[str, Any] | None = None

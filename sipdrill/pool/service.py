@@ -36,7 +36,7 @@ import ssl
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 
 from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
@@ -127,6 +127,8 @@ class PoolService:
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
         self._control_server: AppServer | None = None
+        #: The control API (FastAPI) once started: what the server serves, for in-process use.
+        self.control_app: FastAPI | None = None
 
     def _set_heartbeat(self, detection: float) -> None:
         settings = self.settings
@@ -275,7 +277,7 @@ class PoolService:
         )
 
     async def _start_control(self, cms_router: APIRouter) -> None:
-        app = create_pool_app(self, cms_router=cms_router)
+        app = self.control_app = create_pool_app(self, cms_router=cms_router)
         host, port = self.address, self.pool.control_port
         try:
             sock = bind_tcp(host, port)

@@ -610,7 +610,7 @@ class UserStore:
             if ch.origin_pool != source:
                 raise OperationError(
                     "replication-source",
-                    f"change {ch.seq} comes from {ch.origin_pool}, not from {source}",
+                    f"change {ch.seq} does not come from {source} (its origin_pool differs)",
                 )
         with self._lock, self._transaction() as c:
             row = c.execute(

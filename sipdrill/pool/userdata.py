@@ -246,11 +246,13 @@ def export_cs_user_data(
     return ExportResult(out, pool, len(users), sum(len(u.contacts) for u in users))
 
 
-def _bad(path: Path, why: str) -> OperationError:
+def _bad(path: Path | str, why: str) -> OperationError:
+    # Where in the file, never what it holds: the control API answers this
+    # for an uploaded file.
     return OperationError("bad-export", f"{path}: {why}", 400)
 
 
-def _parse_xml(path: Path, data: bytes) -> list[ExportedUser]:
+def _parse_xml(path: Path | str, data: bytes) -> list[ExportedUser]:
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
@@ -258,26 +260,26 @@ def _parse_xml(path: Path, data: bytes) -> list[ExportedUser]:
     if root.tag != "UserData" or root.get("version") != str(EXPORT_VERSION):
         raise _bad(path, f"not a version {EXPORT_VERSION} UserData export")
     users = []
-    for el in root.findall("User"):
+    for n, el in enumerate(root.findall("User"), 1):
         uri, home = el.get("uri"), el.get("homePool")
         if not uri or not home:
-            raise _bad(path, "a User element lacks uri or homePool")
+            raise _bad(path, f"User {n} lacks uri or homePool")
         settings_el = el.find("Settings")
         try:
             settings = json.loads(settings_el.text or "{}") if settings_el is not None else {}
         except json.JSONDecodeError:
-            raise _bad(path, f"the settings of {uri} are not JSON") from None
+            raise _bad(path, f"the Settings of User {n} are not JSON") from None
         contacts = []
         for c in el.findall("Contacts/Contact"):
             c_uri = c.get("uri")
             if not c_uri:
-                raise _bad(path, f"a contact of {uri} lacks its uri")
+                raise _bad(path, f"a Contact of User {n} lacks its uri")
             contacts.append(c_uri)
         users.append(ExportedUser(uri, home, settings, tuple(contacts)))
     return users
 
 
-def _parse_json(path: Path, data: bytes) -> list[ExportedUser]:
+def _parse_json(path: Path | str, data: bytes) -> list[ExportedUser]:
     try:
         doc = json.loads(data)
         if doc["version"] != EXPORT_VERSION:
@@ -291,11 +293,15 @@ def _parse_json(path: Path, data: bytes) -> list[ExportedUser]:
             )
             for u in doc["users"]
         ]
-    except (ValueError, KeyError, TypeError) as e:
-        raise _bad(path, f"not a sipdrill JSON export ({e!r})") from None
+    except KeyError as e:
+        raise _bad(path, f"not a sipdrill JSON export (no {e.args[0]!r})") from None
+    except (ValueError, TypeError) as e:
+        raise _bad(path, f"not a sipdrill JSON export ({e})") from None
 
 
-def import_cs_user_data(store: UserStore, path: str | Path) -> ImportResult:
+def import_cs_user_data(
+    store: UserStore, path: str | Path, *, name: str | None = None
+) -> ImportResult:
     """Import-CsUserData (``dbimpexp /import``): restore the settings and
     contact lists of the exported users that have an account on the store's
     pool (after a forced move, their new pool). Each restored list becomes
@@ -303,7 +309,8 @@ def import_cs_user_data(store: UserStore, path: str | Path) -> ImportResult:
     and listed, as dbimpexp skips users not homed on the pool.
 
     The whole file is read and checked before anything is written, and the
-    restore is one transaction: a bad file changes nothing.
+    restore is one transaction: a bad file changes nothing. ``name`` is the
+    file as errors call it (default: its path).
     """
     src = Path(path)
     try:
@@ -312,7 +319,8 @@ def import_cs_user_data(store: UserStore, path: str | Path) -> ImportResult:
         raise OperationError("bad-export", f"cannot read {src}: {e.strerror}", 400) from None
     # Sniff rather than trust the suffix: an export renamed by hand still imports.
     is_json = data.lstrip()[:1] == b"{"
-    users = _parse_json(src, data) if is_json else _parse_xml(src, data)
+    shown = name or src
+    users = _parse_json(shown, data) if is_json else _parse_xml(shown, data)
     store.require_writable()
     restored: list[ExportedUser] = []
     skipped: list[str] = []
