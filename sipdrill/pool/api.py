@@ -13,10 +13,10 @@ unavailable, 422 a bad body); each route documents the ones it may answer.
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sipdrill.control.app import ControlApp, RequestModel, errors
 from sipdrill.control.auth import bearer_auth
@@ -26,6 +26,10 @@ from sipdrill.pool.import_export import export_users, import_users
 
 if TYPE_CHECKING:
     from sipdrill.pool.service import PoolService
+
+
+#: A user in a route's path (the examples are the shipped topologies' users).
+UserUri = Annotated[str, Path(description="The user's SIP URI.", examples=["sip:alice@lab.local"])]
 
 
 class Health(BaseModel):
@@ -65,6 +69,8 @@ class ApplyOut(BaseModel):
 
 
 class ReadOnlyModel(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"read_only": True}]})
+
     read_only: bool
 
 
@@ -76,13 +82,20 @@ FailoverEventName = Literal[
 
 
 class FailoverEventIn(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"home_pool": "pool1.lab.local", "event": "failover_started", "disaster_mode": True},
+    ]})
+
     home_pool: str
     event: FailoverEventName
     disaster_mode: bool = False
 
 
 class ContactIn(RequestModel):
-    contact: str = Field(pattern=r"^sips?:[^@\s]+@[^@\s]+$")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"contact": "sip:bob@lab.local"}]})
+
+    # No control characters: a contact list goes out as XML (NOTIFY), which cannot carry them.
+    contact: str = Field(pattern=r"^sips?:[^@\s\x00-\x1f\x7f-\x9f]+@[^@\s\x00-\x1f\x7f-\x9f]+$")
 
 
 class SeqOut(BaseModel):
@@ -90,6 +103,10 @@ class SeqOut(BaseModel):
 
 
 class ConferenceIn(RequestModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"conf_id": "weekly", "subject": "Weekly sync"}]}
+    )
+
     conf_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     subject: str = ""
 
@@ -100,6 +117,10 @@ class ConferenceOut(BaseModel):
 
 
 class MoveIn(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"user": "sip:alice@lab.local", "to": "pool2.lab.local", "force": False},
+    ]})
+
     user: str
     to: str
     force: bool = False
@@ -204,19 +225,19 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
 
     # -- users --
     @api.get("/users/{uri}", responses=errors(404, 409))
-    async def user(uri: str) -> dict[str, Any]:
+    async def user(uri: UserUri) -> dict[str, Any]:
         return await pool.user_data(uri)
 
     @api.delete("/users/{uri}", responses=errors(404, 409))
-    async def delete_user(uri: str, moved_to: str | None = None) -> SeqOut:
+    async def delete_user(uri: UserUri, moved_to: str | None = None) -> SeqOut:
         return SeqOut(seq=await pool.delete_user(uri, moved_to))
 
     @api.post("/users/{uri}/contacts", responses=errors(404, 409, 503))
-    async def add_contact(uri: str, body: ContactIn) -> SeqOut:
+    async def add_contact(uri: UserUri, body: ContactIn) -> SeqOut:
         return SeqOut(seq=await pool.add_contact(uri, body.contact))
 
     @api.post("/users/{uri}/conferences", responses=errors(404, 409, 503))
-    async def schedule(uri: str, body: ConferenceIn) -> ConferenceOut:
+    async def schedule(uri: UserUri, body: ConferenceIn) -> ConferenceOut:
         seq = await pool.schedule_conference(uri, body.conf_id, body.subject)
         return ConferenceOut(seq=seq, uri=conference_uri(uri.lower(), body.conf_id))
 

@@ -28,9 +28,8 @@ async def test_errors_never_repeat_the_body(tmp_path: Path) -> None:
         app = lab.pools[P1].control_app
         async with client(app, AUTH) as http:
             r = await http.post(f"/users/{ALICE}/contacts", json={"contact": SECRET})
-            assert error_of(r, 422, "bad-request") == (
-                r"contact: String should match pattern '^sips?:[^@\s]+@[^@\s]+$'"
-            )
+            message = error_of(r, 422, "bad-request")
+            assert message.startswith("contact: String should match pattern '^sips?:")
             r = await http.post("/admin/users/move", json={"user": ALICE, "to": SECRET})
             assert error_of(r, 404, "unknown-pool") == (
                 f"the target pool is not a pool of this lab {POOLS}"
@@ -100,4 +99,9 @@ async def test_what_the_fuzzing_crashed_is_refused(tmp_path: Path) -> None:
             headers={"Content-Type": "application/json"},
         )
         assert error_of(r, 422) == "subject: not valid Unicode text (a lone surrogate)"
+        # Seen in the fuzzing's traffic: a contact with a control character was
+        # stored, and the contact list (XML in a NOTIFY, the export) was then
+        # not well-formed.
+        r = await http.post(f"/users/{ALICE}/contacts", json={"contact": "sip:a\x1fb@lab.local"})
+        assert error_of(r, 422).startswith("contact: String should match pattern")
         assert (await http.get("/replication/positions")).json() == {}
