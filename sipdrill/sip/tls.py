@@ -381,8 +381,16 @@ def server_context(
     key: str | os.PathLike[str] | None = None,
     *,
     client_ca: str | os.PathLike[str] | None = None,
+    client_cert_required: bool = True,
 ) -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2+); with ``client_ca`` clients must present a cert."""
+    """A TLS server context (TLS 1.2+).
+
+    With ``client_ca``, the server asks every client for a certificate and
+    verifies one it gets against ``client_ca``: a certificate from any other
+    CA fails the handshake. ``client_cert_required=False`` lets a client
+    present none (a pool's clients have none; its partner pool has one):
+    the transport then reports who presented what (``Flow.peer_names``).
+    """
     if isinstance(cert, ServiceCert):
         cert_file, key_file = cert.cert_path, cert.key_path
     else:
@@ -396,7 +404,7 @@ def server_context(
             ctx.load_cert_chain(cert_file, key_file)
         if client_ca is not None:
             ctx.load_verify_locations(cafile=os.fspath(client_ca))
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.verify_mode = ssl.CERT_REQUIRED if client_cert_required else ssl.CERT_OPTIONAL
     except (OSError, ssl.SSLError) as exc:
         raise TlsSetupError(str(cert_file), f"cannot load the certificate: {exc}") from exc
     return ctx
@@ -407,7 +415,9 @@ def client_context(
     *,
     cert: ServiceCert | None = None,
 ) -> ssl.SSLContext:
-    """A TLS client context that trusts only ``ca`` and verifies host names."""
+    """A TLS client context that trusts only ``ca`` and verifies host names;
+    with ``cert``, it presents that certificate to servers that ask for one
+    (a pool's certificate, which names the pool, to another pool)."""
     ca_file = ca.ca_path if isinstance(ca, LabCA) else Path(ca)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
     keylog = os.environ.get("SSLKEYLOGFILE")
