@@ -28,6 +28,15 @@ A replica that restarts takes its slot back.
 Shared state. One named volume at :data:`CONTAINER_STATE` holds the lab CA
 (every role creates it under ``flock`` if missing), each service's state
 directory and the clients' slots; ``docker-compose down -v`` removes it.
+
+Privileges. Every service runs as the image's unprivileged user
+(:data:`SERVICE_USER`) with no capabilities. Containers have ``cap_add:
+[NET_ADMIN]`` all the same: a ``docker exec`` gets the container's
+capabilities and no more (``exec --privileged`` is refused on this engine),
+and the orchestrator's faults run ``iptables`` and ``tc`` that way, as root.
+A service with a port forward starts as root for its one ``iptables`` rule,
+then drops to the user (:data:`PORT_FORWARD_SCRIPT`); Compose's init
+(``init: true``, PID 1) is root in those containers, and only reaps.
 """
 
 from __future__ import annotations
@@ -168,14 +177,19 @@ def _health(url_host: str, port: int) -> dict[str, Any]:
     }
 
 
+#: The image's user that every service runs as (Dockerfile).
+SERVICE_USER = "sipdrill"
 #: The entrypoint of a service whose control API listens on a network that is
 #: not the container's gateway network (Docker publishes ports on that one):
-#: forward the control port there to the service's address. {addr}, {port}.
+#: forward the control port there to the service's address (as root, the
+#: container's user), then run the service as SERVICE_USER with no
+#: capabilities at all (none kept, none to gain). {addr}, {port}, {user}.
 PORT_FORWARD_SCRIPT = """\
 iptables -w 5 -t nat -I PREROUTING -p tcp --dport {port} ! -d {addr} \\
   -j DNAT --to-destination {addr}:{port} \\
   || echo "sipdrill: no forward of port {port} to {addr} (cap_add NET_ADMIN?)" >&2
-exec sipdrill "$$@"
+exec setpriv --reuid={user} --regid={user} --init-groups --inh-caps=-all \\
+  --bounding-set=-all --no-new-privs sipdrill "$$@"
 """
 
 
@@ -221,8 +235,11 @@ def compose_model(
         env.update(dict(spec.env))
         entrypoint: dict[str, Any] = {}
         if gateway_network(list(nets)) != spec.network:
-            script = PORT_FORWARD_SCRIPT.format(addr=spec.address, port=spec.control_port)
-            entrypoint = {"entrypoint": ["sh", "-c", script, "sipdrill"]}
+            script = PORT_FORWARD_SCRIPT.format(
+                addr=spec.address, port=spec.control_port, user=SERVICE_USER
+            )
+            # Root for the forward only: the script drops to SERVICE_USER.
+            entrypoint = {"user": "root", "entrypoint": ["sh", "-c", script, "sipdrill"]}
         services[spec.name] = {
             "image": options.image,
             "container_name": f"{lab}-{spec.name}",

@@ -132,8 +132,20 @@ def test_site_services_forward_their_published_port_to_their_address(committed) 
         assert entry[:2] == ["sh", "-c"]
         address = next(v["ipv4_address"] for v in svc["networks"].values() if v)
         assert f"--to-destination {address}:8080" in entry[2]
-        assert 'exec sipdrill "$$@"' in entry[2]  # $$: Compose's escape for $
+        # Root for that rule only; the service itself runs as the image's user
+        # with no capability left ($$: Compose's escape for $).
+        assert svc["user"] == "root"
+        assert entry[2].rstrip().endswith(
+            "exec setpriv --reuid=sipdrill --regid=sipdrill --init-groups --inh-caps=-all \\\n"
+            '  --bounding-set=-all --no-new-privs sipdrill "$$@"'
+        )
     assert "entrypoint" not in committed["services"]["dns"]  # core is its gateway
+
+
+def test_services_without_a_forward_run_as_the_images_user(committed) -> None:
+    """The image's USER (sipdrill): no `user:` key, no root at all."""
+    for name in ("dns", "clients"):
+        assert "user" not in committed["services"][name], name
 
 
 def test_clients_replicas_take_their_own_users(committed) -> None:
