@@ -10,6 +10,11 @@ Server certificates carry a DNS SAN for every name a client may connect to:
 the pool FQDN, each front end's FQDN and any extra names (the fix of seed 003, docs/sources.md: a
 client that connects to a name missing from the certificate fails the TLS
 handshake), plus IP SANs. Clients always verify the chain and the host name.
+A pool's certificate is also its client certificate for mutual TLS with the
+other pools (:func:`client_context` with ``cert``; the pool's listener asks
+for one with :func:`server_context`'s ``client_ca`` and
+``client_cert_required=False``): the names it carries are how a pool knows
+another (``Flow.peer_names``, :func:`sipdrill.pool.sip_context.from_pool`).
 
 Keys are RSA 2048, as a Lync 2013 pool's certificates usually are (Microsoft
 lists RSA and ECDH_P256/384/521 keys of 1024, 2048 or 4096 bits as supported;
