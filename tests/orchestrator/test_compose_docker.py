@@ -178,7 +178,7 @@ def status(pid):
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     caps = {k: int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
     return {"uid": int(fields["Uid"].split()[0]), "nnp": int(fields["NoNewPrivs"]), **caps}
-out = {"self": status("self"), "procs": []}
+out = {"self": {"pid": os.getpid(), **status("self")}, "procs": []}
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         cmd = [a.decode() for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0") if a]
@@ -210,6 +210,13 @@ def test_services_run_unprivileged_and_faults_keep_net_admin(lab: ComposeLab) ->
             assert service["uid"] == UNPRIVILEGED, (c.name, service)
             for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
                 assert service[cap] == 0, (c.name, cap, service)
+            # Nothing else of the lab's runs as root either (health checks
+            # included), but for a check caught between setpriv and its exec.
+            others = [
+                p for p in seen["procs"]
+                if p["pid"] not in (1, seen["self"]["pid"]) and p["cmd"][:1] != ["setpriv"]
+            ]
+            assert {p["uid"] for p in others} == {UNPRIVILEGED}, (c.name, others)
             init = next(p for p in seen["procs"] if p["pid"] == 1)
             if c.attrs["Config"]["User"] == "root":  # a pool or Backup Service: its forward
                 assert service["CapBnd"] == 0 and service["nnp"] == 1, (c.name, service)
