@@ -28,6 +28,15 @@ A replica that restarts takes its slot back.
 Shared state. One named volume at :data:`CONTAINER_STATE` holds the lab CA
 (every role creates it under ``flock`` if missing), each service's state
 directory and the clients' slots; ``docker-compose down -v`` removes it.
+
+Privileges. Every service runs as the image's unprivileged user
+(:data:`SERVICE_USER`) with no capabilities. Containers have ``cap_add:
+[NET_ADMIN]`` all the same: a ``docker exec`` gets the container's
+capabilities and no more (``exec --privileged`` is refused on this engine),
+and the orchestrator's faults run ``iptables`` and ``tc`` that way, as root.
+A service with a port forward starts as root for its one ``iptables`` rule,
+then drops to the user (:data:`PORT_FORWARD_SCRIPT`); Compose's init
+(``init: true``, PID 1) is root in those containers, and only reaps.
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ CLIENTS_SERVICE = "clients"
 DEFAULT_PORT_BASE = 18080
 IMAGE = "${SIPDRILL_IMAGE:-sipdrill:latest}"
 TOKEN = "${SIPDRILL_CONTROL_TOKEN:-lab}"
+#: The image's user that every service runs as (Dockerfile).
+SERVICE_USER = "sipdrill"
+#: Run the rest of a command line as {user}, with no capability kept or to gain.
+SETPRIV = (
+    "setpriv --reuid={user} --regid={user} --init-groups --inh-caps=-all "
+    "--bounding-set=-all --no-new-privs"
+)
 #: Health checks: often enough that ``up`` is quick (Docker 20.10 has no
 #: start_interval), cheap enough to run all the time (a socket, no urllib).
 HEALTH_INTERVAL = "2s"
@@ -153,14 +169,17 @@ def _check_addresses(topology: Topology, specs: Sequence[ServiceSpec]) -> None:
             )
 
 
-def _health(url_host: str, port: int) -> dict[str, Any]:
+def _health(url_host: str, port: int, *, as_root: bool = False) -> dict[str, Any]:
+    """The health check; ``as_root``: the container's user is root (a port
+    forward), and the check drops to SERVICE_USER as the service does."""
     probe = (
         f'import socket; s = socket.create_connection(("{url_host}", {port}), 3); '
         f's.sendall(b"GET /health HTTP/1.0\\r\\nHost: {url_host}\\r\\n\\r\\n"); '
         'assert s.recv(64).split()[1] == b"200"'
     )
+    drop = [*SETPRIV.format(user=SERVICE_USER).split()] if as_root else []
     return {
-        "test": ["CMD", "python3", "-I", "-S", "-c", probe],
+        "test": ["CMD", *drop, "python3", "-I", "-S", "-c", probe],
         "interval": HEALTH_INTERVAL,
         "timeout": HEALTH_TIMEOUT,
         "retries": HEALTH_RETRIES,
@@ -170,12 +189,14 @@ def _health(url_host: str, port: int) -> dict[str, Any]:
 
 #: The entrypoint of a service whose control API listens on a network that is
 #: not the container's gateway network (Docker publishes ports on that one):
-#: forward the control port there to the service's address. {addr}, {port}.
+#: forward the control port there to the service's address (as root, the
+#: container's user), then run the service as SERVICE_USER with no
+#: capabilities at all (none kept, none to gain). {addr}, {port}, {setpriv}.
 PORT_FORWARD_SCRIPT = """\
 iptables -w 5 -t nat -I PREROUTING -p tcp --dport {port} ! -d {addr} \\
   -j DNAT --to-destination {addr}:{port} \\
   || echo "sipdrill: no forward of port {port} to {addr} (cap_add NET_ADMIN?)" >&2
-exec sipdrill "$$@"
+exec {setpriv} sipdrill "$$@"
 """
 
 
@@ -221,8 +242,12 @@ def compose_model(
         env.update(dict(spec.env))
         entrypoint: dict[str, Any] = {}
         if gateway_network(list(nets)) != spec.network:
-            script = PORT_FORWARD_SCRIPT.format(addr=spec.address, port=spec.control_port)
-            entrypoint = {"entrypoint": ["sh", "-c", script, "sipdrill"]}
+            script = PORT_FORWARD_SCRIPT.format(
+                addr=spec.address, port=spec.control_port,
+                setpriv=SETPRIV.format(user=SERVICE_USER),
+            )
+            # Root for the forward only: the script drops to SERVICE_USER.
+            entrypoint = {"user": "root", "entrypoint": ["sh", "-c", script, "sipdrill"]}
         services[spec.name] = {
             "image": options.image,
             "container_name": f"{lab}-{spec.name}",
@@ -236,7 +261,7 @@ def compose_model(
             "networks": networks,
             "ports": [_port(options.port_base, index, spec.control_port)],
             "volumes": _volumes(options),
-            "healthcheck": _health(spec.address, spec.control_port),
+            "healthcheck": _health(spec.address, spec.control_port, as_root=bool(entrypoint)),
             "stop_grace_period": "5s",
             **_depends(spec.depends_on),
         }

@@ -239,8 +239,14 @@ class PoolService:
             dns_names=[self.fqdn, *fe_names],
             ip_addresses=[self.address],
         )
-        self.server_ssl = server_context(cert)
-        self.client_ssl = client_context(cert.ca_path)
+        # Mutual TLS between pools, as Lync's: the pool's certificate (it names
+        # the pool) is also its client certificate, presented to the pools it
+        # connects to; clients may present none. A certificate from another
+        # CA fails the handshake.
+        self.server_ssl = server_context(
+            cert, client_ca=cert.ca_path, client_cert_required=False
+        )
+        self.client_ssl = client_context(cert.ca_path, cert=cert)
         loop = asyncio.get_running_loop()
         app_router = self.cms.open(settings.state_dir)
         if self.partner is not None:

@@ -17,14 +17,27 @@ What clients see (the client engineer codes against these):
   status and reason (403 for contact list and presence, 488 for ad-hoc
   conferences, 480 for a conference whose pool is down).
 
-Between pools (real SIP over TLS, so a network cut stops it): OPTIONS
+Between pools (real SIP over mutual TLS, so a network cut stops it): OPTIONS
 heartbeats every few seconds with the paired pool (they feed the
 :class:`~sipdrill.pool.state.PartnerMonitor`), relayed MESSAGE,
-INVITE and BYE, and back-end presence subscriptions. A pool marks what it
-sends to another pool with ``X-Sipdrill-Pool: <its FQDN>`` and never relays
-a request it got from a pool (one pool-to-pool hop, so no loops). The lab
-trusts that header, as pools trust each other's MTLS identity in Lync; the
-lab's clients do not forge it.
+INVITE and BYE, and back-end presence subscriptions. A pool connects to
+another presenting its own certificate from the lab CA (it names the pool),
+and knows a request came from a pool only by the certificate its connection
+verified (:func:`~.sip_context.from_pool`), as Lync pools trust each other's
+MTLS identity. Two levels of trust follow from it:
+
+- any pool of the lab (its certificate): one pool-to-pool hop (a pool never
+  relays a request it got from a pool, so no loops), its word for its
+  user's mode (``X-Sipdrill-Sender-Mode``), back-end presence;
+- the paired pool only: heartbeats, which decide when this pool takes the
+  partner's users in resiliency mode. An OPTIONS from another pool is
+  answered as anyone's and is no heartbeat.
+
+Anyone else is a client, whatever headers it sends: ``X-Sipdrill-Pool`` and
+``X-Sipdrill-Sender-Mode`` are removed from its request on arrival, which is
+then answered as any client's (a NOTIFY 403, a SUBSCRIBE or MESSAGE as the
+client's own, an OPTIONS 200 that counts for nothing), and counted in
+``sipdrill_pool_untrusted_pool_claims_total`` (:class:`~.sip_context.Pretence`).
 
 Methods: REGISTER, OPTIONS, MESSAGE, SUBSCRIBE (``presence``, and Lync's
 ``vnd-microsoft-roaming-contacts`` as a fetch), NOTIFY (pool to pool),
@@ -44,6 +57,7 @@ over the pool service; it also passes on what one part tells the others.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -55,7 +69,14 @@ from sipdrill.errors import SipError
 from sipdrill.pool.policy import RegistrarDecision
 from sipdrill.pool.presence import CONTACTS_EVENT
 from sipdrill.pool.sip_contacts import ContactList
-from sipdrill.pool.sip_context import ALLOW, Headers, event_of, from_pool
+from sipdrill.pool.sip_context import (
+    ALLOW,
+    Headers,
+    Pretence,
+    event_of,
+    from_pool,
+    strip_pool_claims,
+)
 from sipdrill.pool.sip_endpoint import SipEndpoint
 from sipdrill.pool.sip_focus import ConferenceFocus
 from sipdrill.pool.sip_partner import PartnerHeartbeat
@@ -81,6 +102,8 @@ if TYPE_CHECKING:
     from sipdrill.pool.store import UserStore
 
 Answer = Response | Awaitable[Response]
+
+log = logging.getLogger("sipdrill.pool")
 
 
 class PoolSip:
@@ -112,14 +135,15 @@ class PoolSip:
         self.heartbeat: PartnerHeartbeat | None = None
         self._handlers: dict[str, Callable[[Request, Flow], Answer]] = {
             "OPTIONS": self._options,
-            "MESSAGE": lambda request, flow: self.relay.message(request),
+            "MESSAGE": self.relay.message,
             "SUBSCRIBE": self._subscribe,
-            "NOTIFY": lambda request, flow: self.presence.notify_in(request),
+            "NOTIFY": self.presence.notify_in,
             "PUBLISH": lambda request, flow: self.presence.publish(request),
-            "SERVICE": lambda request, flow: self.contacts.add(request),
+            "SERVICE": self.contacts.add,
             "INVITE": self.focus.invite,
-            "BYE": lambda request, flow: self.focus.bye(request),
+            "BYE": self.focus.bye,
         }
+        self._pretences_logged: set[Pretence] = set()
         self._endpoint: SipEndpoint | None = None
         self._drivers: list[TimerDriver] = []
         self._loops: list[asyncio.Task[None]] = []
@@ -176,6 +200,9 @@ class PoolSip:
     # -- dispatch -------------------------------------------------------------------------
     def _handle(self, request: Request, rx: Received) -> Answer | None:
         method = request.method.upper()
+        pretence = strip_pool_claims(request, from_pool(self, rx.flow))
+        if pretence is not None:
+            self._pretended(pretence, request, rx.flow)
         if method == "REGISTER":
             return self.registrations.register(request, rx.flow)
         if method == "ACK":
@@ -199,10 +226,27 @@ class PoolSip:
     async def _count_later(self, method: str, answer: Awaitable[Response]) -> Response:
         return self._count(method, await answer)
 
+    def _pretended(self, pretence: Pretence, request: Request, flow: Flow) -> None:
+        """Count a request that claimed what its connection did not prove; it
+        is answered as its real sender's. The log says so once per kind (a
+        flood of them is the metric's business, not the log's)."""
+        self.metrics.untrusted_pool_claims.labels(pretence.value).inc()
+        level = logging.DEBUG if pretence in self._pretences_logged else logging.WARNING
+        self._pretences_logged.add(pretence)
+        log.log(
+            level, "%s from %s (certificate names: %s) claimed to come from a pool (%s); "
+            "answered as %s", request.method, flow.remote, ", ".join(flow.peer_names) or "none",
+            pretence.value, "a client's" if pretence is Pretence.CLIENT else "anyone's",
+        )
+
     def _options(self, request: Request, flow: Flow) -> Response:
         heartbeat = self.heartbeat
-        if heartbeat is not None and from_pool(self, request) == heartbeat.partner:
+        sender = from_pool(self, flow)
+        if heartbeat is not None and sender == heartbeat.partner:
             heartbeat.received()
+        elif sender is not None:
+            # Pools send OPTIONS only as heartbeats, to their partner.
+            self._pretended(Pretence.NOT_PARTNER, request, flow)
         return make_response(
             request, 200, headers=[("Allow", ALLOW), ("Supported", "path, outbound")]
         )

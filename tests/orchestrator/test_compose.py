@@ -103,7 +103,7 @@ def test_every_service_has_what_the_lab_and_its_faults_need(committed) -> None:
             f"lab-state:{CONTAINER_STATE}",
         ]
         test = svc["healthcheck"]["test"]
-        assert test[:2] == ["CMD", "python3"] and "GET /health" in test[-1], name
+        assert test[0] == "CMD" and "python3" in test and "GET /health" in test[-1], name
         assert svc["labels"]["sipdrill.service"] == name
     assert committed["volumes"] == {"lab-state": {"labels": {"sipdrill.lab": "paired-pools"}}}
     dns = committed["services"]["dns"]
@@ -132,8 +132,25 @@ def test_site_services_forward_their_published_port_to_their_address(committed) 
         assert entry[:2] == ["sh", "-c"]
         address = next(v["ipv4_address"] for v in svc["networks"].values() if v)
         assert f"--to-destination {address}:8080" in entry[2]
-        assert 'exec sipdrill "$$@"' in entry[2]  # $$: Compose's escape for $
+        # Root for that rule only; the service itself runs as the image's user
+        # with no capability left ($$: Compose's escape for $).
+        drop = (
+            "setpriv --reuid=sipdrill --regid=sipdrill --init-groups --inh-caps=-all "
+            "--bounding-set=-all --no-new-privs"
+        )
+        assert svc["user"] == "root"
+        assert entry[2].rstrip().endswith(f'exec {drop} sipdrill "$$@"')
+        # So does its health check (Docker runs it as the container's user).
+        assert svc["healthcheck"]["test"][:9] == ["CMD", *drop.split(), "python3"]
     assert "entrypoint" not in committed["services"]["dns"]  # core is its gateway
+
+
+def test_services_without_a_forward_run_as_the_images_user(committed) -> None:
+    """The image's USER (sipdrill): no `user:` key, no root at all."""
+    for name in ("dns", "clients"):
+        svc = committed["services"][name]
+        assert "user" not in svc, name
+        assert svc["healthcheck"]["test"][:2] == ["CMD", "python3"], name
 
 
 def test_clients_replicas_take_their_own_users(committed) -> None:

@@ -104,6 +104,12 @@ def test_the_image_runs_sipdrill_and_has_the_fault_tools(lab: ProbeLab) -> None:
     assert result.exit_code == 0, out
     assert "sipdrill " in out
     assert "(3, 11)" in out
+    # Its processes run unprivileged by default, and nothing set-uid in it
+    # hands a process root (and the container's NET_ADMIN) back.
+    assert image.attrs["Config"]["User"] == "sipdrill"
+    assert c.exec_run(["id", "-u"]).output.decode().split() == ["10001"]
+    result = c.exec_run(["find", "/", "-xdev", "-type", "f", "-perm", "/6000"], user="0")
+    assert result.exit_code == 0 and result.output == b"", result.output
 
 
 def test_a_compose_cli_is_found_v2_plugin_or_v1_tool() -> None:
