@@ -198,6 +198,8 @@ class CallMeasurements:
     overall: CallStats
     phases: dict[str, CallStats]
     windows: list[PhaseWindow]
+    #: Calls placed in no phase (between pinned steps: the transitions); None if none.
+    outside: CallStats | None = None
 
     def value(self, name: str) -> float | None:
         """``success_ratio``, ``setup.p95``, ``<phase>.success_ratio``, ...
@@ -225,6 +227,7 @@ class CallMeasurements:
                 }
                 for name, stats in self.phases.items()
             },
+            "outside": None if self.outside is None else one(self.outside),
         }
 
 
@@ -243,7 +246,10 @@ def measure_calls(
         phases[name] = _stats(
             r for r in records if any(w.holds(r.placed) for w in mine)  # type: ignore[arg-type]
         )
-    return CallMeasurements(_stats(records), phases, windows)
+    outside = [r for r in records if not any(w.holds(r.placed) for w in windows)]  # type: ignore[arg-type]
+    return CallMeasurements(
+        _stats(records), phases, windows, _stats(outside) if outside else None
+    )
 
 
 def is_call_metric(name: str, phases: Iterable[str] = ()) -> bool:

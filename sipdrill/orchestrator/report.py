@@ -284,6 +284,15 @@ def calls_table(c: dict[str, Any]) -> list[str]:
             f"| {_ratio(p['success_ratio'])} | {_ms(setup['p50'])} | {_ms(setup['p95'])} "
             f"| {_ms(setup['max'])} | {_failures(p['failures'])} |"
         )
+    o = c.get("outside")
+    if o:
+        setup = o["setup"]
+        out.append(
+            f"| (between the phases) | | | {o['placed']} | {o['placed_in_resiliency']} "
+            f"| {o['answered']} | {o['failed']} | {_ratio(o['success_ratio'])} "
+            f"| {_ms(setup['p50'])} | {_ms(setup['p95'])} | {_ms(setup['max'])} "
+            f"| {_failures(o['failures'])} |"
+        )
     return out
 
 

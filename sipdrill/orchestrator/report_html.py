@@ -395,15 +395,22 @@ def _calls_html(calls: dict[str, Any]) -> str:
         return "-" if v is None else f"{v * 1000:.0f}"
 
     rows = []
-    for name, p in (calls.get("phases") or {}).items():
-        windows = p.get("windows") or [[None, None]]
-        start, end = windows[0][0], windows[-1][1]
+    phases = dict(calls.get("phases") or {})
+    if calls.get("outside"):
+        phases["(between the phases)"] = calls["outside"]
+    for name, p in phases.items():
+        windows = p.get("windows")
+        start, end = (windows[0][0], windows[-1][1]) if windows else (None, None)
+        when = (
+            ("start" if start is None else format(start, ".1f"),
+             "end" if end is None else format(end, ".1f"))
+            if windows else ("", "")
+        )
         failures = ", ".join(f"{k}: {n}" for k, n in p["failures"].items()) or "-"
         ratio = "-" if p["success_ratio"] is None else f"{p['success_ratio']:.3f}"
         rows.append(
             f"<tr><td>{_e(name)}{' (step)' if p.get('pinned') else ''}</td>"
-            f"<td>{'start' if start is None else format(start, '.1f')}</td>"
-            f"<td>{'end' if end is None else format(end, '.1f')}</td>"
+            f"<td>{when[0]}</td><td>{when[1]}</td>"
             f"<td>{p['placed']}</td><td>{p['placed_in_resiliency']}</td>"
             f"<td>{p['answered']}</td><td>{p['failed']}</td><td>{ratio}</td>"
             f"<td>{ms(p['setup']['p50'])}</td><td>{ms(p['setup']['p95'])}</td>"

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from sipmessage import URI, Request, Response
 
 from sipdrill.errors import SipdrillError, SipError
+from sipdrill.sip.forking import strip_top_via
 from sipdrill.sip.message import make_response
 from sipdrill.sip.server import receive_into
 from sipdrill.sip.transaction import (
@@ -326,14 +327,7 @@ class SipEndpoint:
         for name, value in headers:
             fwd.headers.set(name, value)
         response = await self.request(fwd, flow, give_up_after=give_up_after)
-        upstream = Response(code=response.code, phrase=response.phrase, body=response.body)
-        for name in response.headers.keys():  # noqa: SIM118
-            values = list(response.headers.getlist(name))
-            if name.lower() == "via":
-                values = values[1:]
-            if values:
-                upstream.headers.setlist(name, values)
-        return upstream
+        return strip_top_via(response)
 
     def send_stateless(self, flow: Flow, message: Request | Response) -> bool:
         """Send without a transaction (an ACK for a 2xx, relayed)."""

@@ -141,8 +141,13 @@ class _Call:
     final_sent: bool = False
 
 
-def _same_contact(a: URI, b: URI) -> bool:
-    return (a.user, (a.host or "").lower(), a.port) == (b.user, (b.host or "").lower(), b.port)
+def _same_place(contact: URI, target: URI) -> bool:
+    """``target`` (a dialog's remote target) reaches the client that registered
+    ``contact``: the same host and port. Not the user part: a UA's Contact in a
+    200 need not repeat the one it registered (SIPp's has none)."""
+    return ((contact.host or "").strip("[]").lower(), contact.port) == (
+        (target.host or "").strip("[]").lower(), target.port
+    )
 
 
 def _route_entries(request: Request) -> list[str]:
@@ -381,10 +386,14 @@ class CallProxy:
             aor = aor_of(request.to_address.uri)
         except ValueError:
             return None
+        target = request.uri
+        where = ((target.host or "").strip("[]").lower(), target.port)
         for b in self.registrations.registered(aor):
-            if self._reachable(b) and _same_contact(b.contact.uri, request.uri):
-                assert isinstance(b.source, Flow)
-                return UserHop(b.source, request.uri)
+            if not self._reachable(b):
+                continue
+            assert isinstance(b.source, Flow)
+            if _same_place(b.contact.uri, target) or b.source.remote == where:
+                return UserHop(b.source, target)
         return None
 
     async def _flow(self, hop: Hop) -> Flow:

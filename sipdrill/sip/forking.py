@@ -27,6 +27,7 @@ from typing import ClassVar, Generic, TypeVar
 from sipmessage import Request, Response
 
 from sipdrill.errors import SipError
+from sipdrill.sip.grammar import parse_vias
 from sipdrill.sip.message import make_response
 
 __all__ = [
@@ -160,12 +161,18 @@ ForkAction = StartBranch[T] | CancelBranch | AbandonBranch | Upstream | LateSucc
 
 
 def strip_top_via(response: Response) -> Response:
-    """A copy of ``response`` without its top Via (RFC 3261 16.7 step 3)."""
+    """A copy of ``response`` without its top Via (RFC 3261 16.7 step 3). A
+    header line may hold several Vias (``Via: a, b``: SIPp answers so): only
+    the first of them goes."""
     out = Response(code=response.code, phrase=response.phrase, body=response.body)
     for name in response.headers.keys():  # noqa: SIM118  (Headers is not iterable)
         values = list(response.headers.getlist(name))
-        if name.lower() == "via":
-            values = values[1:]
+        if name.lower() == "via" and values:
+            try:
+                first = parse_vias(values[0])
+            except ValueError:
+                first = []
+            values[:1] = [str(v) for v in first[1:]]
         if values:
             out.headers.setlist(name, values)
     return out

@@ -17,6 +17,7 @@ from sipdrill.orchestrator.drill import load_drill
 from sipdrill.orchestrator.measure import is_known_metric, measure
 from sipdrill.orchestrator.plan import RuntimeKind, lab_plan
 from sipdrill.orchestrator.report import Report
+from sipdrill.orchestrator.report_html import render_html
 from sipdrill.orchestrator.timeline import MarkKind, Timeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +132,12 @@ def test_a_step_pins_a_phase_to_its_time() -> None:
     assert [(w.start, w.end, w.pinned) for w in calls.windows if w.name == "resiliency"] == [
         (40.0, 70.0, True)
     ]
+    # The transition is counted apart.
+    assert calls.outside is not None and (calls.outside.placed, calls.outside.failed) == (1, 1)
+    m = measure(tl, 80.0, {2: "resiliency"})
+    r = Report("d", "t.yaml", "local", T0, measured=m, measurements=m.summary())
+    assert "| (between the phases) | | | 1 | 0 | 0 | 1 | 0.000 |" in r.to_markdown()
+    assert "(between the phases)" in render_html(r)
     # Without the pin, the transition counts.
     auto = measure_calls(tl)
     assert auto is not None and auto.phases["resiliency"].success_ratio == 0.5

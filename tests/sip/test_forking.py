@@ -18,6 +18,7 @@ from sipdrill.sip.forking import (
     StartBranch,
     Upstream,
     best_response,
+    strip_top_via,
 )
 from sipdrill.sip.message import make_response, parse_message
 
@@ -198,6 +199,22 @@ def test_inputs_for_an_unknown_branch_or_a_second_start_raise() -> None:
     with pytest.raises(ForkStateError):
         ctx.failed(7, 408, "x", 0.1)
     assert ctx.state is ForkState.CALLING
+
+
+def test_our_via_goes_even_when_one_line_holds_them_all() -> None:
+    response = make_response(upstream_request(), 200)
+    response.headers.set(
+        "Via",
+        "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKours;rport, "
+        "SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKpool1, SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKc",
+    )
+    up = strip_top_via(response)
+    assert [v.parameters.get("branch") for v in up.via] == ["z9hG4bKpool1", "z9hG4bKc"]
+    response.headers.setlist("Via", ["SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKours",
+                                     "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKc"])
+    assert strip_top_via(response).headers.getlist("Via") == [
+        "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKc"
+    ]
 
 
 def test_best_response_order() -> None:
