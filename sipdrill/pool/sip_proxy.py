@@ -335,8 +335,10 @@ class CallProxy:
         return out
 
     def routed_inside(self, request: Request) -> bool:
-        """``request`` (our Routes popped) goes on along its route set, or is
-        inside a call to a client registered here: :meth:`in_dialog` takes it."""
+        """``request`` (that named this pool in its Route; ours popped) goes on
+        along its route set, or is inside a call to a client registered here:
+        :meth:`in_dialog` takes it. Otherwise (baresip's INVITE to its
+        outbound proxy) the pool handles it as if it had no Route."""
         if request.headers.getlist("Route"):
             return True
         try:

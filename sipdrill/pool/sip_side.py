@@ -190,12 +190,11 @@ class PoolSip:
         method = request.method.upper()
         if method == "REGISTER":
             return self.registrations.register(request, rx.flow)
-        if method != "CANCEL":
-            calls = self.calls
-            if calls.routes_here(request):
-                request = calls.pop_own_routes(request)
+        calls = self.calls
+        if method != "CANCEL" and calls.routes_here(request):
+            request = calls.pop_own_routes(request)
             if calls.routed_inside(request):
-                # Inside a call we record-routed (or on to the pool a Route names).
+                # Inside a call we record-routed: on to the next pool or the client.
                 return self._counted(method, request, lambda: calls.in_dialog(request, rx.flow))
         if method == "ACK":
             return None  # the 2xx of a conference join needs nothing more (see conference.py)

@@ -11,6 +11,7 @@ from pool_harness import ALICE, BOB, CAROL, DAVE, ERIN, P1, P2, TAKEOVER, Lab, t
 from sipmessage import Address, Request, Response
 
 from sipdrill.pool.sip_ua import UserAgent, route_set
+from sipdrill.sip.transport import Kind
 
 
 def rr_hosts(message: Request | Response) -> list[str]:
@@ -96,6 +97,25 @@ async def test_a_call_across_pools_and_the_callee_hangs_up(tmp_path: Path) -> No
         assert got_bye.call_id == invite.call_id
         assert await metric(lab, P1, 'sipdrill_pool_calls_total{result="answered"}') == 1
         assert await metric(lab, P2, 'sipdrill_pool_calls_total{result="answered"}') == 1
+
+
+async def test_each_side_gets_the_pool_where_it_reached_it(tmp_path: Path) -> None:
+    async with two_pools(tmp_path) as lab:
+        bob = await lab.registered(BOB, P1)  # over TLS
+        assert lab.stack is not None
+        alice = lab.stack.agent(ALICE)
+        host, _ = lab.sip_target(P1)
+        await alice.connect(host, lab.topology.pool(P1).sip_tcp_port, P1, kind=Kind.TCP)
+        assert (await alice.register()).code == 200
+        invite, ok = await alice.invite(BOB)
+        assert ok.code == 200
+        got = await bob.next_request("INVITE")
+        # The callee reaches the pool over TLS, the caller over TCP (RFC 3261 16.7 step 4).
+        assert got.headers.getlist("Record-Route") == [f"<sip:{host}:5061;transport=tls;lr>"]
+        assert ok.headers.getlist("Record-Route") == [f"<sip:{host}:5060;transport=tcp;lr>"]
+        bye = await alice.ack_and_bye(invite, ok)
+        assert bye.code == 200
+        assert (await bob.next_request("BYE")).call_id == invite.call_id
 
 
 async def test_forks_to_every_binding_and_cancels_the_rest(tmp_path: Path) -> None:
