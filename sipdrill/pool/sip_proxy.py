@@ -37,6 +37,8 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import heapq
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +141,8 @@ class _Call:
     )
     running: bool = False
     final_sent: bool = False
+    #: The deadline last filed in the proxy's heap (to skip duplicates).
+    filed: float | None = None
 
 
 def _same_place(contact: URI, target: URI) -> bool:
@@ -191,6 +195,10 @@ class CallProxy:
         # with one of them in its Via has looped (RFC 3261 16.3 step 4).
         self._loop_tag = hashlib.blake2b(ctx.fqdn.encode(), digest_size=4).hexdigest()
         self.calls: dict[TransactionKey, _Call] = {}
+        # Deadlines in a heap with lazy deletion: thousands of calls linger
+        # 64*T1 after their answer, and the timer asks after every event.
+        self._heap: list[tuple[float, int, TransactionKey]] = []
+        self._seq = itertools.count()
         self._timer: Timer | None = None
 
     def start(self) -> None:
@@ -448,8 +456,13 @@ class CallProxy:
             call.running = False
         if call.fork.done:
             self.calls.pop(call.key, None)
-        if self._timer is not None:
-            self._timer.poke()
+            return
+        deadline = call.fork.next_deadline()
+        if deadline is not None and deadline != call.filed:
+            call.filed = deadline
+            heapq.heappush(self._heap, (deadline, next(self._seq), call.key))
+            if self._timer is not None:
+                self._timer.poke()
 
     def _act(self, call: _Call, action: ForkAction[Hop]) -> None:
         if isinstance(action, StartBranch):
@@ -582,16 +595,20 @@ class CallProxy:
 
     # -- timers (TimerCore) --------------------------------------------------------
     def next_deadline(self) -> float | None:
-        return min(
-            (d for c in self.calls.values() if (d := c.fork.next_deadline()) is not None),
-            default=None,
-        )
+        while self._heap:
+            deadline, _, key = self._heap[0]
+            call = self.calls.get(key)
+            if call is not None and call.filed == deadline:
+                return deadline
+            heapq.heappop(self._heap)  # stale: the call moved on or is over
+        return None
 
     def handle_timer(self, now: float) -> object:
-        for call in list(self.calls.values()):
-            deadline = call.fork.next_deadline()
-            if deadline is not None and deadline <= now:
-                self._feed(call, functools.partial(call.fork.handle_timer, now))
+        while (deadline := self.next_deadline()) is not None and deadline <= now:
+            _, _, key = heapq.heappop(self._heap)
+            call = self.calls[key]
+            call.filed = None
+            self._feed(call, functools.partial(call.fork.handle_timer, now))
         return None
 
     def status(self) -> dict[str, int]:
