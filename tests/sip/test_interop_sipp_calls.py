@@ -64,9 +64,7 @@ async def test_sipp_calls_through_two_pools(
             out, _ = await asyncio.wait_for(uas.communicate(), 30)
         finally:
             await h.stop_process(uas)
-        from conftest import read_sipp_stats
-
-        callee = read_sipp_stats(uas_stats)
+        callee = h.read_sipp_stats(uas_stats)
         assert uac.returncode == 0, uac
         assert (uac.successful, uac.failed) == (CALLS, 0), uac
         assert uas.returncode == 0, out.decode(errors="replace")[-3000:]
