@@ -31,6 +31,7 @@ from sipdrill.clients.api import create_app
 from sipdrill.clients.endpoint import Target
 from sipdrill.clients.metrics import EventLog
 from sipdrill.clients.population import (
+    CallSettings,
     PopulationError,
     parse_workload,
     profile_for,
@@ -124,10 +125,28 @@ def serve_clients(
         "'none' for nowhere (the API still serves the last ones).",
     ),
     workload: str | None = typer.Option(
-        None, "--workload", help="im,presence,conference: exercise the service once registered."
+        None,
+        "--workload",
+        help="im,presence,conference,call: exercise the service once registered.",
     ),
     workload_interval: float = typer.Option(
         60.0, "--workload-interval", min=0.05, help="Mean seconds between workload actions."
+    ),
+    call_fraction: float = typer.Option(
+        0.25,
+        "--call-fraction",
+        min=0.0,
+        max=1.0,
+        help="With --workload call: the share of the users that place calls.",
+    ),
+    call_interval: float = typer.Option(
+        30.0,
+        "--call-interval",
+        min=0.05,
+        help="With --workload call: mean seconds between two calls of one caller (+-50 %).",
+    ),
+    call_hold: float = typer.Option(
+        3.0, "--call-hold", min=0.0, help="With --workload call: seconds a call is held."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the RNG (SRV, backoff, ids)."),
     ramp: float = typer.Option(
@@ -174,11 +193,21 @@ def serve_clients(
     try:
         specs = select_users(topo, users, None if count is None else count + offset)[offset:]
         kinds = parse_workload(workload)
+        calls = CallSettings(call_fraction, call_interval, call_hold)
     except PopulationError as exc:
         raise _fail(str(exc), 1) from None
     if not specs:
         raise _fail(f"--offset {offset}: no user is left to simulate; lower it or widen --users", 1)
-    profile = profile_for(topo, transport=kind, workload=kinds, workload_interval=workload_interval)
+    profile = profile_for(
+        topo,
+        transport=kind,
+        workload=kinds,
+        workload_interval=workload_interval,
+        calls=calls,
+        # Callers call the users this process simulates: every one of them is
+        # registered somewhere, so a failed call is the lab's, not a missing user's.
+        call_targets=tuple(s.uri for s in specs),
+    )
     if registrar:
         static = []
         for text in registrar:

@@ -20,6 +20,7 @@ from sipdrill.topology import Topology, User
 
 __all__ = [
     "CONFERENCE_URI",
+    "CallSettings",
     "PopulationError",
     "conference_uri",
     "parse_workload",
@@ -120,6 +121,25 @@ def select_users(
     return specs
 
 
+@dataclass(frozen=True)
+class CallSettings:
+    """The call workload: ``fraction`` of the users place calls, each one every
+    ``interval`` seconds on average (+-50 %), held ``hold`` seconds. The call
+    rate of a process is ``fraction * users / interval`` calls per second."""
+
+    fraction: float = 0.25
+    interval: float = 30.0
+    hold: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise PopulationError(f"--call-fraction {self.fraction:g}: give a share of 0 to 1")
+        if self.interval <= 0:
+            raise PopulationError(f"--call-interval {self.interval:g}: give seconds above 0")
+        if self.hold < 0:
+            raise PopulationError(f"--call-hold {self.hold:g}: give seconds, 0 or more")
+
+
 def parse_workload(text: str | None) -> tuple[WorkloadKind, ...]:
     if not text:
         return ()
@@ -144,9 +164,13 @@ def profile_for(
     allow_tcp: bool = False,
     workload: tuple[WorkloadKind, ...] = (),
     workload_interval: float = 60.0,
+    calls: CallSettings | None = None,
+    call_targets: tuple[str, ...] = (),
 ) -> ClientProfile:
     """The client settings a topology implies: domain, registration expiry,
-    keep-alive interval (pings at 80-100 % of it) and pong timeout."""
+    keep-alive interval (pings at 80-100 % of it) and pong timeout; the call
+    workload's settings and whom callers call (``call_targets``)."""
+    calls = calls or CallSettings()
     timers = topology.timers
     interval = timers.keepalive_interval
     return ClientProfile(
@@ -160,4 +184,8 @@ def profile_for(
         ),
         workload=workload,
         workload_interval=workload_interval,
+        call_fraction=calls.fraction,
+        call_interval=calls.interval,
+        call_hold=calls.hold,
+        call_targets=call_targets,
     )

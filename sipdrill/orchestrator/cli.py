@@ -77,11 +77,14 @@ def _plan(
     lab_dir: Path,
     clients: int,
     clients_processes: int,
+    client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
     """The lab plan with the paths its processes see: the host's for the local
     runtime, the containers' for docker (the file is mounted there)."""
     if kind is RuntimeKind.DOCKER:
-        return docker_plan(t, clients=clients, clients_processes=clients_processes)
+        return docker_plan(
+            t, clients=clients, clients_processes=clients_processes, client_args=client_args
+        )
     return lab_plan(
         t,
         kind,
@@ -89,6 +92,7 @@ def _plan(
         state_dir=str(lab_dir.resolve()),
         clients=clients,
         clients_processes=clients_processes,
+        client_args=client_args,
     )
 
 
@@ -527,7 +531,9 @@ def run_drill(
     display = DrillDisplay()
     rt = _runtime(kind, t.name, state_dir, topo_file, progress=display.log)
     n_clients = d.clients.count if clients is None else clients
-    specs = _plan(kind, t, topo_file, lab_dir, n_clients, d.clients.processes)
+    specs = _plan(
+        kind, t, topo_file, lab_dir, n_clients, d.clients.processes, d.clients.process_args()
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(d.name, loaded.topology_path, kind.value, time.time())
     recorder = None

@@ -111,7 +111,11 @@ os.execvp('sipdrill', ['sipdrill', *args, '--users', names])
 
 
 def docker_plan(
-    topology: Topology, *, clients: int = 0, clients_processes: int = 1
+    topology: Topology,
+    *,
+    clients: int = 0,
+    clients_processes: int = 1,
+    client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
     """The lab plan with the paths the containers see."""
     return lab_plan(
@@ -121,6 +125,7 @@ def docker_plan(
         state_dir=CONTAINER_STATE,
         clients=clients,
         clients_processes=clients_processes,
+        client_args=client_args,
     )
 
 

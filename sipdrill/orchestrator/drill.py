@@ -6,7 +6,8 @@ for clients to reach a mode, inject a fault, run an administrator operation,
 write user data, heal. Steps may carry a ``measure`` name: the time the step
 took is then a metric of the report. ``expect`` bounds those metrics, the
 drill's RTO and RPO, and percentiles of the per-client times
-(``reconnect.p95``: see docs/measurements.md).
+(``reconnect.p95``: see docs/measurements.md), and the call workload's
+success ratio and setup time, per phase (``calls.resiliency.success_ratio``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sipdrill.errors import DrillFileError, FileIssue, TopologyError
+from sipdrill.orchestrator.call_metrics import AUTO_PHASES, CALL_VALUES
 from sipdrill.orchestrator.fault_model import FaultKind
 from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
 from sipdrill.orchestrator.plan import short_name
@@ -40,10 +42,41 @@ AdminOp = Literal[
 ]
 
 
+class CallsSpec(_Model):
+    """The call workload's settings (with ``call`` in ``workload``)."""
+
+    fraction: float = Field(default=0.25, ge=0, le=1, description="share of users that call")
+    interval: float = Field(
+        default=30.0, gt=0, le=86_400, description="mean seconds between two calls of a caller"
+    )
+    hold: float = Field(default=3.0, ge=0, le=86_400, description="seconds a call is held")
+
+
 class ClientsSpec(_Model):
     count: int = Field(default=50, ge=0, le=100_000)
     processes: int = Field(default=1, ge=1, le=64)
-    workload: list[Literal["im", "presence", "conference"]] = []
+    workload: list[Literal["im", "presence", "conference", "call"]] = []
+    calls: CallsSpec = CallsSpec()
+
+    @model_validator(mode="after")
+    def _calls_need_the_workload(self) -> ClientsSpec:
+        if "calls" in self.model_fields_set and "call" not in self.workload:
+            raise ValueError("`calls:` sets up the call workload: add `call` to `workload:`")
+        return self
+
+    def process_args(self) -> tuple[str, ...]:
+        """What ``sipdrill serve clients`` needs for this workload."""
+        if not self.workload:
+            return ()
+        args: tuple[str, ...] = ("--workload", ",".join(self.workload))
+        if "call" in self.workload:
+            c = self.calls
+            args += (
+                "--call-fraction", f"{c.fraction:g}",
+                "--call-interval", f"{c.interval:g}",
+                "--call-hold", f"{c.hold:g}",
+            )
+        return args
 
 
 class WaitStep(_Model):
@@ -93,6 +126,8 @@ class Step(_Model):
     sleep: float | None = Field(default=None, ge=0, le=86_400)
     timeout: float = Field(default=600, gt=0, le=86_400)
     measure: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    #: The call phase this step's time is (docs/measurements.md, "Calls").
+    phase: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,40}$")
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
@@ -206,6 +241,7 @@ def load_drill(path: str | Path) -> LoadedDrill:
     services |= {f"backup-{short_name(p.fqdn)}" for p in topology.pools if p.backup}
     fault_ids: set[str] = set()
     measures: set[str] = set()
+    phases = {s.phase for s in drill.steps if s.phase}
     for i, step in enumerate(drill.steps):
         base: list[str | int] = ["steps", i]
         if step.wait is not None:
@@ -275,8 +311,21 @@ def load_drill(path: str | Path) -> LoadedDrill:
             if step.measure in measures:
                 err([*base, "measure"], f"metric {step.measure!r} is measured twice", "rename one")
             measures.add(step.measure)
+        if step.phase in (*CALL_VALUES, "setup"):
+            err(
+                [*base, "phase"],
+                f"{step.phase!r} is the name of a call metric, not of a phase",
+                f"name the phase otherwise (e.g. one of {', '.join(AUTO_PHASES)})",
+            )
     for name in drill.expect:
-        if name not in measures and not is_known_metric(name):
+        if name.startswith("calls.") and "call" not in drill.clients.workload:
+            err(
+                ["expect", name],
+                f"{name} measures the call workload, which this drill does not run",
+                "add `call` to `clients.workload` (and tune `clients.calls`)",
+            )
+            continue
+        if name not in measures and not is_known_metric(name, phases):
             err(
                 ["expect", name],
                 f"no step measures {name!r}, and it is not a drill metric",
@@ -284,7 +333,10 @@ def load_drill(path: str | Path) -> LoadedDrill:
                 + (f" ({', '.join(sorted(measures))})" if measures else "")
                 + f", one of {', '.join(DRILL_METRICS)}, or `<per-client metric>.<stat>` with a "
                 f"metric of {', '.join(CLIENT_METRICS)} and a stat of {', '.join(STATS)} "
-                "(e.g. reconnect.p95); see docs/measurements.md",
+                "(e.g. reconnect.p95), or a call metric: `calls.[<phase>.]<value>` with a "
+                f"value of {', '.join(CALL_VALUES)} or setup.<stat> and a phase of "
+                f"{', '.join(sorted(set(AUTO_PHASES) | phases))} (e.g. "
+                "calls.resiliency.success_ratio); see docs/measurements.md",
             )
     if issues:
         raise DrillFileError(fname, issues)

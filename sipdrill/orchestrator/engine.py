@@ -248,7 +248,8 @@ class DrillEngine:
                 StepRecord(i, _step.describe(), _step.action, report.duration, None, "skipped")
             )
         report.faults = list(self._fault_rows.values())
-        measured = measure(self.timeline, report.duration)
+        step_phases = {i: s.phase for i, s in enumerate(self.drill.steps) if s.phase}
+        measured = measure(self.timeline, report.duration, step_phases)
         report.measured = measured
         report.measurements = measured.summary()
         if self._collector is not None and self._collector.errors:

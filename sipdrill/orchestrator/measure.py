@@ -18,7 +18,8 @@ client that *lost service* after it (was registered, then was not):
 
 RTO is the fault to the last affected client in full service; RPO the
 acknowledged writes a pool failover lost, and the age of the oldest of them
-when the fault struck.
+when the fault struck. The call workload's numbers (success ratio, setup
+time, per phase) are :mod:`.call_metrics`'s, under ``calls``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from sipdrill.orchestrator.call_metrics import CallMeasurements, is_call_metric, measure_calls
 from sipdrill.orchestrator.timeline import CompactEvent, Mark, MarkKind, Timeline
 
 __all__ = [
@@ -211,9 +213,14 @@ class Measurements:
     clients: int
     events: int
     events_lost: int
+    #: The call workload's numbers; None when no call was placed.
+    calls: CallMeasurements | None = None
 
     def value(self, name: str) -> float | None:
-        """A drill-wide metric (``rto``) or ``<client metric>.<stat>``."""
+        """A drill-wide metric (``rto``), ``<client metric>.<stat>`` or
+        ``calls.<...>`` (:mod:`.call_metrics`)."""
+        if name.startswith("calls."):
+            return None if self.calls is None else self.calls.value(name[len("calls."):])
         if name in DRILL_METRICS:
             v = getattr(self, name)
             return None if v is None else float(v)
@@ -237,6 +244,7 @@ class Measurements:
             "cdf": self.cdf,
             "curve": self.curve,
             "slowest": self.slowest,
+            "calls": None if self.calls is None else self.calls.summary(),
             "faults": [
                 {
                     **{k: v for k, v in asdict(f).items() if k not in ("distributions", "by_pool")},
@@ -264,8 +272,10 @@ def cdf_points(sorted_values: Sequence[float], total: int, points: int = 200) ->
     return [[round(float(sorted_values[i]), 3), round((i + 1) / total, 5)] for i in idx]
 
 
-def is_known_metric(name: str) -> bool:
-    if name in DRILL_METRICS:
+def is_known_metric(name: str, phases: Iterable[str] = ()) -> bool:
+    """A drill-wide metric, ``<client metric>.<stat>``, or a call metric
+    (``phases``: the call phases the drill's steps name besides the automatic ones)."""
+    if name in DRILL_METRICS or is_call_metric(name, phases):
         return True
     metric, dot, stat = name.partition(".")
     return bool(dot) and metric in CLIENT_METRICS and stat in STATS
@@ -423,8 +433,11 @@ def _client_row(
     return row
 
 
-def measure(timeline: Timeline, end: float) -> Measurements:
-    """Everything the report shows about the clients, from the timeline."""
+def measure(
+    timeline: Timeline, end: float, step_phases: dict[int, str] | None = None
+) -> Measurements:
+    """Everything the report shows about the clients, from the timeline
+    (``step_phases``: steps that pin a call phase, by index)."""
     marks = list(timeline.marks)
     windows = fault_windows(marks, end)
     failovers = _admin_starts(marks, "pool-failover")
@@ -493,6 +506,7 @@ def measure(timeline: Timeline, end: float) -> Measurements:
         clients=len(users),
         events=timeline.events,
         events_lost=timeline.events_lost,
+        calls=measure_calls(timeline, step_phases),
     )
 
 

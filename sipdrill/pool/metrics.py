@@ -80,6 +80,14 @@ class PoolMetrics:
             ["reason"],
             registry=r,
         )
+        self.calls = Counter(
+            "sipdrill_pool_calls",
+            "Calls (INVITEs to users) this pool proxied, by the final answer it sent "
+            "the caller: answered (2xx), cancelled (487), failed (any other); late-2xx: "
+            "a callee answered after the caller had its final answer.",
+            ["result"],
+            registry=r,
+        )
         self.flows_closed = Counter(
             "sipdrill_pool_flows_closed",
             "Client flows this pool closed so that their users register again, by reason.",
@@ -109,6 +117,8 @@ class PoolMetrics:
             self.refusals.labels(feature.value)
         for pretence in Pretence:
             self.untrusted_pool_claims.labels(pretence.value)
+        for result in ("answered", "cancelled", "failed", "late-2xx"):
+            self.calls.labels(result)
 
     def bind_gauges(
         self,

@@ -43,13 +43,16 @@ Methods: REGISTER, OPTIONS, MESSAGE, SUBSCRIBE (``presence``, and Lync's
 ``vnd-microsoft-roaming-contacts`` as a fetch), NOTIFY (pool to pool),
 PUBLISH (``presence``), SERVICE (add a contact: body is the contact's URI,
 ``Content-Type: application/vnd.sipdrill.add-contact``), INVITE/ACK/BYE to a
-conference focus URI (:mod:`sipdrill.pool.conference`).
+conference focus URI (:mod:`sipdrill.pool.conference`), and calls between
+users: INVITE/ACK/BYE/CANCEL proxied with Record-Route and forking
+(:mod:`.sip_proxy`).
 
 :class:`PoolSip` owns the SIP endpoint and hands each request to the part
 that answers it: :mod:`.sip_registrar` (REGISTER, bindings, modes, nudges),
 :mod:`.sip_partner` (heartbeats, the partner's state), :mod:`.sip_presence`,
 :mod:`.sip_contacts` (contact list), :mod:`.sip_relay` (IM and routing
-between pools) and :mod:`.sip_focus` (conferences). The parts see their pool
+between pools), :mod:`.sip_focus` (conferences) and :mod:`.sip_proxy` (calls:
+a request whose top Route names this pool goes there first). The parts see their pool
 through :class:`~.sip_context.SipContext`, which :class:`PoolSip` implements
 over the pool service; it also passes on what one part tells the others.
 """
@@ -66,6 +69,7 @@ from sipmessage import URI, Request, Response
 
 from sipdrill import addresses
 from sipdrill.errors import SipError
+from sipdrill.pool.conference import parse_conference_uri
 from sipdrill.pool.policy import RegistrarDecision
 from sipdrill.pool.presence import CONTACTS_EVENT
 from sipdrill.pool.sip_contacts import ContactList
@@ -77,10 +81,11 @@ from sipdrill.pool.sip_context import (
     from_pool,
     strip_pool_claims,
 )
-from sipdrill.pool.sip_endpoint import SipEndpoint
+from sipdrill.pool.sip_endpoint import Later, SipEndpoint
 from sipdrill.pool.sip_focus import ConferenceFocus
 from sipdrill.pool.sip_partner import PartnerHeartbeat
 from sipdrill.pool.sip_presence import PresenceHub
+from sipdrill.pool.sip_proxy import CallProxy
 from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.pool.sip_relay import ImRelay
 from sipdrill.sip.message import make_response
@@ -101,7 +106,7 @@ if TYPE_CHECKING:
     from sipdrill.pool.settings import PoolSettings
     from sipdrill.pool.store import UserStore
 
-Answer = Response | Awaitable[Response]
+Answer = Response | Awaitable[Response] | Later
 
 log = logging.getLogger("sipdrill.pool")
 
@@ -131,6 +136,11 @@ class PoolSip:
         self.presence = PresenceHub(self, self.registrations, self.relay)
         self.contacts = ContactList(self, self.registrations, svc.add_contact)
         self.focus = ConferenceFocus(self, self.registrations, self.relay)
+        self.calls = CallProxy(
+            self, self.registrations, self.relay, lambda: self.endpoint,
+            {p.fqdn: addresses.pool_sip_address(topo, p, loopback=svc.settings.loopback)
+             for p in topo.pools},
+        )
         #: The partner pool's heartbeats (from start, when the pool has a partner).
         self.heartbeat: PartnerHeartbeat | None = None
         self._handlers: dict[str, Callable[[Request, Flow], Answer]] = {
@@ -140,7 +150,8 @@ class PoolSip:
             "NOTIFY": self.presence.notify_in,
             "PUBLISH": lambda request, flow: self.presence.publish(request),
             "SERVICE": self.contacts.add,
-            "INVITE": self.focus.invite,
+            "INVITE": self._invite,
+            "CANCEL": lambda request, flow: self.calls.cancel(request),
             "BYE": self.focus.bye,
         }
         self._pretences_logged: set[Pretence] = set()
@@ -176,6 +187,7 @@ class PoolSip:
         listens.append((Kind.UDP, host, pool.sip_udp_port))
         bound = await self.endpoint.listen(listens, ssl_context=svc.server_ssl)
         self.registrations.start()
+        self.calls.start()
         loop = asyncio.get_running_loop()
         if svc.monitor is not None:
             self.heartbeat = PartnerHeartbeat(
@@ -205,16 +217,28 @@ class PoolSip:
             self._pretended(pretence, request, rx.flow)
         if method == "REGISTER":
             return self.registrations.register(request, rx.flow)
+        calls = self.calls
+        if method != "CANCEL" and calls.routes_here(request):
+            request = calls.pop_own_routes(request)
+            if calls.routed_inside(request):
+                # Inside a call we record-routed: on to the next pool or the client.
+                return self._counted(method, request, lambda: calls.in_dialog(request, rx.flow))
         if method == "ACK":
             return None  # the 2xx of a conference join needs nothing more (see conference.py)
         handler = self._handlers.get(method)
         if handler is None:
-            status = 481 if method == "CANCEL" else 405
-            return self._count(method, make_response(request, status, headers=[("Allow", ALLOW)]))
+            return self._count(method, make_response(request, 405, headers=[("Allow", ALLOW)]))
+        return self._counted(method, request, lambda: handler(request, rx.flow))
+
+    def _counted(
+        self, method: str, request: Request, answer_of: Callable[[], Answer | None]
+    ) -> Answer | None:
         try:
-            answer = handler(request, rx.flow)
+            answer = answer_of()
         except SipError as exc:
             answer = make_response(request, exc.status_code, exc.reason, exc.headers)
+        if answer is None or isinstance(answer, Later):
+            return answer  # an ACK; or the call proxy answers (and counts) itself
         if isinstance(answer, Response):
             return self._count(method, answer)
         return self._count_later(method, answer)
@@ -250,6 +274,11 @@ class PoolSip:
         return make_response(
             request, 200, headers=[("Allow", ALLOW), ("Supported", "path, outbound")]
         )
+
+    def _invite(self, request: Request, flow: Flow) -> Answer:
+        if parse_conference_uri(request.uri) is not None:
+            return self.focus.invite(request, flow)
+        return self.calls.invite(request, flow)
 
     def _subscribe(self, request: Request, flow: Flow) -> Answer:
         if event_of(request) == CONTACTS_EVENT:
@@ -372,4 +401,5 @@ class PoolSip:
                 "participants": conferences.participants(),
             },
             "reregistration": rereg.summary(now) if rereg else None,
+            "calls": self.calls.status(),
         }

@@ -58,3 +58,12 @@ def test_workload_and_profile(topology) -> None:  # type: ignore[no-untyped-def]
     assert profile.keepalive.default_interval == (96.0, 120.0)
     assert profile.keepalive.pong_timeout == 10.0
     assert [n.label for n in profile.order()][2] == "_sipinternaltls._tcp"
+
+
+def test_call_settings_are_checked_and_reach_the_profile() -> None:
+    from sipdrill.clients.population import CallSettings, PopulationError, parse_workload
+
+    for bad in ({"fraction": 1.5}, {"interval": 0}, {"hold": -1}):
+        with pytest.raises(PopulationError):
+            CallSettings(**bad)  # type: ignore[arg-type]
+    assert parse_workload("im, call") == (WorkloadKind.IM, WorkloadKind.CALL)
