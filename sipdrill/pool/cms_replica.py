@@ -86,8 +86,16 @@ class CmsReplica:
         async with self._clients() as clients:
             await require_cms(self.topology, clients)
 
+    def homed_users(self) -> list[str]:
+        """The users the CMS records a home for (Move-CsUser's), lower case."""
+        return list(self._homing)
+
     async def set_home(self, aor: str, home: str | None) -> None:
         """Record ``aor``'s home pool through the master (None: the topology's)."""
+        await self.set_homes({aor: home})
+
+    async def set_homes(self, homes: dict[str, str | None]) -> None:
+        """Record several users' home pools in one change of the CMS."""
         async with self._clients() as clients:
-            await cms_update(self.topology, clients, CmsConfigPatch(user_homing={aor: home}))
+            await cms_update(self.topology, clients, CmsConfigPatch(user_homing=homes))
         self.refresh()
