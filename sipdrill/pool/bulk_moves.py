@@ -122,6 +122,9 @@ class MovePlan:
     source_up: bool
     force: bool
     rate: float
+    #: Pools that did not answer the CMS check: each batch's CMS change does
+    #: not wait for them again (a cut pool costs a probe timeout every time).
+    silent: tuple[str, ...] = ()
 
 
 async def plan_move(moves: UserMoves, from_pool: str, *, force: bool, rate: float) -> MovePlan:
@@ -142,7 +145,7 @@ async def plan_move(moves: UserMoves, from_pool: str, *, force: bool, rate: floa
     if not rate > 0:
         raise OperationError("bad-rate", f"rate {rate} users/s: give a positive rate", 422)
     store.require_writable()
-    await moves.cms.require_master()
+    silent = await moves.cms.require_master()
     users = users_homed_on(moves, source)
     if not users:
         raise OperationError(
@@ -156,7 +159,7 @@ async def plan_move(moves: UserMoves, from_pool: str, *, force: bool, rate: floa
             f"{len(users)} users, and their contacts and meetings are then lost",
             503,
         )
-    return MovePlan(source, tuple(users), source_up, force, rate)
+    return MovePlan(source, tuple(users), source_up, force, rate, tuple(silent))
 
 
 async def move_pool_users(
@@ -208,7 +211,7 @@ async def run_move(
                     {"user": key, "code": "error", "message": f"{type(exc).__name__}: {exc}"}
                 )
                 continue
-        if written and not await _home_batch(moves, written, tally):
+        if written and not await _home_batch(moves, written, plan.silent, tally):
             attempted = set(batch)
             tally.failed += [
                 {"user": k, "code": "not-attempted",
@@ -294,7 +297,9 @@ async def _write_user(
     return _Written(uri, previous, counted, len(contacts), len(conferences))
 
 
-async def _home_batch(moves: UserMoves, written: dict[str, _Written], tally: _Tally) -> bool:
+async def _home_batch(
+    moves: UserMoves, written: dict[str, _Written], silent: tuple[str, ...], tally: _Tally
+) -> bool:
     """Record the batch's users as homed here in the CMS, in one change; on a
     refusal put their accounts back and report them failed."""
     homes = {
@@ -302,7 +307,7 @@ async def _home_batch(moves: UserMoves, written: dict[str, _Written], tally: _Ta
         for key in written
     }
     try:
-        await moves.cms.set_homes(homes)
+        await moves.cms.set_homes(homes, skip=silent)
     except OperationError as exc:
         for key, w in written.items():
             await asyncio.to_thread(_restore, moves.pool.store, w.uri, w.previous)

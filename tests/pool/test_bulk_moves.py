@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,31 @@ async def test_a_forced_move_of_a_pool_that_is_down_cleans_up_when_it_returns(
     await wait_for(cleaned, 10, step=0.2)
 
 
+async def test_a_silent_source_is_waited_for_once_not_once_per_batch(lab: Lab) -> None:
+    """A cut site answers nothing (the kernel still accepts connections): each
+    probe of it costs its timeout. The move waits for it while checking the CMS
+    and the source, then not again for each batch's CMS change."""
+    await lab.stop(P1)
+    await _fail_over_cms(lab)
+    host, port = lab.url(P1, "").removeprefix("http://").rsplit(":", 1)
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind((host, int(port)))
+    silent.listen(64)  # accepts, never answers
+    try:
+        r = await lab.post(
+            P2, "/admin/users/move-all",
+            json={"from_pool": P1, "to": P2, "force": True, "rate": 1}, timeout=120,
+        )
+    finally:
+        silent.close()
+    result = _lines(r.text)[-1]
+    assert result["moved"] == 3 and result["source_answered"] is False
+    # Three batches a second apart, and no 3 s CMS probe of pool1 in any of them
+    # (with one per batch it took 3 x 6 s).
+    assert result["duration"] < 10, result
+
+
 async def test_a_batch_the_cms_refuses_is_put_back_and_reported(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,12 +201,12 @@ async def test_a_batch_the_cms_refuses_is_put_back_and_reported(
     real = cms.set_homes
     calls = 0
 
-    async def flaky(homes: dict[str, str | None]) -> None:
+    async def flaky(homes: dict[str, str | None], **kw: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OperationError("cms-unavailable", "the CMS master went away", 503)
-        await real(homes)
+        await real(homes, **kw)
 
     monkeypatch.setattr(cms, "set_homes", flaky)
     contacts = {u: len((await lab.get(P1, f"/users/{u}")).json()["contacts"]) for u in P1_USERS}
