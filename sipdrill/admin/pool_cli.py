@@ -222,7 +222,7 @@ def _stream(
                 if line.strip():
                     yield json.loads(line)
     except httpx.HTTPError as exc:
-        _fail(f"pool {pool} at {url}: {exc}")
+        _fail(f"pool {pool} does not answer at {url}: {exc}")
 
 
 @user_app.command("export")
