@@ -2,8 +2,16 @@
 
 ``--users`` patterns are ``POOL:GLOB``: ``pool1.lab.local:*`` is every user
 homed on pool1, ``*:p1u00*`` every user whose name (the part before the @)
-or URI matches the glob, whatever the pool. Several patterns add up, in
-topology order, without duplicates.
+or URI matches the glob, whatever the pool. Several patterns add up, without
+duplicates.
+
+The users chosen are drawn across their home pools in proportion to how many
+of the matching users each pool homes (:func:`proportional_order`): the first
+40 of a lab with 151 users on pool1 and 152 on pool2 are 20 and 20, not the
+38 of pool1 that topology order gave (its explicit users and pool1's group
+come first). Within a pool, topology order. Any prefix of the order is
+proportional too, so clients processes that split the users by ``--offset``
+draw the same users as one process would.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ __all__ = [
     "conference_uri",
     "parse_workload",
     "profile_for",
+    "proportional_order",
     "select_users",
 ]
 
@@ -75,11 +84,40 @@ def parse_patterns(patterns: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
+def proportional_order(users: Sequence[User]) -> list[User]:
+    """``users`` interleaved across their home pools so that every prefix holds
+    each pool's share of them, within one user (pools in order of first
+    appearance, users of a pool in their given order).
+
+    The m-th user comes from the pool furthest behind its share of m (pool k,
+    with w_k of the n users, is owed m * w_k / n), ties to the earlier pool:
+    the largest-deficit rule, which keeps every pool within one user of its
+    share at every prefix (the property the tests check).
+    """
+    by_pool: dict[str, list[User]] = {}
+    for user in users:
+        by_pool.setdefault(user.home_pool, []).append(user)
+    pools = list(by_pool.values())
+    n = len(users)
+    taken = [0] * len(pools)
+    order: list[User] = []
+    for m in range(1, n + 1):
+        # Integers: deficit_k * n = m * w_k - taken_k * n.
+        k = max(
+            (i for i in range(len(pools)) if taken[i] < len(pools[i])),
+            key=lambda i: (m * len(pools[i]) - taken[i] * n, -i),
+        )
+        order.append(pools[k][taken[k]])
+        taken[k] += 1
+    return order
+
+
 def select_users(
     topology: Topology, patterns: Sequence[str], count: int | None = None
 ) -> list[UserSpec]:
-    """The first ``count`` users matching ``patterns`` (all if None), with contacts and
-    the conferences they may join (their own and their contacts')."""
+    """``count`` users matching ``patterns`` (all if None), drawn across home
+    pools in proportion (:func:`proportional_order`), with contacts and the
+    conferences they may join (their own and their contacts')."""
     parsed = parse_patterns(patterns)
     pools = {p.fqdn for p in topology.pools}
     for pool, _ in parsed:
@@ -88,12 +126,10 @@ def select_users(
                 f"--users {pool}: no such pool (pools: {', '.join(sorted(pools))})"
             )
     everyone = topology.all_users()
-    chosen: list[User] = []
-    for user in everyone:
-        if any(_matches(user, pool, glob) for pool, glob in parsed):
-            chosen.append(user)
-            if count is not None and len(chosen) == count:
-                break
+    matching = [u for u in everyone if any(_matches(u, pool, glob) for pool, glob in parsed)]
+    chosen = proportional_order(matching)
+    if count is not None:
+        chosen = chosen[:count]
     if count is not None and len(chosen) < count:
         raise PopulationError(
             f"--count {count}: only {len(chosen)} users match {', '.join(patterns)}; "

@@ -84,6 +84,7 @@ HEALTH_START_PERIOD = "60s"
 #: ``serve clients ...`` arguments). No ``$`` in it: Compose would interpolate.
 CLIENT_SLOT_SCRIPT = f"""\
 import fcntl, os, sys
+from sipdrill.clients.population import proportional_order
 from sipdrill.topology import load_topology
 args = sys.argv[1:]
 count = int(args[args.index('--count') + 1])
@@ -100,7 +101,7 @@ while True:
         slot += 1
 os.set_inheritable(fd, True)  # the lock lives as long as the clients process
 topology = load_topology(args[args.index('--topology') + 1]).topology
-users = topology.all_users()[slot * count:(slot + 1) * count]
+users = proportional_order(topology.all_users())[slot * count:(slot + 1) * count]
 if len(users) < count:
     sys.exit(f'clients replica {{slot}}: only {{len(users)}} of {{count}} users left: scale down')
 names = ','.join('*:' + u.uri.split(':', 1)[1].split('@', 1)[0] for u in users)

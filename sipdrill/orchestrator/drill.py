@@ -31,13 +31,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-ClientMode = Literal["full", "resiliency", "signed-out", "registered"]
+ClientMode = Literal["full", "resiliency", "signed-out", "registered", "unregistered"]
 AdminOp = Literal[
     "pool-failover",
     "pool-failback",
     "cms-failover",
     "backup-sync",
     "user-move",
+    "user-export",
+    "user-import",
     "dns-repoint",
 ]
 
@@ -106,6 +108,19 @@ class AdminStep(_Model):
     force: bool = False
     user: str | None = None
     to: str | None = None
+    from_pool: str | None = Field(
+        default=None,
+        description="user-move: every user homed there; user-import: the newest export of it",
+    )
+    rate: float | None = Field(default=None, gt=0, le=10_000, description="user-move: users/s")
+
+
+class DnsOverrides(_Model):
+    """The drill's changes to the topology's DNS: shorter TTLs, so clients see a
+    repointed record in a drill's minutes rather than the zone's."""
+
+    ttl: int | None = Field(default=None, ge=0, le=604800)
+    negative_ttl: int | None = Field(default=None, ge=0, le=86400)
 
 
 class WriteStep(_Model):
@@ -173,6 +188,7 @@ class Drill(_Model):
     timers: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the topology's timers for this drill"
     )
+    dns: DnsOverrides = DnsOverrides()
     clients: ClientsSpec = ClientsSpec()
     steps: list[Step] = Field(min_length=1)
     expect: dict[str, Bound] = {}
@@ -221,6 +237,9 @@ def load_drill(path: str | Path) -> LoadedDrill:
         raw.setdefault("timers", {})
         if isinstance(raw["timers"], dict):
             raw["timers"].update(drill.timers)
+    dns = drill.dns.model_dump(exclude_none=True)
+    if isinstance(raw, dict) and dns and isinstance(raw.get("dns"), dict):
+        raw["dns"].update(dns)
     topo_yaml = (
         yaml.safe_dump(raw, sort_keys=False) if isinstance(raw, dict) else topo_path.read_text()
     )
@@ -283,14 +302,37 @@ def load_drill(path: str | Path) -> LoadedDrill:
             )
         if step.admin is not None:
             a = step.admin
-            if a.op in ("pool-failover", "pool-failback", "backup-sync") and a.pool not in pools:
+            needs_pool = ("pool-failover", "pool-failback", "backup-sync", "user-export",
+                          "user-import")
+            if a.op in needs_pool and a.pool not in pools:
                 err(
                     [*base, "admin", "pool"],
-                    f"{a.op} needs `pool:`, one of the topology's pools",
+                    f"{a.op} needs `pool:`, one of the topology's pools"
+                    + (" (the pool to restore into)" if a.op == "user-import" else ""),
                     f"use one of {sorted(pools)}",
                 )
-            if a.op == "user-move" and (a.user is None or a.to not in pools):
-                err([*base, "admin"], "user-move needs `user:` and `to:` (a pool)", "add both")
+            if a.op == "user-move" and (
+                (a.user is None) == (a.from_pool is None) or a.to not in pools
+            ):
+                err(
+                    [*base, "admin"],
+                    "user-move needs `to:` (a pool) and either `user:` (one user) or "
+                    "`from_pool:` (every user homed on that pool)",
+                    f"add them; pools: {sorted(pools)}",
+                )
+            if a.from_pool is not None and a.from_pool not in pools:
+                err(
+                    [*base, "admin", "from_pool"],
+                    f"unknown pool {a.from_pool!r}",
+                    f"use one of {sorted(pools)}",
+                )
+            exporting = a.op == "user-export" and a.pool in pools
+            if exporting and topology.pool(a.pool or "").user_data_export is None:
+                err(
+                    [*base, "admin", "pool"],
+                    f"{a.pool} has no scheduled export (`user_data_export:` in the topology)",
+                    "add `user_data_export: {copy_to: <DR pool>}` to the pool",
+                )
             repoint = (a.pool, a.to)
             if a.op == "dns-repoint" and (not set(repoint) <= set(pools) or a.pool == a.to):
                 err(

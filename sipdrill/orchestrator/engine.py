@@ -353,8 +353,9 @@ class DrillEngine:
 
     def _write(self, op: WriteStep) -> dict[str, Any]:
         result = dict(self.driver.write(op))
+        seqs = result.pop("acked_seqs", None) or {}
         for pool, walls in (result.pop("acked_walls", None) or {}).items():
-            self.timeline.acknowledged_writes(pool, walls)
+            self.timeline.acknowledged_writes(pool, walls, seqs.get(pool))
         self._mark(MarkKind.WRITE, "write", users=op.users, **result)
         return result
 
@@ -478,6 +479,8 @@ def _matches(c: ClientCount, w: WaitStep) -> bool:
         return False
     if w.mode == "registered":
         return c.mode in ("full", "resiliency")
+    if w.mode == "unregistered":  # no service anywhere: signed out, signing in, backing off
+        return c.mode not in ("full", "resiliency")
     return c.mode == w.mode
 
 

@@ -125,6 +125,9 @@ class Timeline:
         self.writes: dict[str, list[float]] = {}
         #: The call workload's calls, by (caller, Call-ID), in the order first seen.
         self.calls: dict[tuple[str, str], CallRecord] = {}
+        #: ``(t, seq)`` of those writes whose seq in their pool's change feed the
+        #: driver knows: an export at seq S holds exactly the writes with seq <= S.
+        self.write_seqs: dict[str, list[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
     # --- the orchestrator's marks ------------------------------------------
@@ -139,9 +142,14 @@ class Timeline:
                 self.stream.flush()
         return m
 
-    def acknowledged_writes(self, pool: str, walls: Iterable[float]) -> None:
+    def acknowledged_writes(
+        self, pool: str, walls: Iterable[float], seqs: Iterable[int] | None = None
+    ) -> None:
+        ts = [w - self.t0_wall for w in walls]
         with self._lock:
-            self.writes.setdefault(pool, []).extend(w - self.t0_wall for w in walls)
+            self.writes.setdefault(pool, []).extend(ts)
+            if seqs is not None:
+                self.write_seqs.setdefault(pool, []).extend(zip(ts, seqs, strict=True))
 
     # --- the clients' events -----------------------------------------------
 

@@ -14,13 +14,14 @@ unavailable, 422 a bad body); each route documents the ones it may answer.
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from sipdrill.control.app import ControlApp, RequestModel, errors
 from sipdrill.control.auth import bearer_auth
 from sipdrill.pool import failover_events, replication
+from sipdrill.pool.bulk_moves import DEFAULT_RATE
 from sipdrill.pool.conference import conference_uri
 from sipdrill.pool.import_export import export_users, import_users
 
@@ -139,10 +140,27 @@ class MoveOut(BaseModel):
     counted_from: str
 
 
+class MoveAllIn(RequestModel):
+    from_pool: str = Field(description="Get-CsUser -Filter {RegistrarPool -eq from_pool}")
+    to: str
+    force: bool = False
+    rate: float = Field(default=DEFAULT_RATE, gt=0, le=10_000, description="users per second")
+
+
 class ImportOut(BaseModel):
     users_restored: int
     contacts_restored: int
+    meetings_restored: int
     skipped: list[str]
+    reasons: dict[str, str] = Field(description="why each skipped user was not restored")
+    export: dict[str, Any] | None = Field(description="the export's header: pool, seq, created")
+    name: str | None = None
+    source_pool: str | None = None
+
+
+class ImportHeldIn(RequestModel):
+    name: str | None = Field(default=None, description="a copy's name; default the newest")
+    source_pool: str | None = Field(default=None, description="only copies from this pool")
 
 
 #: ``GET /admin/users/export`` answers the file itself.
@@ -173,7 +191,11 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     app = ControlApp(f"sipdrill pool {pool.fqdn}", pool.token)
     # Above the 1 MiB every other request gets: a replication batch and a user
     # import grow with the pool (10,000 users and their contact lists).
-    app.state.body_limits = {"/replication/apply": 64 << 20, "/admin/users/import": 256 << 20}
+    app.state.body_limits = {
+        "/replication/apply": 64 << 20,
+        "/admin/users/import": 256 << 20,
+        "/admin/users/share": 256 << 20,
+    }
     auth = [bearer_auth(pool.token)]
     api = APIRouter(dependencies=auth)
 
@@ -266,10 +288,25 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     async def move(body: MoveIn) -> MoveOut:
         return MoveOut(**await pool.user_moves.move(body.user, body.to, body.force))
 
+    @api.post("/admin/users/move-all", responses=errors(404, 409, 503))
+    async def move_all(body: MoveAllIn) -> StreamingResponse:
+        """Move every user homed on ``from_pool`` here: one line of JSON per
+        batch as it goes (``event`` progress), then the result (``event``
+        result, or ``event`` error with ``code`` and ``message``)."""
+        lines = await pool.bulk_moves.start(body.from_pool, body.to, body.force, body.rate)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @api.get("/admin/users/move-all")
+    async def move_all_status() -> dict[str, Any]:
+        """The bulk move under way (its progress) and the last one's result."""
+        return pool.bulk_moves.status()
+
     @api.get("/admin/users/export", response_class=Response, responses=_EXPORT_OUT)
     async def export(fmt: Annotated[Literal["xml", "json"], Query(alias="format")] = "xml"
                      ) -> Response:
-        data, summary = await export_users(pool.store, pool.settings.state_dir, fmt)
+        data, summary = await export_users(
+            pool.store, pool.settings.state_dir, fmt, domain=pool.topology.domain
+        )
         media = "application/json" if fmt == "json" else "application/xml"
         headers = {f"X-Sipdrill-Export-{k.title()}": str(v) for k, v in summary.items()}
         return Response(data, media_type=media, headers=headers)
@@ -277,7 +314,38 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
     @api.post("/admin/users/import", responses=errors(400, 409), openapi_extra=_EXPORT_FILE)
     async def import_(request: Request) -> ImportOut:
         data = await request.body()
-        return ImportOut(**await import_users(pool.store, pool.settings.state_dir, data))
+        return ImportOut(**await import_users(
+            pool.store, data, domain=pool.topology.domain, pools=pool.pool_names
+        ))
+
+    @api.post("/admin/users/export-job", responses=errors(409, 503))
+    async def export_job() -> dict[str, Any]:
+        """The scheduled export (topology ``user_data_export``), run now."""
+        return await pool.user_data_exports.run()
+
+    @api.get("/admin/users/share")
+    async def share(source_pool: str | None = None) -> list[dict[str, Any]]:
+        """The exports other pools copied here, newest first."""
+        return pool.user_data_exports.held(source_pool)
+
+    @api.put("/admin/users/share", responses=errors(400, 404, 409), openapi_extra=_EXPORT_FILE)
+    async def share_put(source_pool: str, name: str, request: Request) -> dict[str, Any]:
+        return await pool.user_data_exports.receive(source_pool, name, await request.body())
+
+    @api.get(
+        "/admin/users/share/file",
+        response_class=Response,
+        responses={**_EXPORT_OUT, **errors(404)},
+    )
+    async def share_get(name: str, source_pool: str | None = None) -> Response:
+        path = pool.user_data_exports.find(name, source_pool)
+        media = "application/json" if path.suffix == ".json" else "application/xml"
+        return Response(path.read_bytes(), media_type=media)
+
+    @api.post("/admin/users/import-held", responses=errors(400, 404, 409))
+    async def import_held(body: ImportHeldIn) -> ImportOut:
+        """Import-CsUserData of an export this pool holds (its share)."""
+        return ImportOut(**await pool.user_data_exports.import_held(body.name, body.source_pool))
 
     app.include_router(api)
     if cms_router is not None:

@@ -42,8 +42,10 @@ from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.pool.api import create_pool_app
+from sipdrill.pool.bulk_moves import BulkMoves
 from sipdrill.pool.cms_replica import CmsReplica
 from sipdrill.pool.conference import conference_uri
+from sipdrill.pool.import_export import UserDataExports
 from sipdrill.pool.metrics import PoolMetrics
 from sipdrill.pool.moves import UserMoves
 from sipdrill.pool.policy import (
@@ -119,6 +121,11 @@ class PoolService:
             self, self.state_file, self.cms, token=token, loopback=settings.loopback,
             retry_interval=settings.pending_retry_interval,
         )
+        self.bulk_moves = BulkMoves(self.user_moves)
+        self.user_data_exports = UserDataExports(
+            self, settings.state_dir, token=token, loopback=settings.loopback,
+            interval=lambda: self.cms.timers().user_data_export_interval,
+        )
         self.started_at = time.time()
         self._store: UserStore | None = None
         self.sip = PoolSip(self)
@@ -166,6 +173,9 @@ class PoolService:
     def topology_home(self, aor: str) -> str | None:
         """The home pool the topology gives ``aor`` (before any move)."""
         return self._topo_home.get(aor.lower())
+
+    def topology_users(self) -> list[str]:
+        return list(self._topo_home)
 
     def store_uri(self, aor: str) -> str:
         """The URI as the store spells it (topology files may use capitals)."""
@@ -270,6 +280,7 @@ class PoolService:
         self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
         self.user_moves.start()
         await self._start_control(app_router)
+        self.user_data_exports.start()
         log.info(
             "pool %s: sip %s, control %s, partner %s (detection %gs, failback %gs, "
             "heartbeat every %gs)",
@@ -298,6 +309,8 @@ class PoolService:
         )
 
     async def close(self) -> None:
+        await self.bulk_moves.close()
+        await self.user_data_exports.close()
         if self._control_server is not None:
             await self._control_server.stop()
             self._control_server = None
@@ -399,6 +412,7 @@ class PoolService:
             "store": store,
             "moves": len(self.state_file.moves),
             "pending_deletes": len(self.state_file.pending_deletes),
+            "user_data_export": self.user_data_exports.status(),
             "uptime": round(time.time() - self.started_at, 3),
         }
 

@@ -196,6 +196,27 @@ async def test_unreachable_partner_then_recovery(lab: FakeLab, clock: FakeClock)
     )
 
 
+async def test_a_healed_site_returns_to_normal_and_steady_without_a_new_write(
+    lab: FakeLab,
+) -> None:
+    """Regression (issue 19): after a site heal both Backup Services stayed in
+    import ErrorState, their last sync caught up with no error, until a new
+    write was applied. A cycle that finds the partner holding everything is a
+    working import."""
+    service = lab.backups[P1]
+    await service.sync()
+    lab.pool_transport[P2].down = True
+    assert (await service.sync()).import_state == "ErrorState"
+    lab.pool_transport[P2].down = False
+
+    result = await service.sync()
+
+    assert (result.outcome, result.applied) == ("caught-up", 0)
+    assert (result.export_state, result.import_state) == ("SteadyState", "NormalState")
+    status = service.direction.status()
+    assert (status.import_state, status.last_error) == ("NormalState", None)
+
+
 async def test_unreachable_source_is_an_export_error(lab: FakeLab) -> None:
     lab.pool_transport[P1].down = True
     result = await lab.backups[P1].sync()

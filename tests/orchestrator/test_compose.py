@@ -190,8 +190,9 @@ def test_the_slot_script_gives_each_replica_its_own_users(tmp_path: Path) -> Non
     names_second = second.stdout.readline().strip()
     for proc in (first, second):
         proc.communicate("")
-    assert names_first == "*:alice,*:bob,*:carol,*:p1u001"
-    assert names_second == "*:p1u002,*:p1u003,*:p1u004,*:p1u005"
+    # Drawn across the home pools in proportion (pool1 151 users, pool2 152).
+    assert names_first == "*:bob,*:alice,*:carol,*:p1u001"
+    assert names_second == "*:p2u001,*:p1u002,*:p2u002,*:p1u003"
     again = start()
     assert again.stdout is not None
     assert again.stdout.readline().strip() == names_first

@@ -123,11 +123,12 @@ def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
 
 
 def pool1_users(n: int) -> int:
-    """How many of the first ``n`` users of paired-pools are homed on pool1."""
+    """How many of the ``n`` clients of paired-pools are homed on pool1."""
+    from sipdrill.clients.population import select_users
     from sipdrill.topology import parse_topology
 
     topo = parse_topology((ROOT / "topologies/paired-pools.yaml").read_text(), "t").topology
-    return sum(1 for u in topo.all_users()[:n] if u.home_pool == "pool1.lab.local")
+    return sum(1 for u in select_users(topo, ["*:*"], n) if u.home_pool == "pool1.lab.local")
 
 
 def test_registrar_failover_drill(tmp_path: Path) -> None:
