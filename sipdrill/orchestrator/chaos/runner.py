@@ -46,6 +46,9 @@ from sipdrill.orchestrator.engine import ClientCount, DrillInterrupted, deferred
 from sipdrill.orchestrator.plan import RuntimeKind, short_name
 from sipdrill.topology import Topology
 
+#: Tries of an undo that fails before the run goes on without it.
+HEAL_ATTEMPTS = 3
+
 WriteOutcome = tuple[Literal["ok", "fail", "info"], dict[str, Any]]
 
 
@@ -224,12 +227,20 @@ class ChaosRunner:
             if handle is None:
                 return  # its injection failed: nothing to heal
             inv = h.invoke("nemesis", "heal", id=op.fault_id)
-            try:
-                self.lab.undo(handle)
-            except Exception as exc:  # heal-all at the end tries again
-                h.complete(inv, OpType.FAIL, error=f"{type(exc).__name__}: {exc}")
+            for attempt in range(1, HEAL_ATTEMPTS + 1):
+                try:
+                    self.lab.undo(handle)
+                except Exception as exc:
+                    if attempt < HEAL_ATTEMPTS:  # a runtime's hiccup: the nemesis needs it healed
+                        self.lab.sleep(2.0)
+                        continue
+                    # Heal-all at the end tries again, and the probe says what stayed.
+                    h.complete(inv, OpType.FAIL, error=f"{type(exc).__name__}: {exc}",
+                               attempts=attempt)
+                    self.progress(f"  heal {op.fault_id} failed: {exc}")
+                    return
+                h.complete(inv, OpType.OK, attempts=attempt)
                 return
-            h.complete(inv, OpType.OK)
         elif op.op is NemesisOpKind.CMS_FAILOVER:
             self._admin(AdminStep(op="cms-failover", force=True))
         elif op.op is NemesisOpKind.POOL_FAILOVER:
@@ -326,13 +337,20 @@ class ChaosRunner:
 
     def _heal_all(self) -> None:
         inv = self.history.invoke("final", "heal-all")
-        try:
-            self.lab.heal_all()
-        except Exception as exc:
-            self.history.complete(inv, OpType.FAIL, error=f"{type(exc).__name__}: {exc}")
+        for attempt in range(1, HEAL_ATTEMPTS + 1):
+            try:
+                self.lab.heal_all()
+            except Exception as exc:
+                if attempt < HEAL_ATTEMPTS:
+                    self.lab.sleep(2.0)
+                    continue
+                self.history.complete(inv, OpType.FAIL, error=f"{type(exc).__name__}: {exc}",
+                                      attempts=attempt)
+                self.progress(f"heal-all failed: {exc}")
+                return
+            self._handles.clear()
+            self.history.complete(inv, OpType.OK, attempts=attempt)
             return
-        self._handles.clear()
-        self.history.complete(inv, OpType.OK)
 
     def _final(self) -> None:
         s = self.settings
