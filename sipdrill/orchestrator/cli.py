@@ -588,6 +588,7 @@ def run_drill(
                         events=events,
                         background_events=True,
                         on_tick=display.tick,
+                        chaos_dir=out_dir,
                     )
                     report = engine.run()
             finally:

@@ -386,6 +386,10 @@ class DockerLab:
         """Undo every fault in the journal; raise if any could not be undone."""
         self.faults.heal_all()
 
+    def leftovers(self) -> list[str]:
+        """Faults still in place, whatever the journal says (see DockerLabFaults)."""
+        return self.faults.leftovers(self.token)
+
 
 def _levels(specs: Sequence[ServiceSpec]) -> int:
     """How many start levels the plan's dependencies make (dns, pools, backups...)."""

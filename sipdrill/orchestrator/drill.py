@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sipdrill.errors import DrillFileError, FileIssue, TopologyError
 from sipdrill.orchestrator.call_metrics import AUTO_PHASES, CALL_VALUES
-from sipdrill.orchestrator.fault_model import FaultKind
+from sipdrill.orchestrator.fault_model import RUNTIME_FAULTS, FaultKind
 from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
-from sipdrill.orchestrator.plan import short_name
+from sipdrill.orchestrator.plan import RuntimeKind, short_name
 from sipdrill.topology import Topology, parse_topology
 from sipdrill.yamlfile import dotted, load_model
 
@@ -131,6 +131,22 @@ class WriteStep(_Model):
     contacts: int = Field(default=1, ge=1, le=1000)
 
 
+class ChaosStep(_Model):
+    """Randomised chaos as one step (docs/chaos.md): the nemesis of ``seed`` for
+    ``duration`` seconds while writers add contacts, then the checker; the step
+    fails on any violation. Every fault is healed at its end."""
+
+    seed: int = Field(ge=0)
+    duration: float = Field(gt=0, le=86_400)
+    faults: int | None = Field(default=None, ge=1, description="stop after this many faults")
+    kinds: list[FaultKind] = Field(default=[], description="default: every kind the runtime can do")
+    max_concurrent: int = Field(default=2, ge=1, le=10)
+    gap: tuple[float, float] = (3.0, 15.0)
+    hold: tuple[float, float] = (5.0, 25.0)
+    home_bound: float = Field(default=180.0, gt=0, le=86_400)
+    write_interval: float = Field(default=0.2, ge=0, le=60)
+
+
 class Step(_Model):
     name: str | None = None
     wait: WaitStep | None = None
@@ -139,6 +155,7 @@ class Step(_Model):
     admin: AdminStep | None = None
     write: WriteStep | None = None
     sleep: float | None = Field(default=None, ge=0, le=86_400)
+    chaos: ChaosStep | None = None
     timeout: float = Field(default=600, gt=0, le=86_400)
     measure: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,40}$")
     #: The call phase this step's time is (docs/measurements.md, "Calls").
@@ -148,19 +165,19 @@ class Step(_Model):
     def _one_action(self) -> Step:
         actions = [
             k
-            for k in ("wait", "fault", "heal", "admin", "write", "sleep")
+            for k in ("wait", "fault", "heal", "admin", "write", "sleep", "chaos")
             if getattr(self, k) is not None
         ]
         if len(actions) != 1:
             raise ValueError(
-                "a step has exactly one of wait, fault, heal, admin, write, sleep "
+                "a step has exactly one of wait, fault, heal, admin, write, sleep, chaos "
                 f"(this one has {actions or 'none'})"
             )
         return self
 
     @property
     def action(self) -> str:
-        for k in ("wait", "fault", "heal", "admin", "write", "sleep"):
+        for k in ("wait", "fault", "heal", "admin", "write", "sleep", "chaos"):
             if getattr(self, k) is not None:
                 return k
         raise AssertionError("validated: one action")
@@ -343,6 +360,23 @@ def load_drill(path: str | Path) -> LoadedDrill:
                 )
         if step.write is not None:
             _check_selector(step.write.users, pools, [*base, "write", "users"], err)
+        if step.chaos is not None:
+            for name in ("gap", "hold"):
+                lo, hi = getattr(step.chaos, name)
+                if not 0 <= lo <= hi:
+                    err(
+                        [*base, "chaos", name],
+                        f"{name} [{lo:g}, {hi:g}] is not a range of seconds",
+                        "give [low, high] with 0 <= low <= high",
+                    )
+            can = RUNTIME_FAULTS[RuntimeKind(drill.runtime)]
+            bad = [k for k in step.chaos.kinds if k not in can]
+            if bad:
+                err(
+                    [*base, "chaos", "kinds"],
+                    f"the {drill.runtime} runtime cannot do {', '.join(bad)}",
+                    f"use kinds of {', '.join(can)}",
+                )
         if step.measure:
             if step.measure in DRILL_METRICS:
                 err(

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -59,10 +60,15 @@ class LiveLab:
         self.token = token
         #: Pool failover/failback reports: timings and writes lost (the RPO).
         self.operations: list[dict[str, Any]] = []
+        # Chaos writers run one per thread, each with its own client.
+        self._local = threading.local()
+        self._thread_clients: list[httpx.Client] = []
 
     def close(self) -> None:
         self.http.close()
         self._events_http.close()
+        for client in self._thread_clients:
+            client.close()
 
     # --- clock -------------------------------------------------------------
 
@@ -167,6 +173,50 @@ class LiveLab:
             "acknowledged": acknowledged, "refused": refused,
             "acked_walls": acked_walls, "acked_seqs": acked_seqs,
         }
+
+    def _thread_http(self) -> httpx.Client:
+        client: httpx.Client | None = getattr(self._local, "http", None)
+        if client is None:
+            client = httpx.Client(headers={"Authorization": f"Bearer {self.token}"})
+            self._local.http = client
+            self._thread_clients.append(client)
+        return client
+
+    def add_contact(
+        self, pool: str, user: str, contact: str, timeout: float
+    ) -> tuple[Literal["ok", "fail", "info"], dict[str, Any]]:
+        """One write through ``pool`` (any thread): ``ok`` with the seq the pool
+        acknowledged, ``fail`` when it certainly did not happen (refused, or
+        never sent), ``info`` when nobody knows (sent, and no answer came)."""
+        url = f"{self._pool_url(pool)}/users/{user}/contacts"
+        try:
+            r = self._thread_http().post(url, json={"contact": contact}, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return "fail", {"error": f"{type(exc).__name__}: {exc}"}
+        except httpx.HTTPError as exc:
+            return "info", {"error": f"{type(exc).__name__}: {exc}"}
+        if r.status_code < 300:
+            return "ok", {"seq": int(r.json()["seq"])}
+        try:
+            code = str(r.json().get("code", ""))
+        except ValueError:
+            code = ""
+        # A pool refuses before it writes (4xx, 503); any other 5xx may have come after.
+        outcome: Literal["fail", "info"] = (
+            "fail" if r.status_code < 500 or r.status_code == 503 else "info"
+        )
+        return outcome, {"error": f"HTTP {r.status_code}", "code": code}
+
+    def user_data(self, pool: str, user: str) -> dict[str, Any]:
+        """``GET /users/{uri}`` on ``pool``: serving pool, contacts, ..."""
+        r = self.http.get(f"{self._pool_url(pool)}/users/{user}")
+        if r.status_code >= 300:
+            raise OperationError("user-data", f"{pool}: {user}: HTTP {r.status_code}", 503)
+        return dict(r.json())
+
+    def leftovers(self) -> list[str]:
+        """What the runtime finds of faults still in place (empty: none)."""
+        return self.runtime.leftovers()
 
     def admin(self, op: AdminStep) -> dict[str, Any]:
         """Run an administrator operation exactly as `sipdrill admin ...` does
