@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from sipdrill.errors import ConfigFileError, FaultError, OperationError
-from sipdrill.orchestrator.compose import DEFAULT_PORT_BASE, ComposeOptions, docker_plan
+from sipdrill.orchestrator.compose import (
+    DEFAULT_PORT_BASE,
+    PROJECT_VARIABLE,
+    ComposeOptions,
+    docker_plan,
+    project_name,
+    write_env_file,
+)
 from sipdrill.orchestrator.compose import command_line as compose_command_line
 from sipdrill.orchestrator.compose import generate as generate_compose
 from sipdrill.orchestrator.drill import LoadedDrill, load_drill
@@ -137,10 +144,19 @@ def lab_compose(
         max=65000,
         help="Publish control APIs on 127.0.0.1 from this port (0: ephemeral ports).",
     ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        dir_okay=False,
+        help="Write the file here, and the project name (COMPOSE_PROJECT_NAME) to the "
+        ".env beside it, instead of printing the file.",
+    ),
 ) -> None:
     """Print the Compose file of a topology's lab: `sipdrill lab compose
-    topologies/paired-pools.yaml > compose.yaml`, then `docker-compose up -d`.
-    A relative topology path stays relative (to the directory of the file)."""
+    topologies/paired-pools.yaml -o compose.yaml` (or `> compose.yaml`), then
+    `docker-compose up -d` in that directory. A relative topology path stays
+    relative (to the directory of the file)."""
     t = load_or_exit(topology).topology
     source = str(topology)
     if not topology.is_absolute() and not source.startswith("."):
@@ -156,7 +172,20 @@ def lab_compose(
         )
     except OperationError as exc:
         raise _fail(exc.message) from None
-    typer.echo(text, nl=False)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+        env = write_env_file(
+            output.parent, {PROJECT_VARIABLE: project_name(options.lab)}
+        )
+    except OSError as exc:
+        raise _fail(f"{output}: {exc.strerror or exc}") from None
+    _console(stderr=True).print(
+        f"wrote {output} and {env} ({PROJECT_VARIABLE}={project_name(options.lab)})",
+        highlight=False,
+    )
 
 
 def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
