@@ -33,6 +33,7 @@ __all__ = ["Counts", "EventsPage", "Health", "RunState", "create_app"]
 
 
 class Health(BaseModel):
+    #: ``ok``, or ``idle``: a clients replica whose slot has no users left.
     status: str
     running: bool
     endpoints: int
@@ -40,6 +41,8 @@ class Health(BaseModel):
     faults: int
     events: int
     started_at: float | None
+    #: Which users this process simulates (a clients replica's slot), or why none.
+    note: str | None = None
 
 
 class CountRow(BaseModel):
@@ -80,10 +83,12 @@ _JSONL: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
+def create_app(
+    runner: ClientRunner, token: str | None = None, *, note: str | None = None
+) -> FastAPI:
     """The API; with ``token``, everything but /health and /metrics needs
     ``Authorization: Bearer <token>`` (an anonymous POST /stop would sign
-    every user out)."""
+    every user out). ``note`` says which users the process has (/health)."""
     app = ControlApp(
         "sipdrill clients",
         token,
@@ -95,13 +100,14 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
     def health() -> Health:
         by_mode = runner.counts()["by_mode"]
         return Health(
-            status="ok",
+            status="ok" if runner.endpoints else "idle",
             running=runner.running,
             endpoints=len(runner.endpoints),
             registered=by_mode["FullService"] + by_mode["ResiliencyMode"],
             faults=runner.faults,
             events=runner.events.seq,
             started_at=runner.started_at,
+            note=note,
         )
 
     @app.get("/counts", response_model=Counts, dependencies=auth)

@@ -39,6 +39,7 @@ from sipdrill.clients.population import (
 )
 from sipdrill.clients.resolver import parse_nameserver
 from sipdrill.clients.runner import ClientRunner, RunnerConfig
+from sipdrill.clients.slots import Slot, claim_slot, slot_users
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.control.settings import token_from_env
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
@@ -61,6 +62,8 @@ class _Plan:
     events_path: str | None
     start: bool
     duration: float | None
+    #: Which users this process has (a clients replica's slot), for /health.
+    note: str | None = None
 
 
 def raise_fd_limit() -> int:
@@ -105,6 +108,14 @@ def serve_clients(
         "--offset",
         min=0,
         help="Skip the first N matching users: one block of users per clients process.",
+    ),
+    slots: Path | None = typer.Option(
+        None,
+        "--slots",
+        file_okay=False,
+        help="A directory the replicas of a clients service share: claim its lowest free "
+        "slot K (a lock held while this process runs) and simulate the K-th block of --count "
+        "users; past the last user, stay up with no users (idle).",
     ),
     dns: str | None = typer.Option(
         None, "--dns", help="HOST:PORT of the lab DNS server (never the system resolver)."
@@ -190,13 +201,23 @@ def serve_clients(
         raise _fail("--transport must be tls, tcp or udp") from None
     if tls_max not in ("1.2", "1.3"):
         raise _fail("--tls-max must be 1.2 or 1.3")
+    note = None
+    slot: Slot | None = None  # its lock lives as long as this process
     try:
-        specs = select_users(topo, users, None if count is None else count + offset)[offset:]
+        if slots is not None:
+            if count is None:
+                raise _fail("--slots needs --count (the users of each replica)")
+            slot = _claim(slots)
+            chosen = slot_users(select_users(topo, users), slot.number, count, offset)
+            specs, note = chosen.users, chosen.note
+            print(note, file=sys.stderr, flush=True)
+        else:
+            specs = select_users(topo, users, None if count is None else count + offset)[offset:]
         kinds = parse_workload(workload)
         calls = CallSettings(call_fraction, call_interval, call_hold)
     except PopulationError as exc:
         raise _fail(str(exc), 1) from None
-    if not specs:
+    if not specs and slot is None:
         raise _fail(f"--offset {offset}: no user is left to simulate; lower it or widen --users", 1)
     profile = profile_for(
         topo,
@@ -255,12 +276,20 @@ def serve_clients(
         None if events == "none" else events,
         not no_start,
         duration,
+        note,
     )
     try:
         rc = asyncio.run(_serve(plan))
     except OSError as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(rc)
+
+
+def _claim(directory: Path) -> Slot:
+    try:
+        return claim_slot(directory)
+    except OSError as exc:
+        raise _fail(f"--slots {directory}: cannot claim a slot: {exc}", 1) from None
 
 
 def _open_events(path: str | None) -> tuple[IO[str] | None, bool]:
@@ -290,7 +319,7 @@ async def _serve(plan: _Plan) -> int:
                 typer.echo(f"sipdrill serve clients: --control {host}:{port}: {exc}", err=True)
                 return 1
             port = sock.getsockname()[1]
-            server = AppServer(create_app(runner, token_from_env()), sock)
+            server = AppServer(create_app(runner, token_from_env(), note=plan.note), sock)
             try:
                 await server.start(lambda: RuntimeError("the control API did not start"))
             except Exception as exc:

@@ -48,6 +48,9 @@ class Report:
     data: dict[str, Any] = field(default_factory=dict)
     healed: bool = False
     duration: float = 0.0
+    #: The lab the drill ran on: ``attached`` (a running lab, left running) and
+    #: what the drill was told about it (its own timers, its clients).
+    lab: dict[str, Any] = field(default_factory=dict)
     #: Measurements.summary(): distributions, RTO, RPO, per fault and per pool.
     measurements: dict[str, Any] = field(default_factory=dict)
     #: The full measurements (per-client rows, curve): written to files, not to JSON.
@@ -78,6 +81,11 @@ class Report:
             f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started_wall))}, "
             f"duration {self.duration:.1f} s",
             f"- every fault healed: {'yes' if self.healed else 'NO'}",
+            *(
+                [f"- lab: already running, left running; {'; '.join(self.lab.get('notes', []))}"]
+                if self.lab.get("attached")
+                else []
+            ),
             "",
             "## Steps",
             "",
