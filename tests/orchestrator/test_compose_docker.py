@@ -154,10 +154,11 @@ def test_every_client_reaches_full_service_on_its_home_pool(lab: ComposeLab) -> 
         tuple(sorted((p, m["FullService"]) for p, m in c["by_home_pool"].items() if m))
         for c in counts.values()
     )
-    # Replica slots: users 1-10 (alice, bob, carol, p1u001-007), then 11-20 (p1u008-017).
+    # Replica slots: users 1-10, then 11-20, drawn across the home pools in
+    # proportion (151 and 152 users): five of each pool in each replica.
     assert by_home == [
-        (("pool1.lab.local", 8), ("pool2.lab.local", 2)),
-        (("pool1.lab.local", 10),),
+        (("pool1.lab.local", 5), ("pool2.lab.local", 5)),
+        (("pool1.lab.local", 5), ("pool2.lab.local", 5)),
     ]
     for c in counts.values():
         assert c["by_pool"] == {p: m for p, m in c["by_home_pool"].items()}  # at home
