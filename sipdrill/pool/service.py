@@ -66,7 +66,7 @@ from sipdrill.pool.state import (
 )
 from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import UserStore
-from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
+from sipdrill.sip.tls import ServiceCert, client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
 
 __all__ = ["PoolService", "PoolSettings"]
@@ -123,6 +123,7 @@ class PoolService:
         self._store: UserStore | None = None
         self.sip = PoolSip(self)
         self.server_ssl: ssl.SSLContext | None = None
+        self.server_cert: ServiceCert | None = None
         self.client_ssl: ssl.SSLContext | None = None
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
@@ -237,6 +238,7 @@ class PoolService:
             dns_names=[self.fqdn, *fe_names],
             ip_addresses=[self.address],
         )
+        self.server_cert = cert
         self.server_ssl = server_context(cert)
         self.client_ssl = client_context(cert.ca_path)
         loop = asyncio.get_running_loop()
