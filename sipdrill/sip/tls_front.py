@@ -19,8 +19,10 @@ TLS is split off:
 * a worker does the handshake and the record layer; for each connection it
   makes a Unix stream socket pair and passes one end, with the client's and
   the listener's addresses, to the SIP process over a control socket
-  (``SCM_RIGHTS``). From then on it only relays bytes, both ways, with flow
-  control, and closes each side when the other closes;
+  (``SCM_RIGHTS``). From then on it only relays bytes, both ways (a side
+  that stops reading is closed once 1 MiB waits for it, as SipTransport
+  closes a peer that does not read), and closes each side when the other
+  closes;
 * the SIP process adopts the plaintext end as a TLS flow from the client's
   address (:meth:`SipTransport.adopt_stream`): framing, keep-alives,
   timeouts, connection reuse for requests to the client and every piece of
@@ -36,17 +38,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import selectors
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sipdrill.sip.tls import server_context
 
@@ -196,123 +200,240 @@ class TlsFront:
 # --- the front and its workers -------------------------------------------------------------
 
 
-class _Half(asyncio.Protocol):
-    """One side of a relayed connection; writes what it reads to its peer."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.peer: _Half | None = None
-        self.pending: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            self.pending.append(data)  # the other side is being set up
-        elif not peer.transport.is_closing():
-            peer.transport.write(data)
-
-    def eof_received(self) -> bool | None:
-        return None  # close this side; connection_lost closes the peer
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            peer.transport.close()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+#: Bytes one side may hold for a peer that does not read before the connection
+#: is closed (as SipTransport does with max_write_buffer).
+_MAX_PENDING = 1024 * 1024
+_CHUNK = 65536
 
 
-class _Client(_Half):
-    """The TLS side: once the handshake is done, pass a plaintext pipe to the SIP process."""
+class _Conn:
+    """One client connection in a worker: the TLS socket, its memory BIOs and,
+    once the handshake is done, the plaintext pipe to the SIP process.
 
-    def __init__(self, worker: _Worker) -> None:
-        super().__init__()
-        self.worker = worker
+    ``out``/``pipe_out``: bytes the kernel did not take yet, for the client and
+    for the SIP process (the side waits for writability with them pending).
+    """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        remote = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            socket.send_fds(
-                self.worker.control, [_pack(remote[:2], local[:2])], [theirs.fileno()]
-            )
-        except OSError as exc:
-            log.warning("cannot pass a TLS connection to the SIP process: %s", exc)
-            mine.close()
-            self.transport.abort()
-            return
-        finally:
-            theirs.close()
-        self.worker.spawn(self._pipe(mine))
+    __slots__ = ("deadline", "inbio", "obj", "out", "outbio", "pipe", "pipe_out", "sock")
 
-    async def _pipe(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        pipe = _Half()
-        pipe.peer = self  # what the SIP process writes goes straight to the client
-        try:
-            await loop.connect_accepted_socket(lambda: pipe, sock)
-        except OSError:
-            sock.close()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.peer = pipe
-        assert pipe.transport is not None
-        for data in self.pending:
-            pipe.transport.write(data)
-        self.pending.clear()
-        if self.transport is None or self.transport.is_closing():
-            pipe.transport.close()
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, deadline: float) -> None:
+        self.sock = sock
+        self.inbio = ssl.MemoryBIO()
+        self.outbio = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inbio, self.outbio, server_side=True)
+        self.pipe: socket.socket | None = None
+        self.out = b""
+        self.pipe_out = b""
+        self.deadline = deadline
 
 
 class _Worker:
+    """A selector loop over the shared listener and its connections.
+
+    Not asyncio: its SSL protocol ran ~19 loop callbacks per connection, most
+    of a worker's Python time; here a connection costs a handful of system
+    calls and two memory BIOs (as the clients' flows, sipdrill.clients.flow).
+    """
+
     def __init__(self, listener: socket.socket, control: socket.socket, ctx: ssl.SSLContext,
                  handshake_timeout: float) -> None:
         self.listener, self.control, self.ctx = listener, control, ctx
         self.handshake_timeout = handshake_timeout
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.sel = selectors.DefaultSelector()
+        self.handshaking: collections.deque[_Conn] = collections.deque()
+        self.conns: set[_Conn] = set()
+        self.stopping = False
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        sel = self.sel
+        sel.register(self.listener, _READ, None)
         # The SIP process never writes here: readable means it closed the socket.
-        loop.add_reader(self.control.fileno(), stop.set)
-        server = await loop.create_server(
-            lambda: _Client(self), sock=self.listener, ssl=self.ctx,
-            ssl_handshake_timeout=self.handshake_timeout, backlog=1024,
-        )
+        sel.register(self.control, _READ, None)
+        while not self.stopping:
+            for key, events in sel.select(0.5):
+                conn = key.data
+                if conn is None:
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    else:
+                        self.stopping = True
+                    continue
+                try:
+                    if key.fileobj is conn.sock:
+                        self._client_ready(conn, events)
+                    else:
+                        self._pipe_ready(conn, events)
+                except (OSError, ssl.SSLError, ValueError):
+                    self._close(conn)
+            self._expire_handshakes()
+        for conn in list(self.conns):
+            self._close(conn)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _accept(self) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        for _ in range(64):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: the client retries
+                log.warning("accept: %s", exc)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, self.ctx, deadline)
+            self.conns.add(conn)
+            self.handshaking.append(conn)
+            self.sel.register(sock, _READ, conn)
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        queue = self.handshaking
+        while queue and (queue[0].pipe is not None or queue[0] not in self.conns
+                         or queue[0].deadline <= now):
+            conn = queue.popleft()
+            if conn.pipe is None and conn in self.conns:
+                self._close(conn)  # no handshake within the timeout
+
+    # -- the client's side ------------------------------------------------------------
+    def _client_ready(self, conn: _Conn, events: int) -> None:
+        if events & _WRITE:
+            self._flush_client(conn, b"")
+        if not events & _READ:
+            return
+        data = conn.sock.recv(_CHUNK)
+        if not data:
+            self._close(conn)
+            return
+        conn.inbio.write(data)
+        if conn.pipe is None:
+            try:
+                conn.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush_client(conn, b"")
+                return
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):  # the alert, for the client's log
+                    conn.sock.send(conn.outbio.read())
+                raise
+            self._flush_client(conn, b"")
+            self._hand_over(conn)
+            if conn.pipe is None:
+                return
+        self._decrypt(conn)
+
+    def _decrypt(self, conn: _Conn) -> None:
+        chunks = []
+        ended = False
         try:
-            await stop.wait()
+            while True:
+                chunk = conn.obj.read(_CHUNK)
+                if not chunk:  # close_notify (an empty read is never "no data yet")
+                    ended = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            ended = True
+        if chunks:
+            self._to_pipe(conn, b"".join(chunks))
+        if ended:
+            # Answer the close_notify (asyncio clients wait for it), then close.
+            with contextlib.suppress(ssl.SSLError):
+                conn.obj.unwrap()
+            with contextlib.suppress(OSError):
+                conn.sock.send(conn.out + conn.outbio.read())
+            self._close(conn)
+            return
+        if conn.outbio.pending:  # e.g. a key update's answer
+            self._flush_client(conn, b"")
+
+    def _flush_client(self, conn: _Conn, extra: bytes) -> None:
+        data = conn.out + conn.outbio.read() + extra
+        if data:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            data = data[sent:]
+        self._pending(conn, conn.sock, data, client=True)
+
+    def _pending(self, conn: _Conn, sock: socket.socket, data: bytes, *, client: bool) -> None:
+        before = conn.out if client else conn.pipe_out
+        if client:
+            conn.out = data
+        else:
+            conn.pipe_out = data
+        if len(data) > _MAX_PENDING:
+            raise OSError("the peer does not read")
+        if bool(before) != bool(data):
+            self.sel.modify(sock, _READ | _WRITE if data else _READ, conn)
+
+    # -- the SIP process's side -------------------------------------------------------
+    def _hand_over(self, conn: _Conn) -> None:
+        remote = conn.sock.getpeername()[:2]
+        local = conn.sock.getsockname()[:2]
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            socket.send_fds(self.control, [_pack(remote, local)], [theirs.fileno()])
+        except OSError as exc:
+            log.warning("cannot pass a TLS connection to the SIP process: %s", exc)
+            mine.close()
+            self._close(conn)
+            return
         finally:
-            server.close()
+            theirs.close()
+        mine.setblocking(False)
+        conn.pipe = mine
+        self.sel.register(mine, _READ, conn)
 
+    def _to_pipe(self, conn: _Conn, data: bytes) -> None:
+        pipe = conn.pipe
+        assert pipe is not None
+        data = conn.pipe_out + data
+        try:
+            sent = pipe.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        self._pending(conn, pipe, data[sent:], client=False)
 
-def _limit_read_buffers() -> None:
-    # As SipTransport does: asyncio's 256 KiB read buffer per TLS connection
-    # would be 2.5 GB for 10,000 clients.
-    from sipdrill.sip.transport import limit_tls_read_buffers
+    def _pipe_ready(self, conn: _Conn, events: int) -> None:
+        pipe = conn.pipe
+        assert pipe is not None
+        if events & _WRITE:
+            self._to_pipe(conn, b"")
+        if not events & _READ:
+            return
+        data = pipe.recv(_CHUNK)
+        if not data:  # the SIP process closed the flow: close_notify, then close
+            with contextlib.suppress(ssl.SSLError):
+                conn.obj.unwrap()
+            with contextlib.suppress(OSError):
+                conn.sock.send(conn.out + conn.outbio.read())
+            self._close(conn)
+            return
+        conn.obj.write(data)
+        self._flush_client(conn, b"")
 
-    limit_tls_read_buffers()
+    def _close(self, conn: _Conn) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        for sock in (conn.sock, conn.pipe):
+            if sock is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.sel.unregister(sock)
+            sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,14 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     control.setblocking(True)  # a busy SIP process slows the accepts: back-pressure
     # One context, made before the fork: every worker has its ticket key.
     ctx = server_context(Path(args.cert), Path(args.key))
-    _limit_read_buffers()
     children: list[int] = []
     for _ in range(max(1, args.workers)):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                asyncio.run(_Worker(listener, control, ctx, args.handshake_timeout).run())
+                _Worker(listener, control, ctx, args.handshake_timeout).run()
             except BaseException:  # report and leave: the front sees the exit
                 log.exception("TLS worker failed")
                 code = 1
