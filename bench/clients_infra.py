@@ -11,7 +11,8 @@
         registrar and backup registrar, partner heartbeats, presence, user store,
         control API), run as that command runs it, on the front end's own address
         (no --loopback: the bench's topology puts the sites in 127.0.0.0/24), with
-        RLIMIT_NOFILE raised to the hard limit (the command keeps the shell's).
+        RLIMIT_NOFILE raised to the hard limit (the command keeps the shell's);
+        --tls-workers N as `sipdrill serve pool --tls-workers N`.
     clients_infra.py dns --topology FILE
         the lab DNS server (sipdrill.dns) for the topology; every front end at its own
         address if that is a loopback address, else at 127.0.0.1.
@@ -65,7 +66,9 @@ async def registrar(host: str, port: int, tls_dir: str, name: str, flow_timer: i
         await service.close()
 
 
-async def pool(topology_path: str, fqdn: str, state_dir: str, ca_dir: str) -> None:
+async def pool(
+    topology_path: str, fqdn: str, state_dir: str, ca_dir: str, tls_workers: int = 0
+) -> None:
     import logging
     from pathlib import Path
 
@@ -77,7 +80,9 @@ async def pool(topology_path: str, fqdn: str, state_dir: str, ca_dir: str) -> No
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     topology = load_topology(topology_path).topology
-    settings = PoolSettings(pool=fqdn, state_dir=Path(state_dir), ca_dir=Path(ca_dir))
+    settings = PoolSettings(
+        pool=fqdn, state_dir=Path(state_dir), ca_dir=Path(ca_dir), tls_workers=tls_workers
+    )
     async with PoolService(topology, settings) as service:
         tune_gc()  # as `sipdrill serve pool` does once the pool has started
         tls = dict(service.sip_addresses)["tls"]
@@ -117,6 +122,7 @@ def main() -> None:
     pl.add_argument("--pool", required=True)
     pl.add_argument("--state-dir", required=True)
     pl.add_argument("--ca", required=True)
+    pl.add_argument("--tls-workers", type=int, default=0)
     d = sub.add_parser("dns")
     d.add_argument("--topology", required=True)
     args = parser.parse_args()
@@ -124,7 +130,7 @@ def main() -> None:
     if args.what == "registrar":
         asyncio.run(registrar(args.host, args.port, args.tls_dir, args.name, args.flow_timer))
     elif args.what == "pool":
-        asyncio.run(pool(args.topology, args.pool, args.state_dir, args.ca))
+        asyncio.run(pool(args.topology, args.pool, args.state_dir, args.ca, args.tls_workers))
     else:
         asyncio.run(dns(args.topology))
     sys.exit(0)

@@ -69,6 +69,7 @@ MAX_CNAME_CHAIN = 16
 _FORMERR_QTYPES = {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
 _TRANSFER_QTYPES = {dns.rdatatype.AXFR, dns.rdatatype.IXFR}
 _GLUE_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+_QR_BYTE = QR >> 8  # QR in the third byte of the header
 
 
 @dataclass
@@ -101,7 +102,10 @@ class _Reply:
 @dataclass
 class _Cache:
     version: ZoneVersion | None = None
-    entries: dict[tuple[str, str, bytes], tuple[bytes, str, str]] = field(default_factory=dict)
+    #: (view, transport, query after its ID) -> (answer after its ID, metrics key)
+    entries: dict[tuple[str, str, bytes], tuple[bytes, tuple[str, str, str]]] = field(
+        default_factory=dict
+    )
 
 
 def qtype_label(rdtype: dns.rdatatype.RdataType) -> str:
@@ -204,16 +208,20 @@ class DnsCore:
         if len(wire) < 12:
             self.metrics.drop("short")
             return None
-        if wire[2] & (QR >> 8):
+        if wire[2] & _QR_BYTE:
             self.metrics.drop("response")
             return None
         faults = self.faults
         if faults.drop:
             self.metrics.drop("fault")
             return None
-        view = self.view_for(source)
+        host = source[0] if isinstance(source, tuple) else source
+        view = self._views.get(host) if host is not None else None
+        if view is None:
+            view = self.view_for(source)
         key: tuple[str, str, bytes] | None = None
         if self.answer_cache_size > 0 and not faults.servfail:
+            # The hit path is what a storm costs: kept to a few dict look-ups.
             cache = self._cache
             version = self.zone.current
             if cache.version is not version:
@@ -222,8 +230,9 @@ class DnsCore:
             key = (view, transport, wire[2:])
             hit = cache.entries.get(key)
             if hit is not None:
-                tail, qlabel, rlabel = hit
-                self.metrics.query(qlabel, rlabel, transport)
+                tail, counter = hit
+                counts = self.metrics.query_counts
+                counts[counter] = counts.get(counter, 0) + 1
                 return wire[:2] + tail
         try:
             reply = self._handle(wire, view, now, transport, faults.servfail)
@@ -238,7 +247,7 @@ class DnsCore:
             entries = self._cache.entries
             if len(entries) >= self.answer_cache_size:
                 entries.clear()
-            entries[key] = (reply.wire[2:], reply.qtype, rlabel)
+            entries[key] = (reply.wire[2:], (reply.qtype, rlabel, transport))
         return reply.wire
 
     def handle_update(

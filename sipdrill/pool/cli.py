@@ -38,6 +38,13 @@ def serve_pool(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token of the control API."
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    tls_workers: int = typer.Option(
+        0, "--tls-workers", min=0, max=64,
+        help="Processes doing the TLS handshakes and records in front of the pool's SIP "
+        "process (one per core absorbs a TLS storm faster); 0: the pool's process does it. "
+        "Pools reaching a pool through workers are taken for clients (their certificates "
+        "stay in the workers): for benches, not for a paired lab.",
+    ),
 ) -> None:
     """Run a Front End pool: registrar (home and backup), presence, IM and
     conferences on SIP TLS 5061 / TCP+UDP 5060, and the control API."""
@@ -51,6 +58,7 @@ def serve_pool(
         ca_dir=ca,
         loopback=loopback,
         token=SecretStr(token) if token else None,
+        tls_workers=tls_workers,
     )
     try:
         service = PoolService(loaded.topology, settings)

@@ -68,7 +68,7 @@ from sipdrill.pool.state import (
 )
 from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import UserStore
-from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
+from sipdrill.sip.tls import ServiceCert, client_context, ensure_server_cert, server_context
 from sipdrill.topology import Pool, Topology
 
 __all__ = ["PoolService", "PoolSettings"]
@@ -130,6 +130,7 @@ class PoolService:
         self._store: UserStore | None = None
         self.sip = PoolSip(self)
         self.server_ssl: ssl.SSLContext | None = None
+        self.server_cert: ServiceCert | None = None
         self.client_ssl: ssl.SSLContext | None = None
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
@@ -253,6 +254,7 @@ class PoolService:
         # the pool) is also its client certificate, presented to the pools it
         # connects to; clients may present none. A certificate from another
         # CA fails the handshake.
+        self.server_cert = cert
         self.server_ssl = server_context(
             cert, client_ca=cert.ca_path, client_cert_required=False
         )

@@ -45,4 +45,9 @@ class PoolSettings(BaseModel):
     housekeeping_interval: float = Field(default=1.0, gt=0)
     pending_retry_interval: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=60_000, ge=16)
+    tls_workers: int = Field(
+        default=0, ge=0, le=64,
+        description="Processes doing the TLS (handshakes, records) in front of the pool's one "
+        "SIP process (sipdrill.sip.tls_front); 0: the pool's process does it.",
+    )
     sip_t1: float = Field(default=0.5, gt=0)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -90,6 +91,7 @@ from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.pool.sip_relay import ImRelay
 from sipdrill.sip.message import make_response
 from sipdrill.sip.registrar import Registrar
+from sipdrill.sip.tls_front import TlsFront
 from sipdrill.sip.transaction import TimerConfig
 from sipdrill.sip.transport import (
     Flow,
@@ -97,6 +99,7 @@ from sipdrill.sip.transport import (
     Received,
     TimerCore,
     TimerDriver,
+    TransportError,
     TransportLimits,
 )
 
@@ -158,6 +161,7 @@ class PoolSip:
         self._endpoint: SipEndpoint | None = None
         self._drivers: list[TimerDriver] = []
         self._loops: list[asyncio.Task[None]] = []
+        self._tls_front: TlsFront | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -183,9 +187,20 @@ class PoolSip:
         )
         pool = svc.pool
         host = svc.address
-        listens = [(Kind.TLS, host, pool.sip_tls_port), (Kind.TCP, host, pool.sip_tcp_port)]
-        listens.append((Kind.UDP, host, pool.sip_udp_port))
+        workers = svc.settings.tls_workers
+        listens = [] if workers else [(Kind.TLS, host, pool.sip_tls_port)]
+        listens += [(Kind.TCP, host, pool.sip_tcp_port), (Kind.UDP, host, pool.sip_udp_port)]
         bound = await self.endpoint.listen(listens, ssl_context=svc.server_ssl)
+        if workers:
+            # The workers hand over plaintext without the peer's certificate, so
+            # a pool reaching us through them is taken for a client (no partner
+            # heartbeats): a bench setting until the names travel with the flow.
+            log.warning(
+                "--tls-workers %d: pools connecting over TLS are seen as clients "
+                "(their certificates stay in the workers); not for a paired lab",
+                workers,
+            )
+            bound.insert(0, (Kind.TLS, self._start_tls_front(host, pool.sip_tls_port, workers)))
         self.registrations.start()
         self.calls.start()
         loop = asyncio.get_running_loop()
@@ -199,7 +214,30 @@ class PoolSip:
         self._loops.append(loop.create_task(self._housekeeping(), name="housekeeping"))
         return bound
 
+    def _start_tls_front(self, host: str, port: int, workers: int) -> tuple[str, int]:
+        """TLS on ``workers`` processes, the SIP state here (sipdrill.sip.tls_front)."""
+        cert = self.svc.server_cert
+        assert cert is not None
+        transport = self.endpoint.transport
+
+        def adopt(sock: socket.socket, remote: tuple[str, int], local: tuple[str, int]) -> None:
+            transport.adopt_stream(sock, Kind.TLS, remote, local)
+
+        try:
+            front = TlsFront(
+                host, port, cert=cert.cert_path, key=cert.key_path, workers=workers,
+                adopt=adopt, handshake_timeout=transport.limits.tls_handshake_timeout,
+            )
+        except OSError as exc:
+            raise TransportError(Kind.TLS, f"{host}:{port}", str(exc)) from exc
+        front.start()
+        self._tls_front = front
+        return front.address
+
     async def close(self) -> None:
+        if self._tls_front is not None:
+            await self._tls_front.close()
+            self._tls_front = None
         for driver in self._drivers:
             driver.stop()
         for task in self._loops:

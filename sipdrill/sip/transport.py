@@ -453,9 +453,18 @@ class _SharedUdp(_Udp):
 
 class _Stream(asyncio.Protocol, _Endpoint):
     def __init__(
-        self, owner: SipTransport, serial: int, kind: Kind, outbound: bool, sni: str | None = None
+        self,
+        owner: SipTransport,
+        serial: int,
+        kind: Kind,
+        outbound: bool,
+        sni: str | None = None,
+        addresses: tuple[Addr, Addr] | None = None,
     ) -> None:
         self.owner = owner
+        # (local, remote) of a flow whose socket is not the client's own: a
+        # plaintext pipe from a TLS worker (sipdrill.sip.tls_front).
+        self.addresses = addresses
         self.serial = serial
         self.kind = kind
         self.outbound = outbound
@@ -479,8 +488,11 @@ class _Stream(asyncio.Protocol, _Endpoint):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.local = _addr(transport.get_extra_info("sockname"))
-        self.remote = _addr(transport.get_extra_info("peername"))
+        if self.addresses is not None:
+            self.local, self.remote = self.addresses
+        else:
+            self.local = _addr(transport.get_extra_info("sockname"))
+            self.remote = _addr(transport.get_extra_info("peername"))
         self.flow = Flow(
             self.kind, self.local, self.remote, self.serial,
             _verified_peer_names(transport) if self.kind is Kind.TLS else (),
@@ -497,7 +509,7 @@ class _Stream(asyncio.Protocol, _Endpoint):
             transport.abort()
             return
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and self.addresses is None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.last_activity = self.owner.loop.time()
@@ -670,6 +682,7 @@ class SipTransport:
         self._streams: dict[int, _Stream] = {}
         self._by_remote: dict[tuple[Kind, Addr, str | None], int] = {}
         self._connecting: dict[tuple[Kind, Addr, str | None], asyncio.Future[Flow]] = {}
+        self._adopting: set[asyncio.Task[None]] = set()
         self._closing = False
 
     # -- listeners -----------------------------------------------------------
@@ -714,6 +727,28 @@ class SipTransport:
             raise TransportError(kind, f"{host}:{port}", str(exc)) from exc
         self._servers.append((kind, server))
         return _addr(server.sockets[0].getsockname())
+
+    def adopt_stream(self, sock: socket.socket, kind: Kind, remote: Addr, local: Addr) -> None:
+        """Serve an accepted connection whose socket carries ``kind``'s plaintext
+        for a peer at ``remote`` (a TLS worker's pipe, see sipdrill.sip.tls_front):
+        a flow like one accepted by :meth:`listen`, with the peer's addresses."""
+        if self._closing:
+            sock.close()
+            return
+        serial = next(self._serials)
+
+        async def connect() -> None:
+            try:
+                await self.loop.connect_accepted_socket(
+                    lambda: _Stream(self, serial, kind, False, addresses=(local, remote)), sock
+                )
+            except OSError as exc:
+                log.info("%s %s: cannot adopt a flow from %s: %s", kind, local, remote, exc)
+                sock.close()
+
+        task = self.loop.create_task(connect())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     def attach_shard(
         self, shared: socket.socket, inbox: socket.socket, peers: list[socket.socket], me: int
@@ -967,6 +1002,8 @@ class SipTransport:
     async def close(self) -> None:
         """Stop listening and close every flow; waits until sockets are closed."""
         self._closing = True
+        for task in list(self._adopting):
+            task.cancel()
         for _, server in self._servers:
             server.close()
         streams = list(self._streams.values())

@@ -365,6 +365,41 @@ def test_cache_is_per_view_and_per_transport(core: DnsCore) -> None:
     assert not dns.message.from_wire(_wire(core, big, "tcp")).flags & dns.flags.TC
 
 
+def test_cached_answers_keep_each_questions_case(core: DnsCore) -> None:
+    """0x20 resolvers check the question's case: a hit must not answer with
+    another spelling's bytes (the key is the question as sent)."""
+    spellings = ["sip.lab.local", "SIP.Lab.Local", "sip.lab.local", "SIP.Lab.Local"]
+    for spelling in spellings:  # the second round comes from the cache
+        q = dns.message.make_query(spelling, "A")
+        r = dns.message.from_wire(_wire(core, q.to_wire()))
+        assert r.id == q.id
+        assert r.question[0].name.to_text() == spelling + "."
+        assert r.answer[0].name.to_text() == "sip.lab.local."
+    assert len(core._cache.entries) == 2
+
+
+def test_cached_answers_honour_each_queries_edns_payload(core: DnsCore) -> None:
+    _big(core, 60)  # about 1,000 bytes
+    small = dns.message.make_query("big.lab.local", "A", use_edns=0, payload=512).to_wire()
+    large = dns.message.make_query("big.lab.local", "A", use_edns=0, payload=4096).to_wire()
+    plain = dns.message.make_query("big.lab.local", "A", use_edns=-1).to_wire()
+    for _ in range(2):  # the second round comes from the cache
+        r = dns.message.from_wire(_wire(core, small))
+        assert r.flags & dns.flags.TC and r.answer == [] and r.payload == 1232
+        r = dns.message.from_wire(_wire(core, large))
+        assert not r.flags & dns.flags.TC and len(r.answer[0]) == 60 and r.edns == 0
+        r = dns.message.from_wire(_wire(core, plain))
+        assert r.flags & dns.flags.TC and r.edns == -1
+    assert len(core._cache.entries) == 3
+
+
+def test_a_hit_is_counted_like_a_miss(core: DnsCore) -> None:
+    q = dns.message.make_query("nope.lab.local", "SRV").to_wire()
+    for _ in range(3):
+        _wire(core, q)
+    assert core.metrics.query_counts[("SRV", "NXDOMAIN", "udp")] == 3
+
+
 def test_cache_can_be_disabled_and_is_bounded(store: ZoneStore) -> None:
     core = DnsCore(store, answer_cache_size=0)
     q = dns.message.make_query("sip.lab.local", "A").to_wire()

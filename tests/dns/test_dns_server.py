@@ -240,3 +240,40 @@ async def test_latency_fault_answers_in_flight_are_dropped_on_close(core: DnsCor
     start = time.monotonic()
     await srv.close()  # does not wait for the delayed answer
     assert time.monotonic() - start < 1.0
+
+
+async def test_a_burst_larger_than_one_read_batch_is_answered_in_full(
+    server: DnsServer, core: DnsCore
+) -> None:
+    """The UDP listener drains BATCH datagrams per wake-up: the rest of a burst
+    must wait for the next wake-up, not be left in the socket."""
+    from sipdrill.dns.server import _UdpListener
+
+    count = 3 * _UdpListener.BATCH + 5
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        ids = set(range(1000, 1000 + count))
+        for qid in ids:
+            q = dns.message.make_query(SRV, "SRV")
+            q.id = qid
+            sock.sendto(q.to_wire(), _addr(server))
+        seen: set[int] = set()
+        deadline = time.monotonic() + 5
+        while seen != ids and time.monotonic() < deadline:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 1.0)
+            except TimeoutError:
+                break
+            r = dns.message.from_wire(data)
+            assert r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 2
+            seen.add(r.id)
+        assert seen == ids
+    finally:
+        sock.close()
+    latency = core.metrics.registry.get_sample_value(
+        "sipdrill_dns_query_duration_seconds_count", {"transport": "udp"}
+    )
+    assert latency == count
