@@ -170,7 +170,8 @@ class AgentCore:
 
     def renew(self, seconds: float) -> float:
         with self.lock:
-            self.lease_until = max(self.lease_until, self.clock() + seconds)
+            # The orchestrator's latest word: a shorter lease shortens it.
+            self.lease_until = self.clock() + seconds
             write_atomically(
                 self.lease_path, json.dumps({"until": self.lease_until}).encode(), mode=0o644
             )

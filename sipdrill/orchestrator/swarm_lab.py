@@ -243,7 +243,9 @@ class SwarmAgents:
         last = ""
         while True:
             try:
-                r = httpx.request(method, url + path, json=body, headers=headers, timeout=30.0)
+                # A paused agent accepts and never answers: bounded by the wait too.
+                limit = min(30.0, max(5.0, self.wait if wait is None else wait))
+                r = httpx.request(method, url + path, json=body, headers=headers, timeout=limit)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -463,8 +465,10 @@ class SwarmLab:
         topology_file: Path | None = None,
         image: str | None = None,
         lease: float | None = None,
+        agent_wait: float = AGENT_WAIT,
     ) -> None:
         self.lab = lab
+        self.agent_wait = agent_wait
         self.state_dir = state_dir
         self.state_path = state_dir / STATE_FILE
         self.journal = journal_path(state_dir)
@@ -494,7 +498,9 @@ class SwarmLab:
 
     def agents(self) -> SwarmAgents:
         state = self._state()
-        return SwarmAgents(self.lab, state.token, state.agent_port, lease=self.lease)
+        return SwarmAgents(
+            self.lab, state.token, state.agent_port, lease=self.lease, wait=self.agent_wait
+        )
 
     # --- lifecycle -----------------------------------------------------------
 
