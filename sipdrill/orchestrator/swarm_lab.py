@@ -727,7 +727,10 @@ class SwarmLab:
                     }:
                         with contextlib.suppress(FaultError):
                             agents.call(rt, node, "POST", "/heal", wait=2.0)
-            services = rt.client.services.list(filters={"label": f"{STACK_LABEL}={self.lab}"})
+            try:
+                services = rt.client.services.list(filters={"label": f"{STACK_LABEL}={self.lab}"})
+            except APIError:  # not a swarm manager (any more): no stack to remove
+                services = []
             stopped = sorted(str(s.name).removeprefix(f"{self.lab}_") for s in services)
             if services:
                 subprocess.run(
