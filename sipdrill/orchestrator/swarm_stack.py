@@ -34,6 +34,8 @@ What differs from the Compose file, and why:
 * **Clients** are a replicated service; replica ``n`` (Swarm's
   ``{{.Task.Slot}}``, stable across restarts) simulates users
   ``(n-1)*count+1`` to ``n*count``.
+* **Health checks** allow two minutes of failures (:data:`SWARM_HEALTH`):
+  Swarm replaces an unhealthy task, Compose does not.
 * **The fault agent** (:mod:`sipdrill.orchestrator.swarm_agent`) is a global
   service: one per node, host network, NET_ADMIN and the node's Docker
   socket.
@@ -76,6 +78,13 @@ AGENT_VOLUME = "agent-state"
 AGENT_STATE = "/var/lib/sipdrill/agent"
 #: The agents' port on each node's host network (a lab picks its own at ``up``).
 DEFAULT_AGENT_PORT = 18600
+#: Swarm kills and replaces a task whose health check fails ``retries`` times
+#: in a row (Compose only marks it unhealthy). A clients replica signing in
+#: thousands of endpoints on a loaded node answers its check late, and a
+#: paused task (a pause fault) not at all: two minutes of failures before Swarm
+#: steps in, not Compose's ten seconds (a sign-in of 20,000 clients was
+#: replaced in a loop with those).
+SWARM_HEALTH = {"timeout": "10s", "retries": 60, "start_period": "120s"}
 CA_SECRET = "ca-cert"
 CA_KEY_SECRET = "ca-key"
 TOPOLOGY_CONFIG = "topology"
@@ -230,6 +239,7 @@ def stack_model(
             svc["labels"] = {**svc["labels"], ADDRESS_LABEL: spec.address}
             svc["deploy"] = _deploy(lab, spec.network, options)
         svc["environment"] = env
+        svc["healthcheck"] = {**svc["healthcheck"], **SWARM_HEALTH}
         services[name] = svc
     services[AGENT_SERVICE] = agent_service(lab, options)
     volumes = {

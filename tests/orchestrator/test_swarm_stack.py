@@ -73,6 +73,9 @@ def test_each_task_claims_its_plan_address_and_nothing_swarm_ignores_is_left() -
     assert pool1["networks"] == ["core", "site1", "site2"]  # a leg on every network
     assert pool1["cap_add"] == ["NET_ADMIN"]
     assert pool1["deploy"]["endpoint_mode"] == "dnsrr"
+    # Swarm replaces an unhealthy task: two minutes of failed checks first.
+    check = pool1["healthcheck"]
+    assert check["retries"] * int(check["interval"].rstrip("s")) >= 120
     assert pool1["deploy"]["restart_policy"]["condition"] == "any"
     # The topology as a config, the CA as secrets; the state volume per node.
     assert pool1["configs"][0]["target"] == CONTAINER_TOPOLOGY
