@@ -97,9 +97,10 @@ set -e
 ca={CONTAINER_STATE}/ca
 mkdir -p "$$ca"
 if [ -r /run/secrets/sipdrill-ca.pem ]; then
-  (umask 077; cp /run/secrets/sipdrill-ca-key.pem "$$ca/.key.tmp")
-  mv "$$ca/.key.tmp" "$$ca/ca-key.pem"
-  cp /run/secrets/sipdrill-ca.pem "$$ca/.ca.tmp"; mv "$$ca/.ca.tmp" "$$ca/ca.pem"
+  # Temporary names of this shell's own: the tasks of a node share the volume.
+  (umask 077; cp /run/secrets/sipdrill-ca-key.pem "$$ca/.key.$$$$")
+  mv "$$ca/.key.$$$$" "$$ca/ca-key.pem"
+  cp /run/secrets/sipdrill-ca.pem "$$ca/.ca.$$$$"; mv "$$ca/.ca.$$$$" "$$ca/ca.pem"
 fi
 if [ -n "$${{SIPDRILL_PLAN_ADDRESS:-}}" ]; then
   dev=$$(ip -o -4 addr show | python3 -I -S -c "import ipaddress, sys
