@@ -40,9 +40,21 @@ LABEL org.opencontainers.image.title="sipdrill" \
       org.opencontainers.image.description="One image for every sipdrill lab role" \
       sipdrill.image="1" \
       sipdrill.base="${BASE_IMAGE}"
-WORKDIR /var/lib/sipdrill
 ENTRYPOINT ["sipdrill"]
 CMD ["--help"]
+
+# The services run as this user, with no capabilities: the container's
+# NET_ADMIN is for the orchestrator's faults (`docker exec --user 0`), never
+# for the service (docs/runtimes.md), and no set-uid program (su, mount, ...)
+# is left to get it back. The lab's shared volume is mounted at
+# /var/lib/sipdrill/lab: Docker gives a new volume this directory's owner.
+RUN groupadd --system --gid 10001 sipdrill \
+    && useradd --system --uid 10001 --gid sipdrill --home-dir /var/lib/sipdrill \
+        --no-create-home --shell /usr/sbin/nologin sipdrill \
+    && mkdir -p /var/lib/sipdrill/lab \
+    && chown -R sipdrill:sipdrill /var/lib/sipdrill \
+    && find / -xdev -type f -perm /6000 -exec chmod ug-s {} +
+WORKDIR /var/lib/sipdrill
 
 # Dependencies first: this layer stays cached while only sipdrill changes.
 COPY wheelhouse/deps/ /tmp/wheelhouse/deps/
@@ -55,3 +67,4 @@ RUN pip install --no-cache-dir --no-index --no-deps /tmp/wheelhouse/self/sipdril
     && rm -rf /tmp/wheelhouse \
     && pip check \
     && sipdrill --version
+USER sipdrill

@@ -18,6 +18,7 @@ from sipdrill.backup.cli import serve_backup
 from sipdrill.clients.cli import serve_clients
 from sipdrill.dns.cli import serve_dns
 from sipdrill.orchestrator import cli as orchestrator_cli
+from sipdrill.orchestrator.chaos.cli import chaos_app
 from sipdrill.orchestrator.swarm_cli import serve_fault_agent
 from sipdrill.pool.cli import serve_pool
 from sipdrill.sip import cli as sip_cli
@@ -57,6 +58,7 @@ serve_app.command("clients")(serve_clients)
 serve_app.command("fault-agent")(serve_fault_agent)
 app.add_typer(orchestrator_cli.lab_app, name="lab")
 app.add_typer(orchestrator_cli.drill_app, name="drill")
+app.add_typer(chaos_app, name="chaos")
 app.add_typer(serve_app, name="serve")
 
 

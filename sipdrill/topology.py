@@ -99,6 +99,24 @@ class SrvPreference(_Model):
     weight: int = Field(ge=0, le=65535)
 
 
+#: dbimpexp's schedule in seed 001: "backing up the contact lists of your users daily".
+DEFAULT_USER_DATA_EXPORT_INTERVAL = 86400.0
+
+
+class UserDataExport(_Model):
+    """The scheduled Export-CsUserData (Lync 2010: ``dbimpexp /hrxmlfile``) of
+    a pool's users, every ``timers.user_data_export_interval``, copied to a
+    pool in another site (seed 001: "move these xml files across to your DR
+    site for safe keeping")."""
+
+    copy_to: str | None = Field(
+        default=None,
+        description="The pool whose site keeps the copies (the DR pool); none: kept here only.",
+    )
+    keep: int = Field(default=7, ge=1, le=366, description="Exports kept here and at the copy.")
+    format: Literal["xml", "json"] = "xml"
+
+
 class Pool(_Model):
     fqdn: str
     site: str
@@ -121,6 +139,9 @@ class Pool(_Model):
     sip_tcp_port: int = Field(default=5060, ge=1, le=65535)
     sip_udp_port: int = Field(default=5060, ge=1, le=65535)
     control_port: int = Field(default=8080, ge=1, le=65535)
+    user_data_export: UserDataExport | None = Field(
+        default=None, description="A scheduled export of this pool's user data (budget DR)."
+    )
 
 
 class Site(_Model):
@@ -157,6 +178,9 @@ class Timers(_Model):
     keepalive_pong_timeout: float = Field(default=DEFAULT_KEEPALIVE_PONG_TIMEOUT, gt=0, le=60)
     backup_store_unavailable_threshold: Seconds = Field(
         default=DEFAULT_BACKUP_STORE_UNAVAILABLE_THRESHOLD, le=86400
+    )
+    user_data_export_interval: float = Field(
+        default=DEFAULT_USER_DATA_EXPORT_INTERVAL, ge=5, le=7 * 86400
     )
 
 
@@ -594,6 +618,28 @@ def _semantic_issues(t: Topology, fname: str, lines: Lines) -> list[TopologyIssu
                 path,
                 f"{p.fqdn} and {partner.fqdn} are paired within site {p.site}",
                 "pair pools in different sites, or a site loss takes both",
+                severity="warning",
+            )
+
+    # Scheduled user-data exports: copied to another pool, preferably in another site.
+    for i, p in enumerate(t.pools):
+        export = p.user_data_export
+        if export is None or export.copy_to is None:
+            continue
+        path = ["pools", i, "user_data_export", "copy_to"]
+        if export.copy_to == p.fqdn:
+            err(path, f"pool {p.fqdn} copies its exports to itself", "name the DR pool")
+        elif export.copy_to not in pool_index:
+            err(
+                path,
+                f"pool {export.copy_to!r} does not exist",
+                f"use one of {sorted(pool_index)}",
+            )
+        elif t.pools[pool_index[export.copy_to]].site == p.site:
+            err(
+                path,
+                f"{p.fqdn} copies its exports to {export.copy_to} in its own site {p.site}",
+                "copy them to a pool in another site, or a site loss takes both",
                 severity="warning",
             )
 

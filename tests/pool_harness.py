@@ -30,6 +30,8 @@ from sipdrill.topology import Topology
 
 P1 = "pool1.lab.local"
 P2 = "pool2.lab.local"
+#: A third pool, unpaired, in tests that ask for it (``third_pool=True``).
+P3 = "pool3.lab.local"
 TOKEN = "pool-test-token"
 DOMAIN = "lab.local"
 #: The detection interval of tests that wait for a backup to take over.
@@ -45,8 +47,10 @@ ERIN = "sip:erin@lab.local"
 LOOPBACK_NET = f"127.{random.randint(100, 250)}.0.0/16"
 
 
-def make_topology(*, detection: float = 1.5, failback: float = 1.0) -> Topology:
-    def pool(name: str, site: int, backup: str) -> dict[str, Any]:
+def make_topology(
+    *, detection: float = 1.5, failback: float = 1.0, third_pool: bool = False
+) -> Topology:
+    def pool(name: str, site: int, backup: str | None) -> dict[str, Any]:
         return {
             "fqdn": name,
             "site": f"site{site}",
@@ -55,12 +59,15 @@ def make_topology(*, detection: float = 1.5, failback: float = 1.0) -> Topology:
             "front_ends": [{"fqdn": f"fe.{name}", "address": f"172.30.{site}.11"}],
         }
 
+    sites = (1, 2, 3) if third_pool else (1, 2)
+
     return Topology.model_validate(
         {
             "name": "pool-test",
             "domain": DOMAIN,
-            "sites": [{"name": f"site{i}", "subnet": f"172.30.{i}.0/24"} for i in (1, 2)],
-            "pools": [pool(P1, 1, P2), pool(P2, 2, P1)],
+            "sites": [{"name": f"site{i}", "subnet": f"172.30.{i}.0/24"} for i in sites],
+            "pools": [pool(P1, 1, P2), pool(P2, 2, P1)]
+            + ([pool(P3, 3, None)] if third_pool else []),
             "cms": {"active": P1},
             "dns": {"address": "172.30.0.53"},
             "lab": {"loopback_network": LOOPBACK_NET},
@@ -207,8 +214,11 @@ class Lab:
 async def two_pools(tmp: Path, **settings: Any) -> AsyncIterator[Lab]:
     """Both pools started. ``detection`` (default 3 s) and ``failback``
     (1 s) set the topology's timers; tests that take a pool down pass
-    ``detection=1.5`` (TAKEOVER). Everything else is a PoolSettings field."""
-    topo_kw = {k: settings.pop(k) for k in ("detection", "failback") if k in settings}
+    ``detection=1.5`` (TAKEOVER); ``third_pool=True`` adds :data:`P3`
+    (unpaired, not started). Everything else is a PoolSettings field."""
+    topo_kw = {
+        k: settings.pop(k) for k in ("detection", "failback", "third_pool") if k in settings
+    }
     topo_kw.setdefault("detection", 3.0)
     lab = Lab(tmp, make_topology(**topo_kw), **settings)
     try:

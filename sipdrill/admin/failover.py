@@ -438,7 +438,9 @@ async def pool_failback(
         await hc.set_read_only(False)
         report.notes.append(f"{home} had been made read-only again by its Backup Service; undone")
     timer.step("home took over")
-    new_record = (record or PoolFailoverRecord(backup_pool=backup, state="")).model_copy(
+    new_record = (
+        record or PoolFailoverRecord(backup_pool=backup, state=FailoverState.FAILED_BACK.value)
+    ).model_copy(
         update={
             "state": FailoverState.FAILED_BACK.value,
             "failback_disaster_mode": disaster_mode and not report.backup_reachable,

@@ -9,7 +9,8 @@ POST    /sync     sync now (Invoke-CsBackupServiceSync); ``{"final": true}`` is
 ======  ========  ==============================================================
 
 Everything but ``/health`` and ``/metrics`` needs ``Authorization: Bearer
-<token>`` when a token is set. Refusals are ``{"code", "message"}`` with the
+<token>`` when a token is set. Errors are ``{"code", "message"}``
+(:class:`~sipdrill.control.app.ControlApp`), refusals with the
 OperationError's HTTP status.
 """
 
@@ -20,13 +21,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
 
 from sipdrill.backup.client import LabClients
 from sipdrill.backup.service import DEFAULT_PAGE_SIZE, BackupService
+from sipdrill.control.app import ControlApp, RequestModel, errors
 from sipdrill.control.auth import bearer_auth
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
@@ -35,23 +36,19 @@ from sipdrill.topology import Topology
 log = logging.getLogger(__name__)
 
 
-class SyncIn(BaseModel):
+class SyncIn(RequestModel):
     final: bool = False
 
 
 def create_backup_app(service: BackupService, token: str | None = None) -> FastAPI:
-    app = FastAPI(title=f"sipdrill Backup Service ({service.pool})", version="1")
+    app = ControlApp(f"sipdrill Backup Service ({service.pool})", token)
     auth = [bearer_auth(token)]
-
-    @app.exception_handler(OperationError)
-    async def refused(request: Request, exc: OperationError) -> JSONResponse:
-        return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.http_status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "pool": service.pool, "partner": service.partner}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         service.metrics.update(service.direction.status())
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -60,7 +57,7 @@ def create_backup_app(service: BackupService, token: str | None = None) -> FastA
     async def status() -> dict[str, Any]:
         return await service.status()
 
-    @app.post("/sync", dependencies=auth)
+    @app.post("/sync", dependencies=auth, responses=errors(409, 503))
     async def sync(body: SyncIn | None = None) -> dict[str, Any]:
         result = await service.sync(final=bool(body and body.final))
         return result.to_json()

@@ -102,6 +102,9 @@ class ExportEvent(Enum):
 
 class ImportEvent(Enum):
     APPLIED = "applied"
+    #: The partner holds everything the source had: a cycle with nothing
+    #: left to apply proves the import works as well as one that applied.
+    CAUGHT_UP = "caught-up"
     FAILED = "failed"
 
 
@@ -132,6 +135,8 @@ IMPORT_TRANSITIONS: TransitionTable[ImportState, ImportEvent] = TransitionTable(
         (ImportState.NORMAL, ImportEvent.APPLIED): ImportState.NORMAL,
         (ImportState.NORMAL, ImportEvent.FAILED): ImportState.ERROR,
         (ImportState.ERROR, ImportEvent.APPLIED): ImportState.NORMAL,
+        (ImportState.NORMAL, ImportEvent.CAUGHT_UP): ImportState.NORMAL,
+        (ImportState.ERROR, ImportEvent.CAUGHT_UP): ImportState.NORMAL,
         (ImportState.ERROR, ImportEvent.FAILED): ImportState.ERROR,
     },
 )
@@ -292,6 +297,9 @@ class SyncDirection:
         self.record.held = False
         self.record.last_error = None
         self.record.last_sync = now
+        # Without this a healed partner stayed in import ErrorState until a new
+        # write came to apply (issue 19): caught up is a working import.
+        self._import(ImportEvent.CAUGHT_UP)
         self._export(ExportEvent.CAUGHT_UP)
 
     def on_backlog(self, oldest_pending: float | None) -> None:
@@ -305,6 +313,8 @@ class SyncDirection:
         self.record.last_error = None
         if not held or self.record.position >= self.record.high_water_mark:
             self.record.last_sync = now
+        if not held:
+            self._import(ImportEvent.CAUGHT_UP)
         self._export(ExportEvent.FINAL)
 
     def on_source_failed(self, error: str) -> None:

@@ -21,17 +21,19 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from sipdrill.clients.runner import ClientRunner
+from sipdrill.control.app import ControlApp
 from sipdrill.control.auth import bearer_auth
 
 __all__ = ["Counts", "EventsPage", "Health", "RunState", "create_app"]
 
 
 class Health(BaseModel):
+    #: ``ok``, or ``idle``: a clients replica whose slot has no users left.
     status: str
     running: bool
     endpoints: int
@@ -39,6 +41,8 @@ class Health(BaseModel):
     faults: int
     events: int
     started_at: float | None
+    #: Which users this process simulates (a clients replica's slot), or why none.
+    note: str | None = None
 
 
 class CountRow(BaseModel):
@@ -70,12 +74,24 @@ class EventsPage(BaseModel):
     latest: int
 
 
-def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
+#: ``GET /events.jsonl`` answers JSON lines, not one JSON document.
+_JSONL: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One event per line, oldest first.",
+        "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def create_app(
+    runner: ClientRunner, token: str | None = None, *, note: str | None = None
+) -> FastAPI:
     """The API; with ``token``, everything but /health and /metrics needs
     ``Authorization: Bearer <token>`` (an anonymous POST /stop would sign
-    every user out)."""
-    app = FastAPI(
-        title="sipdrill clients",
+    every user out). ``note`` says which users the process has (/health)."""
+    app = ControlApp(
+        "sipdrill clients",
+        token,
         description="Simulated Lync 2013 clients: counts, events, start/stop, metrics.",
     )
     auth = [bearer_auth(token)]
@@ -84,13 +100,14 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
     def health() -> Health:
         by_mode = runner.counts()["by_mode"]
         return Health(
-            status="ok",
+            status="ok" if runner.endpoints else "idle",
             running=runner.running,
             endpoints=len(runner.endpoints),
             registered=by_mode["FullService"] + by_mode["ResiliencyMode"],
             faults=runner.faults,
             events=runner.events.seq,
             started_at=runner.started_at,
+            note=note,
         )
 
     @app.get("/counts", response_model=Counts, dependencies=auth)
@@ -122,7 +139,7 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
             latest=runner.events.seq,
         )
 
-    @app.get("/events.jsonl", dependencies=auth)
+    @app.get("/events.jsonl", dependencies=auth, response_class=Response, responses=_JSONL)
     def events_jsonl(
         after: int = Query(0, ge=0, description="Only events with a larger seq."),
         limit: int = Query(10_000, ge=1, le=100_000),
@@ -137,7 +154,7 @@ def create_app(runner: ClientRunner, token: str | None = None) -> FastAPI:
             },
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         return Response(runner.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

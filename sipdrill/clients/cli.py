@@ -31,6 +31,7 @@ from sipdrill.clients.api import create_app
 from sipdrill.clients.endpoint import Target
 from sipdrill.clients.metrics import EventLog
 from sipdrill.clients.population import (
+    CallSettings,
     PopulationError,
     parse_workload,
     profile_for,
@@ -38,6 +39,7 @@ from sipdrill.clients.population import (
 )
 from sipdrill.clients.resolver import parse_nameserver
 from sipdrill.clients.runner import ClientRunner, RunnerConfig
+from sipdrill.clients.slots import Slot, claim_slot, slot_users
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.control.settings import token_from_env
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
@@ -60,6 +62,8 @@ class _Plan:
     events_path: str | None
     start: bool
     duration: float | None
+    #: Which users this process has (a clients replica's slot), for /health.
+    note: str | None = None
 
 
 def raise_fd_limit() -> int:
@@ -105,6 +109,14 @@ def serve_clients(
         min=0,
         help="Skip the first N matching users: one block of users per clients process.",
     ),
+    slots: Path | None = typer.Option(
+        None,
+        "--slots",
+        file_okay=False,
+        help="A directory the replicas of a clients service share: claim its lowest free "
+        "slot K (a lock held while this process runs) and simulate the K-th block of --count "
+        "users; past the last user, stay up with no users (idle).",
+    ),
     dns: str | None = typer.Option(
         None, "--dns", help="HOST:PORT of the lab DNS server (never the system resolver)."
     ),
@@ -124,10 +136,28 @@ def serve_clients(
         "'none' for nowhere (the API still serves the last ones).",
     ),
     workload: str | None = typer.Option(
-        None, "--workload", help="im,presence,conference: exercise the service once registered."
+        None,
+        "--workload",
+        help="im,presence,conference,call: exercise the service once registered.",
     ),
     workload_interval: float = typer.Option(
         60.0, "--workload-interval", min=0.05, help="Mean seconds between workload actions."
+    ),
+    call_fraction: float = typer.Option(
+        0.25,
+        "--call-fraction",
+        min=0.0,
+        max=1.0,
+        help="With --workload call: the share of the users that place calls.",
+    ),
+    call_interval: float = typer.Option(
+        30.0,
+        "--call-interval",
+        min=0.05,
+        help="With --workload call: mean seconds between two calls of one caller (+-50 %).",
+    ),
+    call_hold: float = typer.Option(
+        3.0, "--call-hold", min=0.0, help="With --workload call: seconds a call is held."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the RNG (SRV, backoff, ids)."),
     ramp: float = typer.Option(
@@ -171,14 +201,34 @@ def serve_clients(
         raise _fail("--transport must be tls, tcp or udp") from None
     if tls_max not in ("1.2", "1.3"):
         raise _fail("--tls-max must be 1.2 or 1.3")
+    note = None
+    slot: Slot | None = None  # its lock lives as long as this process
     try:
-        specs = select_users(topo, users, None if count is None else count + offset)[offset:]
+        if slots is not None:
+            if count is None:
+                raise _fail("--slots needs --count (the users of each replica)")
+            slot = _claim(slots)
+            chosen = slot_users(select_users(topo, users), slot.number, count, offset)
+            specs, note = chosen.users, chosen.note
+            print(note, file=sys.stderr, flush=True)
+        else:
+            specs = select_users(topo, users, None if count is None else count + offset)[offset:]
         kinds = parse_workload(workload)
+        calls = CallSettings(call_fraction, call_interval, call_hold)
     except PopulationError as exc:
         raise _fail(str(exc), 1) from None
-    if not specs:
+    if not specs and slot is None:
         raise _fail(f"--offset {offset}: no user is left to simulate; lower it or widen --users", 1)
-    profile = profile_for(topo, transport=kind, workload=kinds, workload_interval=workload_interval)
+    profile = profile_for(
+        topo,
+        transport=kind,
+        workload=kinds,
+        workload_interval=workload_interval,
+        calls=calls,
+        # Callers call the users this process simulates: every one of them is
+        # registered somewhere, so a failed call is the lab's, not a missing user's.
+        call_targets=tuple(s.uri for s in specs),
+    )
     if registrar:
         static = []
         for text in registrar:
@@ -226,12 +276,20 @@ def serve_clients(
         None if events == "none" else events,
         not no_start,
         duration,
+        note,
     )
     try:
         rc = asyncio.run(_serve(plan))
     except OSError as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(rc)
+
+
+def _claim(directory: Path) -> Slot:
+    try:
+        return claim_slot(directory)
+    except OSError as exc:
+        raise _fail(f"--slots {directory}: cannot claim a slot: {exc}", 1) from None
 
 
 def _open_events(path: str | None) -> tuple[IO[str] | None, bool]:
@@ -261,7 +319,7 @@ async def _serve(plan: _Plan) -> int:
                 typer.echo(f"sipdrill serve clients: --control {host}:{port}: {exc}", err=True)
                 return 1
             port = sock.getsockname()[1]
-            server = AppServer(create_app(runner, token_from_env()), sock)
+            server = AppServer(create_app(runner, token_from_env(), note=plan.note), sock)
             try:
                 await server.start(lambda: RuntimeError("the control API did not start"))
             except Exception as exc:

@@ -35,6 +35,13 @@ What it does, and where the rules come from (docs/reference.md):
   A missing pong, a closed flow, a 503 or a timeout on a refresh, a 301 on a
   refresh, or a NOTIFY nudge sends the client back through sign-in; a
   refresh answered in another mode switches mode in place.
+* **Calls** (the ``call`` workload, :mod:`.calls`): a ``call_fraction`` of
+  the users place a call every ``call_interval`` seconds (jittered) to a
+  random user of ``call_targets``: INVITE with SDP, ACK of the 2xx along
+  its Record-Route, hold ``call_hold`` seconds, BYE; events
+  :class:`~.events.CallPlaced`, :class:`~.events.CallAnswered`,
+  :class:`~.events.CallFailed`, :class:`~.events.CallEnded`. Every endpoint
+  answers an INVITE with 200 and SDP.
 
 Modes move only along :data:`TRANSITIONS`; a move that is not in the table
 raises :class:`IllegalTransition` and changes nothing.
@@ -55,8 +62,13 @@ from typing import Final, Protocol, cast
 
 from sipmessage import URI, Address, Request, Response
 
+from sipdrill.clients.calls import Call, CallInput, CallState, answer_invite, is_caller, offer
 from sipdrill.clients.dnscache import DnsAnswer, DnsStatus, TtlCache, normalise_name
 from sipdrill.clients.events import (
+    CallAnswered,
+    CallEnded,
+    CallFailed,
+    CallPlaced,
     ClientEvent,
     DnsLookup,
     Failure,
@@ -175,6 +187,8 @@ class WorkloadKind(enum.Enum):
     IM = "im"
     PRESENCE = "presence"
     CONFERENCE = "conference"
+    #: Calls to random users, on their own timer (see ClientProfile.call_*).
+    CALL = "call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +247,14 @@ class ClientProfile:
     #: A 503 to an IM/presence/conference request on the registered flow
     #: means the registrar failed (RFC 3263): register again.
     reregister_on_workload_503: bool = True
+    #: The call workload (with WorkloadKind.CALL): the share of users that
+    #: place calls, the mean seconds between two calls of one caller
+    #: (jittered +-50 %, one call at a time), how long a call is held.
+    call_fraction: float = 0.25
+    call_interval: float = 30.0
+    call_hold: float = 3.0
+    #: Whom callers call (themselves excluded): the users being simulated.
+    call_targets: tuple[str, ...] = ()
     user_agent: str = "sipdrill-client/0.1 (Lync 2013 semantics)"
 
     def order(self) -> tuple[LookupName, ...]:
@@ -448,6 +470,9 @@ class Endpoint:
         "_announced",
         "_attempted",
         "_backoff_until",
+        "_call",
+        "_call_at",
+        "_caller",
         "_conn",
         "_conn_open",
         "_conn_seq",
@@ -548,6 +573,11 @@ class Endpoint:
         self._work_at: float | None = None
         self._work_index = 0
         self._contact_rr = 0
+        self._call: Call | None = None
+        self._call_at: float | None = None
+        self._caller = WorkloadKind.CALL in profile.workload and is_caller(
+            user.uri, profile.call_fraction
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -578,11 +608,14 @@ class Endpoint:
         # per endpoint in a failover storm).
         best = self.transactions.next_deadline()
         keepalive = self.keepalive
+        call = self._call
         for d in (
             keepalive.next_deadline() if keepalive is not None else None,
             self._refresh_at,
             self._backoff_until,
             self._work_at,
+            self._call_at,
+            call.hangup_at if call is not None else None,
         ):
             if d is not None and (best is None or d < best):
                 best = d
@@ -608,9 +641,10 @@ class Endpoint:
             self._send_register(now, expires=0, refresh=True)
         self._drop_flow()
         self._reset_attempt()
-        self._refresh_at = self._backoff_until = self._work_at = None
+        self._refresh_at = self._backoff_until = self._work_at = self._call_at = None
         self._reg_key = None
         self._work.clear()
+        self._call = None
         self.transactions = TransactionManager(self.rng, self.profile.timers)
         self._dead = None
         self._lost_at = None
@@ -719,6 +753,14 @@ class Endpoint:
             if self.mode.registered and self._conn_open:
                 self._workload_action(now)
                 self._schedule_work(now)
+        if self._call_at is not None and now >= self._call_at:
+            self._call_at = None
+            if self.mode.registered and self._conn_open and self._call is None:
+                self._place_call(now)
+        call = self._call
+        if call is not None and call.hangup_at is not None and now >= call.hangup_at:
+            call.hangup_at = None
+            self._hang_up(call, now)
         return self._flush()
 
     # ------------------------------------------------------------------ plumbing
@@ -947,7 +989,9 @@ class Endpoint:
     def _drop_flow(self) -> None:
         if self.keepalive is not None:
             self.keepalive = None
-        abandoned = [k for k in (self._reg_key, *self._work) if k is not None]
+        call = self._call
+        call_keys = (call.invite_key, call.bye_key) if call is not None else ()
+        abandoned = [k for k in (self._reg_key, *self._work, *call_keys) if k is not None]
         if abandoned:
             if self._dead is None:
                 self._dead = set()
@@ -961,6 +1005,8 @@ class Endpoint:
         self._refresh_at = None
         self._work_at = None
         self._fail_work("flow closed")
+        self._lose_call(self._now())
+        self._call_at = None
 
     def _fail_target(
         self, now: float, failure: Failure, reason: str, status: int | None = None
@@ -1114,6 +1160,8 @@ class Endpoint:
                     self._on_register_response(ev.response, now)
                 elif ev.key in self._work:
                     self._on_work_response(ev.key, ev.response, now)
+                elif self._call is not None:
+                    self._on_call_response(ev.key, ev.response, now)
             elif isinstance(ev, DeliverRequest):
                 if ev.key is not None:
                     self._on_request(ev.key, ev.request, now)
@@ -1123,12 +1171,16 @@ class Endpoint:
                     self._flow_failed(now, Failure.TRANSACTION_TIMEOUT, "no answer to REGISTER")
                 elif ev.key in self._work:
                     self._finish_work(ev.key, None, now, "transaction timeout")
+                elif self._call is not None:
+                    self._call_gave_up(ev.key, now, "transaction timeout")
             elif isinstance(ev, TxTransportError):
                 if ev.key == self._reg_key:
                     self._reg_key = None
                     self._flow_failed(now, Failure.RESET, ev.reason)
                 elif ev.key in self._work:
                     self._finish_work(ev.key, None, now, f"transport error: {ev.reason}")
+                elif self._call is not None:
+                    self._call_gave_up(ev.key, now, f"transport error: {ev.reason}")
 
     def _on_register_response(self, response: Response, now: float) -> None:
         code = response.code
@@ -1237,6 +1289,7 @@ class Endpoint:
             self._queue = []
             self._attempted = None
             self._schedule_work(now)
+            self._schedule_call(now)
 
     def _redirect(self, response: Response, now: float, target: Target) -> None:
         code = response.code
@@ -1298,18 +1351,24 @@ class Endpoint:
 
     def _on_request(self, key: TransactionKey, request: Request, now: float) -> None:
         method = request.method.upper()
-        if method in ("NOTIFY", "MESSAGE", "OPTIONS", "INFO", "BYE", "UPDATE"):
+        if method in ("NOTIFY", "MESSAGE", "OPTIONS", "INFO", "BYE", "UPDATE", "INVITE"):
             status = 200
-        elif method == "INVITE":
-            status = 486  # busy: the simulated user takes no calls
         elif method == "CANCEL":
-            status = 481
+            status = 481  # every INVITE is answered at once: nothing left to cancel
         else:
             status = 405
+        if method == "BYE":
+            self._remote_bye(request, now)
         try:
-            response = make_response(request, status)
+            if method == "INVITE":
+                host = self._local[0] if self._local else "127.0.0.1"
+                response = answer_invite(request, self._contact(), host)
+            else:
+                response = make_response(request, status)
             if status == 405:
-                response.headers.add("Allow", "MESSAGE, NOTIFY, OPTIONS, INFO, BYE, UPDATE")
+                response.headers.add(
+                    "Allow", "INVITE, ACK, BYE, CANCEL, MESSAGE, NOTIFY, OPTIONS, INFO, UPDATE"
+                )
             events = self.transactions.send_response(key, response, now)
         except (TransactionError, ValueError):
             return
@@ -1482,3 +1541,145 @@ class Endpoint:
         now = self._now()
         for key in list(self._work):
             self._finish_work(key, None, now, reason)
+
+    # ------------------------------------------------------------------ calls
+
+    def _schedule_call(self, now: float) -> None:
+        if not self._caller or self._call_at is not None or self._call is not None:
+            return
+        self._call_at = now + self.profile.call_interval * self.rng.uniform(0.5, 1.5)
+
+    def _place_call(self, now: float) -> None:
+        targets = [t for t in self.profile.call_targets if t != self.user.uri]
+        if not targets:
+            return  # nobody to call: the caller stays quiet
+        target = targets[self.rng.randrange(len(targets))]
+        call_id = f"{self.rng.getrandbits(64):016x}@{self.user.user_part}"
+        from_tag = f"{self.rng.getrandbits(32):08x}"
+        host = self._local[0] if self._local else "127.0.0.1"
+        try:
+            request = self._request(
+                "INVITE", target, target, call_id, 1, from_tag,
+                headers=(("Contact", self._contact()), ("Content-Type", "application/sdp")),
+                body=offer(host),
+            )
+        except ValueError:
+            self._emit(CallFailed, reason="not a SIP URI", target=target, call_id=call_id,
+                       status_code=None, elapsed=0.0, mode=self.mode)
+            self._schedule_call(now)
+            return
+        key = self._start_tx(request, now)
+        if key is None:
+            self._schedule_call(now)
+            return
+        self._call = Call(target, call_id, from_tag, key, now)
+        self._emit(CallPlaced, reason="INVITE sent", target=target, call_id=call_id,
+                   mode=self.mode)
+
+    def _in_dialog(self, call: Call, method: str, cseq: int) -> Request:
+        routes = call.routes
+        return self._request(
+            method, call.remote_target, call.target, call.call_id, cseq, call.from_tag,
+            to_tag=call.to_tag,
+            headers=(("Route", ", ".join(routes)),) if routes else (),
+        )
+
+    def _on_call_response(self, key: TransactionKey, response: Response, now: float) -> None:
+        call = self._call
+        assert call is not None
+        code = response.code
+        if code < 200:
+            return
+        if key == call.bye_key:
+            call.step(CallInput.BYE_ANSWERED)
+            self._end_call(call, now, ok=code < 300, status=code,
+                           reason=f"BYE: {code} {response.phrase}".strip())
+            return
+        if key != call.invite_key:
+            return
+        if 200 <= code < 300:
+            if call.state is CallState.CALLING:
+                call.answered(response, now, self.profile.call_hold)
+                try:
+                    ack: bytes | None = serialize(self._in_dialog(call, "ACK", 1))
+                except ValueError:
+                    ack = None
+                call.ack = ack
+                self._emit(CallAnswered, reason=f"{code} {response.phrase}".strip(),
+                           target=call.target, call_id=call.call_id, status_code=code,
+                           setup=now - call.placed, mode=self.mode)
+            if call.ack is not None and self._conn_open:
+                # The ACK of a 2xx is its own transaction: sent again for each 2xx.
+                self._out.append(Send(self._conn, call.ack))
+            return
+        if call.state is CallState.CALLING:
+            call.step(CallInput.REJECTED)
+            self._call = None
+            self._emit(CallFailed, reason=f"{code} {response.phrase}".strip(),
+                       target=call.target, call_id=call.call_id, status_code=code,
+                       elapsed=now - call.placed, mode=self.mode)
+            self._schedule_call(now)
+            if (code == 503 and self.profile.reregister_on_workload_503
+                    and self.mode.registered):
+                self._lose_service(now, Failure.SERVICE_UNAVAILABLE, "503 to a call", 503)
+
+    def _call_gave_up(self, key: TransactionKey, now: float, reason: str) -> None:
+        """A call's INVITE or BYE got no final answer."""
+        call = self._call
+        assert call is not None
+        if key == call.invite_key and call.state is CallState.CALLING:
+            call.step(CallInput.REJECTED)
+            self._call = None
+            self._emit(CallFailed, reason=reason, target=call.target, call_id=call.call_id,
+                       status_code=None, elapsed=now - call.placed, mode=self.mode)
+            self._schedule_call(now)
+        elif key == call.bye_key and call.state is CallState.HANGING_UP:
+            call.step(CallInput.BYE_ANSWERED)
+            self._end_call(call, now, ok=False, status=None, reason=f"BYE: {reason}")
+
+    def _hang_up(self, call: Call, now: float) -> None:
+        call.step(CallInput.HOLD_OVER)
+        call.cseq += 1
+        try:
+            bye: Request | None = self._in_dialog(call, "BYE", call.cseq)
+        except ValueError:
+            bye = None
+        call.bye_key = self._start_tx(bye, now) if bye is not None else None
+        if call.bye_key is None and self._call is call:
+            call.step(CallInput.BYE_ANSWERED)
+            self._end_call(call, now, ok=False, status=None, reason="BYE could not be sent")
+
+    def _remote_bye(self, request: Request, now: float) -> None:
+        call = self._call
+        if call is None or request.headers.get("Call-ID") != call.call_id:
+            return
+        if call.state in (CallState.TALKING, CallState.HANGING_UP):
+            call.step(CallInput.REMOTE_BYE)
+            self._end_call(call, now, ok=True, status=None, reason="the callee hung up",
+                           by_remote=True)
+
+    def _lose_call(self, now: float) -> None:
+        """The flow went: a call being set up failed, one in progress dropped."""
+        call = self._call
+        if call is None:
+            return
+        old = call.step(CallInput.FLOW_LOST)
+        if old is CallState.CALLING:
+            self._call = None
+            self._emit(CallFailed, reason="flow closed", target=call.target,
+                       call_id=call.call_id, status_code=None, elapsed=now - call.placed,
+                       mode=self.mode)
+        else:
+            self._end_call(call, now, ok=False, status=None, reason="flow closed",
+                           dropped=True)
+
+    def _end_call(
+        self, call: Call, now: float, *, ok: bool, status: int | None, reason: str,
+        dropped: bool = False, by_remote: bool = False,
+    ) -> None:
+        self._call = None
+        started = call.answered_at if call.answered_at is not None else now
+        self._emit(CallEnded, reason=reason, target=call.target, call_id=call.call_id,
+                   duration=now - started, ok=ok, status_code=status, dropped=dropped,
+                   by_remote=by_remote)
+        self._schedule_call(now)

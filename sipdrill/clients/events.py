@@ -16,6 +16,10 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 __all__ = [
+    "CallAnswered",
+    "CallEnded",
+    "CallFailed",
+    "CallPlaced",
     "ClientEvent",
     "DnsLookup",
     "EndpointFault",
@@ -186,6 +190,63 @@ class WorkloadResult(ClientEvent):
     ok: bool
     elapsed: float
     mode: Mode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallPlaced(ClientEvent):
+    """The ``call`` workload sent an INVITE (with SDP) to ``target``; ``mode``:
+    the caller's mode then. One of :class:`CallAnswered` or :class:`CallFailed`
+    follows for the same ``call_id``."""
+
+    KIND: ClassVar[str] = "CallPlaced"
+
+    target: str
+    call_id: str
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallAnswered(ClientEvent):
+    """A 2xx to the call's INVITE; ``setup``: seconds from the INVITE to it."""
+
+    KIND: ClassVar[str] = "CallAnswered"
+
+    target: str
+    call_id: str
+    status_code: int
+    setup: float
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallFailed(ClientEvent):
+    """The call's INVITE got a final 3xx-6xx (``status_code``), or none
+    (None: a timeout or the flow lost; ``reason`` says which)."""
+
+    KIND: ClassVar[str] = "CallFailed"
+
+    target: str
+    call_id: str
+    status_code: int | None
+    elapsed: float
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallEnded(ClientEvent):
+    """An answered call is over: ``duration`` from the 2xx; ``ok`` when the BYE
+    got a 2xx (``status_code``, None without an answer); ``dropped`` when the
+    flow went before the BYE could be sent; ``by_remote`` when the callee hung up."""
+
+    KIND: ClassVar[str] = "CallEnded"
+
+    target: str
+    call_id: str
+    duration: float
+    ok: bool
+    status_code: int | None = None
+    dropped: bool = False
+    by_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

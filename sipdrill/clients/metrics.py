@@ -20,6 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sipdrill.clients.events import (
+    CallAnswered,
+    CallEnded,
+    CallFailed,
     ClientEvent,
     Registered,
     TargetFailed,
@@ -50,6 +53,9 @@ RECONNECT_BUCKETS = (
     1800,
     3600,
 )
+
+#: Call setup through one or two pools: milliseconds, seconds when a pool is slow.
+CALL_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 32)
 
 #: (mode, pool) -> endpoints; pool is "" when not registered.
 ModeCounts = Callable[[], Iterable[tuple[str, str, int]]]
@@ -110,6 +116,19 @@ class ClientMetrics:
             ["kind", "status"],
             registry=self.registry,
         )
+        self.calls = Counter(
+            "sipdrill_client_calls",
+            "Calls placed by the call workload, by outcome: answered, failed (a final "
+            "3xx-6xx or none), and ended (ok: the BYE was answered; dropped: the flow went)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.call_setup = Histogram(
+            "sipdrill_client_call_setup_seconds",
+            "From a call's INVITE to its 2xx",
+            buckets=CALL_SETUP_BUCKETS,
+            registry=self.registry,
+        )
         self.events = Counter(
             "sipdrill_client_events", "Events emitted, by kind", ["event"], registry=self.registry
         )
@@ -139,6 +158,14 @@ class ClientMetrics:
         elif isinstance(event, WorkloadResult):
             status = "none" if event.status_code is None else str(event.status_code)
             self._child(self.workload, event.kind, status).inc()
+        elif isinstance(event, CallAnswered):
+            self._child(self.calls, "answered").inc()
+            self.call_setup.observe(event.setup)
+        elif isinstance(event, CallFailed):
+            self._child(self.calls, "failed").inc()
+        elif isinstance(event, CallEnded):
+            outcome = "dropped" if event.dropped else "ended-ok" if event.ok else "ended-error"
+            self._child(self.calls, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,8 +2,16 @@
 
 ``--users`` patterns are ``POOL:GLOB``: ``pool1.lab.local:*`` is every user
 homed on pool1, ``*:p1u00*`` every user whose name (the part before the @)
-or URI matches the glob, whatever the pool. Several patterns add up, in
-topology order, without duplicates.
+or URI matches the glob, whatever the pool. Several patterns add up, without
+duplicates.
+
+The users chosen are drawn across their home pools in proportion to how many
+of the matching users each pool homes (:func:`proportional_order`): the first
+40 of a lab with 151 users on pool1 and 152 on pool2 are 20 and 20, not the
+38 of pool1 that topology order gave (its explicit users and pool1's group
+come first). Within a pool, topology order. Any prefix of the order is
+proportional too, so clients processes that split the users by ``--offset``
+draw the same users as one process would.
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ from sipdrill.topology import Topology, User
 
 __all__ = [
     "CONFERENCE_URI",
+    "CallSettings",
     "PopulationError",
     "conference_uri",
     "parse_workload",
     "profile_for",
+    "proportional_order",
     "select_users",
 ]
 
@@ -74,11 +84,40 @@ def parse_patterns(patterns: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
+def proportional_order(users: Sequence[User]) -> list[User]:
+    """``users`` interleaved across their home pools so that every prefix holds
+    each pool's share of them, within one user (pools in order of first
+    appearance, users of a pool in their given order).
+
+    The m-th user comes from the pool furthest behind its share of m (pool k,
+    with w_k of the n users, is owed m * w_k / n), ties to the earlier pool:
+    the largest-deficit rule, which keeps every pool within one user of its
+    share at every prefix (the property the tests check).
+    """
+    by_pool: dict[str, list[User]] = {}
+    for user in users:
+        by_pool.setdefault(user.home_pool, []).append(user)
+    pools = list(by_pool.values())
+    n = len(users)
+    taken = [0] * len(pools)
+    order: list[User] = []
+    for m in range(1, n + 1):
+        # Integers: deficit_k * n = m * w_k - taken_k * n.
+        k = max(
+            (i for i in range(len(pools)) if taken[i] < len(pools[i])),
+            key=lambda i: (m * len(pools[i]) - taken[i] * n, -i),
+        )
+        order.append(pools[k][taken[k]])
+        taken[k] += 1
+    return order
+
+
 def select_users(
     topology: Topology, patterns: Sequence[str], count: int | None = None
 ) -> list[UserSpec]:
-    """The first ``count`` users matching ``patterns`` (all if None), with contacts and
-    the conferences they may join (their own and their contacts')."""
+    """``count`` users matching ``patterns`` (all if None), drawn across home
+    pools in proportion (:func:`proportional_order`), with contacts and the
+    conferences they may join (their own and their contacts')."""
     parsed = parse_patterns(patterns)
     pools = {p.fqdn for p in topology.pools}
     for pool, _ in parsed:
@@ -87,12 +126,10 @@ def select_users(
                 f"--users {pool}: no such pool (pools: {', '.join(sorted(pools))})"
             )
     everyone = topology.all_users()
-    chosen: list[User] = []
-    for user in everyone:
-        if any(_matches(user, pool, glob) for pool, glob in parsed):
-            chosen.append(user)
-            if count is not None and len(chosen) == count:
-                break
+    matching = [u for u in everyone if any(_matches(u, pool, glob) for pool, glob in parsed)]
+    chosen = proportional_order(matching)
+    if count is not None:
+        chosen = chosen[:count]
     if count is not None and len(chosen) < count:
         raise PopulationError(
             f"--count {count}: only {len(chosen)} users match {', '.join(patterns)}; "
@@ -120,6 +157,25 @@ def select_users(
     return specs
 
 
+@dataclass(frozen=True)
+class CallSettings:
+    """The call workload: ``fraction`` of the users place calls, each one every
+    ``interval`` seconds on average (+-50 %), held ``hold`` seconds. The call
+    rate of a process is ``fraction * users / interval`` calls per second."""
+
+    fraction: float = 0.25
+    interval: float = 30.0
+    hold: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise PopulationError(f"--call-fraction {self.fraction:g}: give a share of 0 to 1")
+        if self.interval <= 0:
+            raise PopulationError(f"--call-interval {self.interval:g}: give seconds above 0")
+        if self.hold < 0:
+            raise PopulationError(f"--call-hold {self.hold:g}: give seconds, 0 or more")
+
+
 def parse_workload(text: str | None) -> tuple[WorkloadKind, ...]:
     if not text:
         return ()
@@ -144,9 +200,13 @@ def profile_for(
     allow_tcp: bool = False,
     workload: tuple[WorkloadKind, ...] = (),
     workload_interval: float = 60.0,
+    calls: CallSettings | None = None,
+    call_targets: tuple[str, ...] = (),
 ) -> ClientProfile:
     """The client settings a topology implies: domain, registration expiry,
-    keep-alive interval (pings at 80-100 % of it) and pong timeout."""
+    keep-alive interval (pings at 80-100 % of it) and pong timeout; the call
+    workload's settings and whom callers call (``call_targets``)."""
+    calls = calls or CallSettings()
     timers = topology.timers
     interval = timers.keepalive_interval
     return ClientProfile(
@@ -160,4 +220,8 @@ def profile_for(
         ),
         workload=workload,
         workload_interval=workload_interval,
+        call_fraction=calls.fraction,
+        call_interval=calls.interval,
+        call_hold=calls.hold,
+        call_targets=call_targets,
     )

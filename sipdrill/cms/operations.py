@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -89,8 +89,18 @@ async def _view(client: CmsPeer) -> CmsPoolView:
     )
 
 
-async def cms_views(topology: Topology, clients: CmsPeers) -> dict[str, CmsPoolView]:
-    views = await asyncio.gather(*(_view(clients.pool(p.fqdn)) for p in topology.pools))
+async def cms_views(
+    topology: Topology, clients: CmsPeers, skip: Collection[str] = ()
+) -> dict[str, CmsPoolView]:
+    """Every pool's view of the CMS; pools in ``skip`` (known not to answer)
+    count as unreachable without a probe."""
+
+    async def view(pool: str) -> CmsPoolView:
+        if pool in skip:
+            return CmsPoolView(pool, False, error="not asked: known not to answer")
+        return await _view(clients.pool(pool))
+
+    views = await asyncio.gather(*(view(p.fqdn) for p in topology.pools))
     return {v.pool: v for v in views}
 
 
@@ -112,9 +122,11 @@ def _unavailable(active: str, why: str) -> OperationError:
     )
 
 
-async def require_cms(topology: Topology, clients: CmsPeers) -> CmsPoolView:
+async def require_cms(
+    topology: Topology, clients: CmsPeers, skip: Collection[str] = ()
+) -> CmsPoolView:
     """The active master's view; ``cms-unavailable`` if it cannot take changes."""
-    views = await cms_views(topology, clients)
+    views = await cms_views(topology, clients, skip)
     active = active_master_of(topology, views)
     view = views.get(active)
     if view is None or not view.reachable:
@@ -127,7 +139,7 @@ async def require_cms(topology: Topology, clients: CmsPeers) -> CmsPoolView:
 
 
 async def replicate_cms(
-    topology: Topology, clients: CmsPeers, source_pool: str
+    topology: Topology, clients: CmsPeers, source_pool: str, skip: Collection[str] = ()
 ) -> dict[str, str]:
     """If ``source_pool`` hosts the writable active master, push its document
     to every pool that is behind; ``{pool: outcome}``."""
@@ -140,6 +152,9 @@ async def replicate_cms(
     outcome: dict[str, str] = {}
 
     async def push(pool: str) -> None:
+        if pool in skip:
+            outcome[pool] = "unreachable"
+            return
         client = clients.pool(pool)
         try:
             view = await _view(client)
@@ -159,13 +174,14 @@ async def replicate_cms(
 
 
 async def cms_update(
-    topology: Topology, clients: CmsPeers, patch: CmsConfigPatch
+    topology: Topology, clients: CmsPeers, patch: CmsConfigPatch, skip: Collection[str] = ()
 ) -> dict[str, Any]:
     """Change the configuration through the active master, then replicate it
     to the standby and every replica (best effort: the Backup Service of the
     master's pool retries). Raises ``cms-unavailable`` when the master cannot
-    take the change; nothing is changed then."""
-    view = await require_cms(topology, clients)
+    take the change; nothing is changed then. ``skip``: pools known not to
+    answer, not probed (a bulk move's batches would each wait for them)."""
+    view = await require_cms(topology, clients, skip)
     assert view.active_master is not None
     master = clients.pool(view.pool)
     body = patch.model_dump(mode="json", exclude_none=True)
@@ -173,7 +189,7 @@ async def cms_update(
         new = await master.cms_put_config(body)
     except OSError as exc:
         raise _unavailable(view.pool, f"unreachable ({exc})") from None
-    replicated = await replicate_cms(topology, clients, view.pool)
+    replicated = await replicate_cms(topology, clients, view.pool, skip)
     return {**new, "replicated": replicated}
 
 

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from sipdrill.control.app import RequestModel, describe_validation, errors
 from sipdrill.control.files import write_atomically
 from sipdrill.errors import OperationError
 from sipdrill.topology import Timers, Topology
@@ -47,11 +47,15 @@ class CmsRole(StrEnum):
 # --- the document ----------------------------------------------------------------
 
 
-class PoolFailoverRecord(BaseModel):
+#: The values of sipdrill.pool.state.FailoverState (the CMS is below the pool).
+FailoverStateName = Literal["Active", "FailingOver", "FailedOver", "FailingBack", "FailedBack"]
+
+
+class PoolFailoverRecord(RequestModel):
     """Who serves a home pool's users, as pool failover / failback recorded it."""
 
     backup_pool: str
-    state: str = Field(description="A FailoverState value: FailedOver, FailedBack ...")
+    state: FailoverStateName
     disaster_mode: bool = False
     #: The backup's last applied position of the home pool's feed when it
     #: took the users over: every home change above it is the RPO loss.
@@ -66,13 +70,13 @@ class PoolFailoverRecord(BaseModel):
     failed_back_at: float | None = None
 
 
-class CmsConfig(BaseModel):
-    timers: dict[str, float] = {}
-    user_homing: dict[str, str] = {}
-    pool_failover: dict[str, PoolFailoverRecord] = {}
+class CmsConfig(RequestModel):
+    timers: dict[str, float] = Field(default_factory=dict)
+    user_homing: dict[str, str] = Field(default_factory=dict)
+    pool_failover: dict[str, PoolFailoverRecord] = Field(default_factory=dict)
 
 
-class CmsDocument(BaseModel):
+class CmsDocument(RequestModel):
     version: int = 0
     generation: int = 1
     active_master: str
@@ -83,7 +87,7 @@ class CmsDocument(BaseModel):
         return (self.generation, self.version)
 
 
-class CmsConfigPatch(BaseModel):
+class CmsConfigPatch(RequestModel):
     """``PUT /cms/config``: merged into the current configuration; a ``None``
     value removes an entry."""
 
@@ -95,12 +99,12 @@ class CmsConfigPatch(BaseModel):
     )
 
 
-class CmsReplicateIn(BaseModel):
+class CmsReplicateIn(RequestModel):
     document: CmsDocument
 
 
-class CmsRoleIn(BaseModel):
-    role: CmsRole
+class CmsRoleIn(RequestModel):
+    role: CmsRole = Field(strict=False)
     active_master: str | None = None
     read_only: bool = False
     generation: int | None = None
@@ -167,6 +171,37 @@ class CmsStore:
         with self._lock:
             return self._state.model_copy(deep=True)
 
+    def _check_pool(self, where: str, fqdn: str) -> None:
+        """Refuse (404) a name that is not a pool of the topology: a document
+        naming one would send users, or the CMS master role, nowhere. The
+        message names the field, never the value."""
+        pools = sorted(p.fqdn for p in self.topology.pools)
+        if fqdn.lower() not in pools:
+            raise OperationError(
+                "unknown-pool", f"{where}: not a pool of this lab (pools: {', '.join(pools)})", 404
+            )
+
+    def _check_document(self, doc: CmsDocument) -> None:
+        """A replicated document is one this store could have written itself."""
+        self._check_pool("document.active_master", doc.active_master)
+        config = doc.config
+        for pool in config.user_homing.values():
+            self._check_pool("document.config.user_homing[<key>]", pool)
+        for home, record in config.pool_failover.items():
+            self._check_pool("document.config.pool_failover", home)
+            self._check_pool("document.config.pool_failover[<key>].backup_pool",
+                             record.backup_pool)
+        try:
+            Timers.model_validate({**self.topology.timers.model_dump(), **config.timers})
+        except ValidationError as exc:
+            raise OperationError(
+                "bad-config",
+                describe_validation(
+                    exc.errors(), Timers.model_fields, prefix="document.config.timers"
+                ),
+                422,
+            ) from None
+
     def effective_timers(self) -> Timers:
         """The topology's timers with the CMS's overrides."""
         with self._lock:
@@ -207,20 +242,26 @@ class CmsStore:
                 try:
                     Timers.model_validate({**self.topology.timers.model_dump(), **timers})
                 except ValidationError as exc:
-                    raise OperationError("bad-config", f"invalid timers: {exc}", 422) from None
+                    raise OperationError(
+                        "bad-config",
+                        describe_validation(exc.errors(), Timers.model_fields, prefix="timers"),
+                        422,
+                    ) from None
                 config.timers = timers
             if patch.user_homing is not None:
                 homing = dict(config.user_homing)
-                pools = {p.fqdn for p in self.topology.pools}
                 for uri, pool in patch.user_homing.items():
                     if pool is None:
                         homing.pop(uri, None)
-                    elif pool.lower() not in pools:
-                        raise OperationError("unknown-pool", f"{pool} is not a pool", 404)
                     else:
+                        self._check_pool("user_homing[<key>]", pool)
                         homing[uri] = pool.lower()
                 config.user_homing = homing
             if patch.pool_failover is not None:
+                for home, record in patch.pool_failover.items():
+                    self._check_pool("pool_failover", home)
+                    if record is not None:
+                        self._check_pool("pool_failover[<key>].backup_pool", record.backup_pool)
                 records = dict(config.pool_failover)
                 for pool, record in patch.pool_failover.items():
                     if record is None:
@@ -240,6 +281,7 @@ class CmsStore:
 
     def replicate(self, document: CmsDocument) -> tuple[bool, CmsState]:
         """Take a newer document from the master; (applied, state)."""
+        self._check_document(document)
         with self._lock:
             st = self._state
             mine = st.document
@@ -279,6 +321,8 @@ class CmsStore:
             return True, st.model_copy(deep=True)
 
     def set_role(self, body: CmsRoleIn) -> CmsState:
+        if body.active_master is not None:
+            self._check_pool("active_master", body.active_master)
         with self._lock:
             st = self._state
             doc = st.document
@@ -321,10 +365,6 @@ def cms_view(state: CmsState) -> dict[str, Any]:
     }
 
 
-def _refusal(exc: OperationError) -> JSONResponse:
-    return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.http_status)
-
-
 def cms_router(
     store_dir: Path,
     pool_fqdn: str,
@@ -334,7 +374,8 @@ def cms_router(
     clock: Callable[[], float] = time.time,
 ) -> APIRouter:
     """The pool's CMS replica as routes; the pool process includes the router
-    (with its bearer-token dependency). ``router.cms_store`` is the store,
+    (with its bearer-token dependency; its app answers the refusals the
+    store raises). ``router.cms_store`` is the store,
     for the pool's own reads (timers, user homing)."""
     cms = store or CmsStore(store_dir, pool_fqdn, topology, clock=clock)
     router = APIRouter(tags=["cms"])
@@ -343,27 +384,18 @@ def cms_router(
     async def get_cms() -> dict[str, Any]:
         return cms_view(cms.state())
 
-    @router.put("/cms/config", response_model=None)
-    async def put_config(body: CmsConfigPatch) -> dict[str, Any] | JSONResponse:
-        try:
-            return cms_view(cms.put_config(body))
-        except OperationError as exc:
-            return _refusal(exc)
+    @router.put("/cms/config", responses=errors(404, 409, 422, 503))
+    async def put_config(body: CmsConfigPatch) -> dict[str, Any]:
+        return cms_view(cms.put_config(body))
 
-    @router.post("/cms/replicate", response_model=None)
-    async def replicate(body: CmsReplicateIn) -> dict[str, Any] | JSONResponse:
-        try:
-            applied, state = cms.replicate(body.document)
-        except OperationError as exc:
-            return _refusal(exc)
+    @router.post("/cms/replicate", responses=errors(404, 409, 422))
+    async def replicate(body: CmsReplicateIn) -> dict[str, Any]:
+        applied, state = cms.replicate(body.document)
         return {"applied": applied, **cms_view(state)}
 
-    @router.post("/cms/role", response_model=None)
-    async def set_role(body: CmsRoleIn) -> dict[str, Any] | JSONResponse:
-        try:
-            return cms_view(cms.set_role(body))
-        except OperationError as exc:
-            return _refusal(exc)
+    @router.post("/cms/role", responses=errors(404, 409))
+    async def set_role(body: CmsRoleIn) -> dict[str, Any]:
+        return cms_view(cms.set_role(body))
 
     router.cms_store = cms  # type: ignore[attr-defined]
     return router

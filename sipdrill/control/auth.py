@@ -2,9 +2,9 @@
 
 Everything but ``/health`` and ``/metrics`` needs ``Authorization: Bearer
 <token>`` when the process has a token. A missing or wrong token raises
-``HTTPException(401)`` with ``WWW-Authenticate: Bearer``; each app's own
-exception handlers decide the body (``{"detail": ...}`` by FastAPI's default,
-``{"code": "unauthorized", ...}`` where an app answers every error that way).
+``HTTPException(401)`` with ``WWW-Authenticate: Bearer``;
+:class:`~sipdrill.control.app.ControlApp` answers it as ``{"code": "unauthorized",
+"message": ...}`` (a bare FastAPI app, as FastAPI does: ``{"detail": ...}``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the dependency's signature.

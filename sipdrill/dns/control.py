@@ -21,8 +21,10 @@ DELETE  /faults                     clear faults
 ======  ==========================  =============================================
 
 Every change answers ``{"serial": n, "changed": bool}``; a refused change
-answers 404 (unknown view), 409 (CNAME rule, server-managed SOA/NS) or 422
-(bad name, type or data) and changes nothing.
+answers 404 (``unknown-view``), 409 (``record-conflict``: CNAME rule,
+server-managed SOA/NS) or 422 (``bad-change``, ``not-in-zone``: bad name, type
+or data) as ``{"code", "message"}`` and changes nothing. The message says
+where (``changes[1].data[0]: not valid A data ...``), never what was sent.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures.
@@ -31,10 +33,11 @@ from typing import Annotated, Literal
 
 import dns.rcode
 from fastapi import FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from sipdrill.control.app import ControlApp, RequestModel, error_response, errors
 from sipdrill.control.auth import bearer_auth
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.errors import ZoneChangeError
@@ -51,7 +54,7 @@ class RecordOut(BaseModel):
     view: str
 
 
-class RecordsIn(BaseModel):
+class RecordsIn(RequestModel):
     name: str = Field(description="Absolute (trailing dot or ending in the domain) or relative.")
     type: str = Field(examples=["A", "SRV"])
     data: list[str] = Field(min_length=1, description="Records in zone-file form.")
@@ -59,22 +62,22 @@ class RecordsIn(BaseModel):
     views: list[str] | None = Field(default=None, description="Default: every view.")
 
 
-class RRsetIn(BaseModel):
+class RRsetIn(RequestModel):
     data: list[str] = Field(description="The RRset's new records; empty deletes it.")
     ttl: TTL | None = None
     views: list[str] | None = None
 
 
-class ChangeIn(BaseModel):
+class ChangeIn(RequestModel):
     op: Literal["add", "replace", "delete"]
     name: str
     type: str | None = None
-    data: list[str] = []
+    data: list[str] = Field(default_factory=list)
     ttl: TTL | None = None
     views: list[str] | None = None
 
 
-class ChangesIn(BaseModel):
+class ChangesIn(RequestModel):
     changes: list[ChangeIn] = Field(min_length=1)
 
 
@@ -83,7 +86,7 @@ class ChangeResult(BaseModel):
     changed: bool
 
 
-class FaultsModel(BaseModel):
+class FaultsModel(RequestModel):
     drop: bool = Field(default=False, description="Answer nothing.")
     servfail: bool = Field(default=False, description="Answer SERVFAIL.")
     latency_ms: float = Field(default=0.0, ge=0, le=60_000, description="Delay every answer.")
@@ -102,13 +105,16 @@ class Health(ZoneInfo):
 
 
 def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None) -> FastAPI:
-    app = FastAPI(title="sipdrill DNS control", version="1")
+    app = ControlApp("sipdrill DNS control", token)
     metrics = core.metrics
     auth = [bearer_auth(token)]
+    #: A change: 404 an unknown view, 409 the CNAME rule or server-managed
+    #: data, 422 a bad name, type or data.
+    refusals = errors(404, 409, 422)
 
     @app.exception_handler(ZoneChangeError)
     async def _refused(request: Request, exc: ZoneChangeError) -> JSONResponse:
-        return JSONResponse({"detail": exc.reason}, status_code=exc.http_status)
+        return error_response(exc.http_status, exc.code, exc.message)
 
     def info() -> ZoneInfo:
         return ZoneInfo(zone=zone.topology.domain, serial=zone.serial, views=zone.view_names,
@@ -136,7 +142,7 @@ def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None)
     async def health() -> Health:
         return Health(status="ok", faults=faults_out(), **info().model_dump())
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -144,7 +150,7 @@ def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None)
     async def zone_info() -> ZoneInfo:
         return info()
 
-    @app.get("/records", dependencies=auth)
+    @app.get("/records", dependencies=auth, responses=errors(404))
     async def list_records(
         view: str = DEFAULT_VIEW, name: str | None = None,
         type: Annotated[str | None, Query(alias="type")] = None,
@@ -154,15 +160,15 @@ def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None)
             for r in zone.records(view, name, type)
         ]
 
-    @app.post("/records", dependencies=auth)
+    @app.post("/records", dependencies=auth, responses=refusals)
     async def add_records(body: RecordsIn) -> ChangeResult:
         return apply(change(ChangeIn(op="add", **body.model_dump())))
 
-    @app.put("/records/{name}/{rtype}", dependencies=auth)
+    @app.put("/records/{name}/{rtype}", dependencies=auth, responses=refusals)
     async def replace_rrset(name: str, rtype: str, body: RRsetIn) -> ChangeResult:
         return apply(change(ChangeIn(op="replace", name=name, type=rtype, **body.model_dump())))
 
-    @app.delete("/records/{name}/{rtype}", dependencies=auth)
+    @app.delete("/records/{name}/{rtype}", dependencies=auth, responses=refusals)
     async def delete_records(
         name: str, rtype: str,
         data: Annotated[list[str] | None, Query()] = None,
@@ -171,13 +177,13 @@ def create_control_app(zone: ZoneStore, core: DnsCore, token: str | None = None)
         return apply(change(ChangeIn(op="delete", name=name, type=rtype, data=data or [],
                                      views=view)))
 
-    @app.delete("/records/{name}", dependencies=auth)
+    @app.delete("/records/{name}", dependencies=auth, responses=refusals)
     async def delete_name(
         name: str, view: Annotated[list[str] | None, Query()] = None
     ) -> ChangeResult:
         return apply(change(ChangeIn(op="delete", name=name, views=view)))
 
-    @app.post("/changes", dependencies=auth)
+    @app.post("/changes", dependencies=auth, responses=refusals)
     async def batch(body: ChangesIn) -> ChangeResult:
         return apply(*(change(c) for c in body.changes))
 

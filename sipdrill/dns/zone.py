@@ -74,7 +74,26 @@ class ZoneVersion:
         try:
             return self.views[name]
         except KeyError:
-            raise UnknownView(f"no DNS view {name!r}; views: {sorted(self.views)}") from None
+            raise UnknownView(f"unknown DNS view; views: {', '.join(sorted(self.views))}") from None
+
+
+@contextmanager
+def _where(part: str | None) -> Iterator[None]:
+    """Say where in a change (or a batch) a refusal happened, so that its
+    message need not repeat the text that was refused."""
+    try:
+        yield
+    except ZoneChangeError as exc:
+        if part is not None:
+            exc.where = f"{part}.{exc.where}" if exc.where else part
+        raise
+
+
+def _why(exc: Exception) -> str:
+    """What dnspython found wrong, without the text it was given (its
+    messages may quote it; its exception classes say the kind)."""
+    doc = type(exc).__doc__ if isinstance(exc, dns.exception.DNSException) else None
+    return doc.strip().splitlines()[0].rstrip(".").lower() if doc else "malformed"
 
 
 def _names_of(origin: dns.name.Name, nodes: Iterable[dns.name.Name]) -> frozenset[dns.name.Name]:
@@ -162,7 +181,7 @@ class ZoneTransaction:
         if dns.rdatatype.is_metatype(rdtype):
             raise ZoneChangeError(f"{dns.rdatatype.to_text(rdtype)} is not a record type")
         if not name.is_subdomain(self.origin):
-            raise NotInZone(f"{name} is outside the zone {self.origin}")
+            raise NotInZone(f"the name is outside the zone {self.origin}")
 
     def add(
         self,
@@ -181,11 +200,11 @@ class ZoneTransaction:
         conflict = None
         if rdtype == CNAME:
             if len(rdatas) > 1:
-                conflict = f"{name} can have only one CNAME"
+                conflict = "a name can have only one CNAME"
             elif any(t != CNAME for t in node) or name == self.origin:
-                conflict = f"{name} has other data, so it cannot have a CNAME"
+                conflict = "the name has other data, so it cannot have a CNAME"
         elif CNAME in node:
-            conflict = f"{name} is a CNAME, so it cannot have other data"
+            conflict = "the name is a CNAME, so it cannot have other data"
         if conflict is not None:
             if on_conflict == "raise":
                 raise RecordConflict(conflict)
@@ -224,9 +243,9 @@ class ZoneTransaction:
         node = self.node(view, name)
         others = [t for t in node if t != rdtype]
         if rdtype == CNAME and (others or len(rdatas) > 1 or name == self.origin):
-            raise RecordConflict(f"{name} has other data or several targets: no CNAME possible")
+            raise RecordConflict("the name has other data or several targets: no CNAME possible")
         if rdtype != CNAME and CNAME in node:
-            raise RecordConflict(f"{name} is a CNAME, so it cannot have other data")
+            raise RecordConflict("the name is a CNAME, so it cannot have other data")
         self._writable(view, name)[rdtype] = _rrset(name, rdtype, new_ttl, rdatas)
         self.changed = True
         return True
@@ -258,7 +277,7 @@ class ZoneTransaction:
     def delete_name(self, view: str, name: dns.name.Name) -> bool:
         """Delete every RRset at ``name`` (at the apex, all but SOA and NS)."""
         if not name.is_subdomain(self.origin):
-            raise NotInZone(f"{name} is outside the zone {self.origin}")
+            raise NotInZone(f"the name is outside the zone {self.origin}")
         node = self.node(view, name)
         doomed = [t for t in node if not (name == self.origin and t in (SOA, NS))]
         if not doomed:
@@ -368,18 +387,18 @@ class ZoneStore:
             else:
                 name = dns.name.from_text(t, origin=self.origin)
         except (dns.exception.DNSException, ValueError) as exc:
-            raise ZoneChangeError(f"bad owner name {text!r}: {exc}") from None
+            raise ZoneChangeError(f"not a DNS name ({_why(exc)})") from None
         if not name.is_subdomain(self.origin):
-            raise NotInZone(f"{name} is outside the zone {self.origin}")
+            raise NotInZone(f"the name is outside the zone {self.origin}")
         return name
 
     def rdtype(self, text: str) -> RdataType:
         try:
             rdtype = dns.rdatatype.from_text(text.strip().upper())
         except (dns.exception.DNSException, ValueError):
-            raise ZoneChangeError(f"unknown record type {text!r}") from None
+            raise ZoneChangeError("unknown record type") from None
         if dns.rdatatype.is_metatype(rdtype):
-            raise ZoneChangeError(f"{text} is not a record type")
+            raise ZoneChangeError(f"{dns.rdatatype.to_text(rdtype)} is not a record type")
         return rdtype
 
     def rdata(self, rdtype: RdataType, text: str) -> dns.rdata.Rdata:
@@ -387,7 +406,7 @@ class ZoneStore:
             return dns.rdata.from_text(IN, rdtype, text, origin=self.origin, relativize=False)
         except (dns.exception.DNSException, ValueError) as exc:
             kind = dns.rdatatype.to_text(rdtype)
-            raise ZoneChangeError(f"bad {kind} data {text!r}: {exc}") from None
+            raise ZoneChangeError(f"not valid {kind} data ({_why(exc)})") from None
 
     def records(
         self, view: str = DEFAULT_VIEW, name: str | None = None, rtype: str | None = None
@@ -439,32 +458,40 @@ class ZoneStore:
             return list(self.view_names)
         for v in views:
             if v not in self.view_names:
-                raise UnknownView(f"no DNS view {v!r}; views: {self.view_names}")
+                raise UnknownView(f"unknown DNS view; views: {', '.join(self.view_names)}")
         return list(dict.fromkeys(views))
 
     def apply(self, changes: Iterable[RecordChange]) -> tuple[ZoneVersion, bool]:
         """Apply ``changes`` atomically: all of them in one new version (one
         serial bump), or none if any is refused (:class:`ZoneChangeError`).
         Returns the current version and whether anything changed."""
+        batch = list(changes)
         with self.transaction() as txn:
-            for change in changes:
-                self._apply_one(txn, change)
+            for i, change in enumerate(batch):
+                with _where(f"changes[{i}]" if len(batch) > 1 else None):
+                    self._apply_one(txn, change)
             changed = txn.changed
         return self._current, changed
 
     def _apply_one(self, txn: ZoneTransaction, change: RecordChange) -> None:
-        name = self.name(change.name)
-        views = self.views_for(change.views)
+        with _where("name"):
+            name = self.name(change.name)
+        with _where("views"):
+            views = self.views_for(change.views)
         if change.rtype is None:
             if change.op != "delete" or change.data:
                 raise ZoneChangeError(f"{change.op} needs a record type")
             for v in views:
                 txn.delete_name(v, name)
             return
-        rdtype = self.rdtype(change.rtype)
-        rdatas = [self.rdata(rdtype, d) for d in change.data]
+        with _where("type"):
+            rdtype = self.rdtype(change.rtype)
+        rdatas = []
+        for i, text in enumerate(change.data):
+            with _where(f"data[{i}]"):
+                rdatas.append(self.rdata(rdtype, text))
         if change.ttl is not None and not 0 <= change.ttl <= 0x7FFFFFFF:
-            raise ZoneChangeError(f"TTL {change.ttl} is out of range")
+            raise ZoneChangeError("ttl: out of range (0 to 2147483647)")
         for v in views:
             if change.op == "add":
                 if not rdatas:
@@ -479,7 +506,7 @@ class ZoneStore:
                 else:
                     txn.delete_rrset(v, name, rdtype)
             else:
-                raise ZoneChangeError(f"unknown operation {change.op!r}")
+                raise ZoneChangeError("unknown operation (add, replace or delete)")
 
     def _publish(self, version: ZoneVersion) -> None:
         self._current = version

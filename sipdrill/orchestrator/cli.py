@@ -15,12 +15,20 @@ from rich.console import Console
 from rich.table import Table
 
 from sipdrill.errors import ConfigFileError, FaultError, OperationError
-from sipdrill.orchestrator.compose import DEFAULT_PORT_BASE, ComposeOptions, docker_plan
+from sipdrill.orchestrator.compose import (
+    DEFAULT_PORT_BASE,
+    PROJECT_VARIABLE,
+    ComposeOptions,
+    docker_plan,
+    project_name,
+    write_env_file,
+)
 from sipdrill.orchestrator.compose import command_line as compose_command_line
 from sipdrill.orchestrator.compose import generate as generate_compose
 from sipdrill.orchestrator.drill import LoadedDrill, load_drill
 from sipdrill.orchestrator.engine import DrillInterrupted
 from sipdrill.orchestrator.fault_model import RUNTIME_FAULTS, FaultKind, parse_fault_request
+from sipdrill.orchestrator.labels import LAB as LAB_LABEL
 from sipdrill.orchestrator.local_runtime import LocalRuntime
 from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, lab_plan
 from sipdrill.orchestrator.report import Report
@@ -85,11 +93,14 @@ def _plan(
     lab_dir: Path,
     clients: int,
     clients_processes: int,
+    client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
     """The lab plan with the paths its processes see: the host's for the local
     runtime, the containers' for docker (the file is mounted there)."""
     if kind in (RuntimeKind.DOCKER, RuntimeKind.SWARM):
-        return docker_plan(t, clients=clients, clients_processes=clients_processes)
+        return docker_plan(
+            t, clients=clients, clients_processes=clients_processes, client_args=client_args
+        )
     return lab_plan(
         t,
         kind,
@@ -97,6 +108,7 @@ def _plan(
         state_dir=str(lab_dir.resolve()),
         clients=clients,
         clients_processes=clients_processes,
+        client_args=client_args,
     )
 
 
@@ -145,10 +157,19 @@ def lab_compose(
         max=65000,
         help="Publish control APIs on 127.0.0.1 from this port (0: ephemeral ports).",
     ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        dir_okay=False,
+        help="Write the file here, and the project name (COMPOSE_PROJECT_NAME) to the "
+        ".env beside it, instead of printing the file.",
+    ),
 ) -> None:
     """Print the Compose file of a topology's lab: `sipdrill lab compose
-    topologies/paired-pools.yaml > compose.yaml`, then `docker-compose up -d`.
-    A relative topology path stays relative (to the directory of the file)."""
+    topologies/paired-pools.yaml -o compose.yaml` (or `> compose.yaml`), then
+    `docker-compose up -d` in that directory. A relative topology path stays
+    relative (to the directory of the file)."""
     t = load_or_exit(topology).topology
     source = str(topology)
     if not topology.is_absolute() and not source.startswith("."):
@@ -164,7 +185,20 @@ def lab_compose(
         )
     except OperationError as exc:
         raise _fail(exc.message) from None
-    typer.echo(text, nl=False)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+        env = write_env_file(
+            output.parent, {PROJECT_VARIABLE: project_name(options.lab)}
+        )
+    except OSError as exc:
+        raise _fail(f"{output}: {exc.strerror or exc}") from None
+    _console(stderr=True).print(
+        f"wrote {output} and {env} ({PROJECT_VARIABLE}={project_name(options.lab)})",
+        highlight=False,
+    )
 
 
 def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
@@ -180,15 +214,36 @@ def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
         RuntimeKind.SWARM: "swarm-lab.json",
     }[runtime]
     labs = sorted(d.name for d in state_dir.glob("*") if (d / state_file).is_file())
+    where = str(state_dir)
+    if not labs and runtime is RuntimeKind.DOCKER:
+        labs = sorted(_docker_labs())  # started with docker-compose: no state here
+        where = "the Docker engine"
     if len(labs) == 1:
         return labs[0]
     if not labs:
         raise _fail(
-            f"no {runtime.value} lab has its state in {state_dir}: name one "
-            f"(or its topology file), or start one with `sipdrill lab up TOPOLOGY`"
+            f"no {runtime.value} lab has its state in {state_dir}"
+            + (" or containers on the Docker engine" if runtime is RuntimeKind.DOCKER else "")
+            + ": name one "
+            "(or its topology file), or start one with `sipdrill lab up TOPOLOGY`"
             + ("" if runtime is not RuntimeKind.LOCAL else " (a docker lab? add --runtime docker)")
         )
-    raise _fail(f"{len(labs)} labs in {state_dir} ({', '.join(labs)}): name the one you mean")
+    raise _fail(f"{len(labs)} labs in {where} ({', '.join(labs)}): name the one you mean")
+
+
+def _docker_labs() -> set[str]:
+    """The labs with a container on the Docker engine (none if it does not answer)."""
+    from sipdrill.orchestrator.docker_lab_faults import lab_engine
+
+    try:
+        with lab_engine() as rt:
+            return {
+                str(c.labels[LAB_LABEL])
+                for c in rt.client.containers.list(all=True, filters={"label": LAB_LABEL})
+                if c.labels.get(LAB_LABEL)
+            }
+    except OperationError:
+        return set()
 
 
 LAB_ARG = typer.Argument(
@@ -523,6 +578,19 @@ def _summary_console() -> Console:
     return summary_console()
 
 
+def _docker_running(rt: Runtime) -> bool:
+    from sipdrill.orchestrator.docker_lab import DockerLab
+
+    return isinstance(rt, DockerLab) and rt.running()
+
+
+def _attach(rt: Runtime, t: Topology, clients: int) -> list[str]:
+    from sipdrill.orchestrator.docker_lab import DockerLab
+
+    assert isinstance(rt, DockerLab)
+    return rt.attach(t, clients)
+
+
 def run_drill(
     loaded: LoadedDrill,
     kind: RuntimeKind,
@@ -550,16 +618,21 @@ def run_drill(
     t = loaded.topology
     lab_dir = (state_dir / t.name).resolve()
     lab_dir.mkdir(parents=True, exist_ok=True)
-    topo_file = lab_dir / "topology.yaml"  # the topology with the drill's timers
-    topo_file.write_text(loaded.topology_yaml)
+    # The topology with the drill's timers; written when the drill starts a lab
+    # (a running docker lab may mount this very file).
+    topo_file = lab_dir / "topology.yaml"
     display = DrillDisplay()
     rt = _runtime(kind, t.name, state_dir, topo_file, progress=display.log)
     n_clients = d.clients.count if clients is None else clients
-    specs = _plan(kind, t, topo_file, lab_dir, n_clients, d.clients.processes)
+    specs = _plan(
+        kind, t, topo_file, lab_dir, n_clients, d.clients.processes, d.clients.process_args()
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(d.name, loaded.topology_path, kind.value, time.time())
     recorder = None
     engine: DrillEngine | None = None
+    ours = True  # the drill started the lab (else it attached to a running one)
+    lab_info: dict[str, Any] = {"attached": False, "notes": []}
     if capture:
         from sipdrill.orchestrator.capture import Capture
 
@@ -581,16 +654,32 @@ def run_drill(
         (out_dir / "events.jsonl").open("w", encoding="utf-8") as events,
     ):
         try:
-            display.log(f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)")
             try:
-                if recorder is not None:
-                    recorder.start()
-                    display.log(f"capturing the lab's traffic to {recorder.pcap}")
-                rt.up(specs)
+                # A docker lab already running (docker-compose up, a drill run with
+                # --keep) is the drill's lab; one it did not start, it leaves up.
+                if kind is RuntimeKind.DOCKER and _docker_running(rt):
+                    ours = False
+                    display.log(f"lab {t.name} is already up: the drill runs on it")
+                    lab_info = {"attached": True, "notes": _attach(rt, t, n_clients)}
+                    for note in lab_info["notes"]:
+                        display.log(note)
+                else:
+                    topo_file.write_text(loaded.topology_yaml)
+                    display.log(
+                        f"starting lab {t.name} ({kind.value} runtime, {len(specs)} services)"
+                    )
+                    if recorder is not None:
+                        recorder.start()
+                        display.log(f"capturing the lab's traffic to {recorder.pcap}")
+                    rt.up(specs)
             except OperationError as exc:
                 # No lab, no drill: still leave a report that says why.
                 report.status, report.healed = "error", True
-                report.error = f"the lab did not start: {exc.message}"
+                report.error = (
+                    f"the lab did not start: {exc.message}"
+                    if ours
+                    else f"the running lab cannot run this drill: {exc.message}"
+                )
                 raise
             live = LiveLab(
                 rt,
@@ -610,6 +699,7 @@ def run_drill(
                         events=events,
                         background_events=True,
                         on_tick=display.tick,
+                        chaos_dir=out_dir,
                     )
                     report = engine.run()
             finally:
@@ -623,7 +713,9 @@ def run_drill(
             report.status, report.error = "error", f"{type(exc).__name__}: {exc}"
         finally:
             with deferred_interrupts():
-                if not keep:
+                if not ours:
+                    display.log(f"lab {t.name} stays up: it was running before the drill")
+                elif not keep:
                     display.log("stopping the lab")
                     with contextlib.suppress(Exception):
                         rt.down()
@@ -633,6 +725,7 @@ def run_drill(
                         if engine is not None:
                             _check_capture(recorder, engine, specs, report, display.log)
                 finally:
+                    report.lab = lab_info
                     if INTERRUPTS.pending is not None and report.status != "interrupted":
                         report.status = "interrupted"
                         report.error = f"interrupted by signal {INTERRUPTS.pending}"

@@ -20,22 +20,34 @@ leaves every network, ``partition`` drops every address of the other side),
 so cutting site1 silences pool1 *and* backup-pool1 completely.
 
 Clients. One ``clients`` service, scalable with ``--scale clients=N``: each
-replica claims the lowest free slot (an ``flock`` on the shared volume, held
-for the life of its process) and simulates users ``slot*count`` to
-``slot*count + count - 1`` of the topology, so replicas never share a user.
-A replica that restarts takes its slot back.
+replica claims the lowest free slot (``serve clients --slots``: an ``flock``
+on the shared volume, held for the life of its process) and simulates users
+``slot*count`` to ``slot*count + count - 1`` of the topology, so replicas
+never share a user (:mod:`sipdrill.clients.slots`). A replica that restarts
+takes its slot back; one past the last user stays up, healthy and idle.
 
 Shared state. One named volume at :data:`CONTAINER_STATE` holds the lab CA
 (every role creates it under ``flock`` if missing), each service's state
 directory and the clients' slots; ``docker-compose down -v`` removes it.
+
+Privileges. Every service runs as the image's unprivileged user
+(:data:`SERVICE_USER`) with no capabilities. Containers have ``cap_add:
+[NET_ADMIN]`` all the same: a ``docker exec`` gets the container's
+capabilities and no more (``exec --privileged`` is refused on this engine),
+and the orchestrator's faults run ``iptables`` and ``tc`` that way, as root.
+A service with a port forward starts as root for its one ``iptables`` rule,
+then drops to the user (:data:`PORT_FORWARD_SCRIPT`); Compose's init
+(``init: true``, PID 1) is root in those containers, and only reaps.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -57,6 +69,13 @@ CLIENTS_SERVICE = "clients"
 DEFAULT_PORT_BASE = 18080
 IMAGE = "${SIPDRILL_IMAGE:-sipdrill:latest}"
 TOKEN = "${SIPDRILL_CONTROL_TOKEN:-lab}"
+#: The image's user that every service runs as (Dockerfile).
+SERVICE_USER = "sipdrill"
+#: Run the rest of a command line as {user}, with no capability kept or to gain.
+SETPRIV = (
+    "setpriv --reuid={user} --regid={user} --init-groups --inh-caps=-all "
+    "--bounding-set=-all --no-new-privs"
+)
 #: Health checks: often enough that ``up`` is quick (Docker 20.10 has no
 #: start_interval), cheap enough to run all the time (a socket, no urllib).
 HEALTH_INTERVAL = "2s"
@@ -64,38 +83,16 @@ HEALTH_TIMEOUT = "5s"
 HEALTH_RETRIES = 5
 HEALTH_START_PERIOD = "60s"
 
-#: The entrypoint of a clients replica (``python3 -c``; argv: the plan's
-#: ``serve clients ...`` arguments). No ``$`` in it: Compose would interpolate.
-CLIENT_SLOT_SCRIPT = f"""\
-import fcntl, os, sys
-from sipdrill.topology import load_topology
-args = sys.argv[1:]
-count = int(args[args.index('--count') + 1])
-slots = '{CONTAINER_STATE}/clients-slots'
-os.makedirs(slots, exist_ok=True)
-slot = 0
-while True:
-    fd = os.open(os.path.join(slots, str(slot)), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-    except BlockingIOError:
-        os.close(fd)
-        slot += 1
-os.set_inheritable(fd, True)  # the lock lives as long as the clients process
-topology = load_topology(args[args.index('--topology') + 1]).topology
-users = topology.all_users()[slot * count:(slot + 1) * count]
-if len(users) < count:
-    sys.exit(f'clients replica {{slot}}: only {{len(users)}} of {{count}} users left: scale down')
-names = ','.join('*:' + u.uri.split(':', 1)[1].split('@', 1)[0] for u in users)
-print(f'clients replica {{slot}}: users {{slot * count + 1}} to {{slot * count + count}}',
-      file=sys.stderr, flush=True)
-os.execvp('sipdrill', ['sipdrill', *args, '--users', names])
-"""
+#: Where the clients replicas claim their slots (``serve clients --slots``).
+CLIENT_SLOTS = f"{CONTAINER_STATE}/clients-slots"
 
 
 def docker_plan(
-    topology: Topology, *, clients: int = 0, clients_processes: int = 1
+    topology: Topology,
+    *,
+    clients: int = 0,
+    clients_processes: int = 1,
+    client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
     """The lab plan with the paths the containers see."""
     return lab_plan(
@@ -105,6 +102,7 @@ def docker_plan(
         state_dir=CONTAINER_STATE,
         clients=clients,
         clients_processes=clients_processes,
+        client_args=client_args,
     )
 
 
@@ -153,14 +151,17 @@ def _check_addresses(topology: Topology, specs: Sequence[ServiceSpec]) -> None:
             )
 
 
-def _health(url_host: str, port: int) -> dict[str, Any]:
+def _health(url_host: str, port: int, *, as_root: bool = False) -> dict[str, Any]:
+    """The health check; ``as_root``: the container's user is root (a port
+    forward), and the check drops to SERVICE_USER as the service does."""
     probe = (
         f'import socket; s = socket.create_connection(("{url_host}", {port}), 3); '
         f's.sendall(b"GET /health HTTP/1.0\\r\\nHost: {url_host}\\r\\n\\r\\n"); '
         'assert s.recv(64).split()[1] == b"200"'
     )
+    drop = [*SETPRIV.format(user=SERVICE_USER).split()] if as_root else []
     return {
-        "test": ["CMD", "python3", "-I", "-S", "-c", probe],
+        "test": ["CMD", *drop, "python3", "-I", "-S", "-c", probe],
         "interval": HEALTH_INTERVAL,
         "timeout": HEALTH_TIMEOUT,
         "retries": HEALTH_RETRIES,
@@ -170,12 +171,14 @@ def _health(url_host: str, port: int) -> dict[str, Any]:
 
 #: The entrypoint of a service whose control API listens on a network that is
 #: not the container's gateway network (Docker publishes ports on that one):
-#: forward the control port there to the service's address. {addr}, {port}.
+#: forward the control port there to the service's address (as root, the
+#: container's user), then run the service as SERVICE_USER with no
+#: capabilities at all (none kept, none to gain). {addr}, {port}, {setpriv}.
 PORT_FORWARD_SCRIPT = """\
 iptables -w 5 -t nat -I PREROUTING -p tcp --dport {port} ! -d {addr} \\
   -j DNAT --to-destination {addr}:{port} \\
   || echo "sipdrill: no forward of port {port} to {addr} (cap_add NET_ADMIN?)" >&2
-exec sipdrill "$$@"
+exec {setpriv} sipdrill "$$@"
 """
 
 
@@ -189,7 +192,7 @@ def gateway_network(networks: Sequence[str]) -> str:
 def _clients_args(args: Sequence[str]) -> list[str]:
     """A clients process's plan arguments for a replica: no fixed source
     address (replicas get theirs from Docker), the control API on every
-    address, no ``--offset`` (the replica's slot picks its users)."""
+    address, no ``--offset``: the replica's slot picks its users (``--slots``)."""
     out: list[str] = []
     it = iter(args)
     for a in it:
@@ -200,7 +203,7 @@ def _clients_args(args: Sequence[str]) -> list[str]:
             out += ["--control", f"0.0.0.0:{port}"]
         else:
             out.append(a)
-    return out
+    return [*out, "--slots", CLIENT_SLOTS]
 
 
 def compose_model(
@@ -221,8 +224,12 @@ def compose_model(
         env.update(dict(spec.env))
         entrypoint: dict[str, Any] = {}
         if gateway_network(list(nets)) != spec.network:
-            script = PORT_FORWARD_SCRIPT.format(addr=spec.address, port=spec.control_port)
-            entrypoint = {"entrypoint": ["sh", "-c", script, "sipdrill"]}
+            script = PORT_FORWARD_SCRIPT.format(
+                addr=spec.address, port=spec.control_port,
+                setpriv=SETPRIV.format(user=SERVICE_USER),
+            )
+            # Root for the forward only: the script drops to SERVICE_USER.
+            entrypoint = {"user": "root", "entrypoint": ["sh", "-c", script, "sipdrill"]}
         services[spec.name] = {
             "image": options.image,
             "container_name": f"{lab}-{spec.name}",
@@ -236,7 +243,7 @@ def compose_model(
             "networks": networks,
             "ports": [_port(options.port_base, index, spec.control_port)],
             "volumes": _volumes(options),
-            "healthcheck": _health(spec.address, spec.control_port),
+            "healthcheck": _health(spec.address, spec.control_port, as_root=bool(entrypoint)),
             "stop_grace_period": "5s",
             **_depends(spec.depends_on),
         }
@@ -244,7 +251,6 @@ def compose_model(
         first = clients[0]
         service: dict[str, Any] = {
             "image": options.image,
-            "entrypoint": ["python3", "-c", CLIENT_SLOT_SCRIPT],
             "command": _clients_args(first.args),
             "init": True,
             "cap_add": ["NET_ADMIN"],
@@ -351,10 +357,59 @@ def generate(
         "# Control APIs published on 127.0.0.1 (container port 8080):",
         *(f"#   {p}" for p in published),
         "# Token: SIPDRILL_CONTROL_TOKEN (default `lab`). More clients: --scale clients=N",
-        "# (each replica simulates its own slice of the topology's users).",
+        "# (each replica simulates its own slice of the topology's users; one past the",
+        "# last user stays up, idle). Project name: "
+        f"{project_name(options.lab)}, from {ENV_FILE} beside this file",
+        f"# ({PROJECT_VARIABLE}; `sipdrill lab compose -o FILE` writes both): run compose",
+        f"# from this directory, or pass -p {project_name(options.lab)}.",
         "",
     ]
     return render(compose_model(topology, specs, options), header="\n".join(lines) + "\n")
+
+
+#: The file beside a Compose file that Compose (v1 1.28+ and v2) reads for
+#: its variables, COMPOSE_PROJECT_NAME among them.
+ENV_FILE = ".env"
+PROJECT_VARIABLE = "COMPOSE_PROJECT_NAME"
+
+
+def project_name(lab: str) -> str:
+    """The Compose project of ``lab``: the name as Compose would normalise it
+    (lower case; letters, digits, ``-`` and ``_``; starting with a letter or
+    digit), so that v1, v2 and the docker runtime all name it alike."""
+    name = re.sub(r"[^a-z0-9_-]", "", lab.lower()).lstrip("-_")
+    return name or "sipdrill"
+
+
+ENV_HEADER = """\
+# Read by docker-compose (v1) and docker compose (v2) from the directory of
+# compose.yaml: the project name is the lab's, not this directory's, so the
+# networks, the volume and the clients replicas have the same names wherever
+# the file lives (paired-pools_core, paired-pools_clients_1 or
+# paired-pools-clients-1). Run compose from here, or pass -p with this name.
+"""
+
+
+def write_env_file(directory: Path, values: dict[str, str], *, mode: int = 0o644) -> Path:
+    """Set ``values`` in ``directory``'s ``.env`` (other lines are kept)."""
+    path = directory / ENV_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = ENV_HEADER.splitlines()
+    pending = dict(values)
+    out = []
+    for line in lines:
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in values:
+            if key in pending:
+                out.append(f"{key}={pending.pop(key)}")
+            continue  # a duplicate of a key we set
+        out.append(line)
+    out += [f"{k}={v}" for k, v in pending.items()]
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    path.chmod(mode)
+    return path
 
 
 def command_line(

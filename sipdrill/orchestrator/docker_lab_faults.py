@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
@@ -31,7 +32,10 @@ from sipdrill.orchestrator.fault_model import (
     raise_heal_errors,
 )
 from sipdrill.orchestrator.faults import (
+    IPT,
     LAB_FAULT_KINDS,
+    TC_NETEM,
+    TC_ROOT,
     Crash,
     Cut,
     Degrade,
@@ -219,6 +223,53 @@ class DockerLabFaults:
                     with contextlib.suppress(DockerException, NotFound):
                         c.unpause()
         raise_heal_errors(errors, RUNTIME)
+
+    def leftovers(self, token: str) -> list[str]:
+        """Faults still in place, whatever the journal says: the journal's, paused,
+        stopped or unplugged containers, a fault's iptables chain or qdisc in a
+        container's namespace, a DNS server with a fault set."""
+        found = [
+            f"fault {f['id']} ({f['kind']} on {', '.join(f['containers'])}) still in the journal"
+            for f in self.active()
+        ]
+        with lab_engine() as rt:
+            for c in rt.lab_containers(self.lab):
+                name = service_of(c)
+                state = c.attrs["State"]
+                if state["Paused"]:
+                    found.append(f"{name}: paused")
+                    continue
+                if not state["Running"]:
+                    found.append(f"{name}: not running ({state['Status']})")
+                    continue
+                if not c.attrs["NetworkSettings"]["Networks"]:
+                    found.append(f"{name}: on no network (disconnected)")
+                try:
+                    ns = rt.netns(c, fault="probe")
+                except FaultError as exc:
+                    found.append(f"{name}: its namespace cannot be probed: {exc.message}")
+                    continue
+                rc, out = rt.run_sh(ns, f"{IPT} -S; tc qdisc show")
+                if rc != 0:
+                    found.append(f"{name}: probe failed ({rc}): {out.strip()[-200:]}")
+                for line in out.splitlines():
+                    if line.startswith("-N ") and labels.FAULT_PREFIX in line:
+                        found.append(f"{name}: iptables chain {line.split()[1]}")
+                    elif line.startswith("qdisc ") and any(
+                        f" {handle} " in f"{line} " for handle in (TC_ROOT, TC_NETEM)
+                    ):
+                        found.append(f"{name}: {line.strip()}")
+        dns = [s for s in self.specs() if s.role is Role.DNS]
+        for spec in dns:
+            try:
+                with httpx.Client(timeout=3.0, headers={"Authorization": f"Bearer {token}"}) as h:
+                    r = h.get(f"{spec.control_url}/faults")
+                faults = r.json() if r.status_code == 200 else {"unreadable": r.status_code}
+            except (httpx.HTTPError, ValueError) as exc:
+                found.append(f"{spec.name}: its faults cannot be read ({type(exc).__name__})")
+                continue
+            found += [f"{spec.name}: DNS fault {k}={v}" for k, v in faults.items() if v]
+        return found
 
     def heal_before_removal(self, rt: DockerRuntime) -> None:
         """Heal the journal's faults before the lab's containers go; say what

@@ -6,7 +6,8 @@ for clients to reach a mode, inject a fault, run an administrator operation,
 write user data, heal. Steps may carry a ``measure`` name: the time the step
 took is then a metric of the report. ``expect`` bounds those metrics, the
 drill's RTO and RPO, and percentiles of the per-client times
-(``reconnect.p95``: see docs/measurements.md).
+(``reconnect.p95``: see docs/measurements.md), and the call workload's
+success ratio and setup time, per phase (``calls.resiliency.success_ratio``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sipdrill.errors import DrillFileError, FileIssue, TopologyError
-from sipdrill.orchestrator.fault_model import FaultKind
+from sipdrill.orchestrator.call_metrics import AUTO_PHASES, CALL_VALUES
+from sipdrill.orchestrator.fault_model import RUNTIME_FAULTS, FaultKind
 from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
-from sipdrill.orchestrator.plan import short_name
+from sipdrill.orchestrator.plan import RuntimeKind, short_name
 from sipdrill.topology import Topology, parse_topology
 from sipdrill.yamlfile import dotted, load_model
 
@@ -29,21 +31,54 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-ClientMode = Literal["full", "resiliency", "signed-out", "registered"]
+ClientMode = Literal["full", "resiliency", "signed-out", "registered", "unregistered"]
 AdminOp = Literal[
     "pool-failover",
     "pool-failback",
     "cms-failover",
     "backup-sync",
     "user-move",
+    "user-export",
+    "user-import",
     "dns-repoint",
 ]
+
+
+class CallsSpec(_Model):
+    """The call workload's settings (with ``call`` in ``workload``)."""
+
+    fraction: float = Field(default=0.25, ge=0, le=1, description="share of users that call")
+    interval: float = Field(
+        default=30.0, gt=0, le=86_400, description="mean seconds between two calls of a caller"
+    )
+    hold: float = Field(default=3.0, ge=0, le=86_400, description="seconds a call is held")
 
 
 class ClientsSpec(_Model):
     count: int = Field(default=50, ge=0, le=100_000)
     processes: int = Field(default=1, ge=1, le=64)
-    workload: list[Literal["im", "presence", "conference"]] = []
+    workload: list[Literal["im", "presence", "conference", "call"]] = []
+    calls: CallsSpec = CallsSpec()
+
+    @model_validator(mode="after")
+    def _calls_need_the_workload(self) -> ClientsSpec:
+        if "calls" in self.model_fields_set and "call" not in self.workload:
+            raise ValueError("`calls:` sets up the call workload: add `call` to `workload:`")
+        return self
+
+    def process_args(self) -> tuple[str, ...]:
+        """What ``sipdrill serve clients`` needs for this workload."""
+        if not self.workload:
+            return ()
+        args: tuple[str, ...] = ("--workload", ",".join(self.workload))
+        if "call" in self.workload:
+            c = self.calls
+            args += (
+                "--call-fraction", f"{c.fraction:g}",
+                "--call-interval", f"{c.interval:g}",
+                "--call-hold", f"{c.hold:g}",
+            )
+        return args
 
 
 class WaitStep(_Model):
@@ -73,6 +108,19 @@ class AdminStep(_Model):
     force: bool = False
     user: str | None = None
     to: str | None = None
+    from_pool: str | None = Field(
+        default=None,
+        description="user-move: every user homed there; user-import: the newest export of it",
+    )
+    rate: float | None = Field(default=None, gt=0, le=10_000, description="user-move: users/s")
+
+
+class DnsOverrides(_Model):
+    """The drill's changes to the topology's DNS: shorter TTLs, so clients see a
+    repointed record in a drill's minutes rather than the zone's."""
+
+    ttl: int | None = Field(default=None, ge=0, le=604800)
+    negative_ttl: int | None = Field(default=None, ge=0, le=86400)
 
 
 class WriteStep(_Model):
@@ -83,6 +131,22 @@ class WriteStep(_Model):
     contacts: int = Field(default=1, ge=1, le=1000)
 
 
+class ChaosStep(_Model):
+    """Randomised chaos as one step (docs/chaos.md): the nemesis of ``seed`` for
+    ``duration`` seconds while writers add contacts, then the checker; the step
+    fails on any violation. Every fault is healed at its end."""
+
+    seed: int = Field(ge=0)
+    duration: float = Field(gt=0, le=86_400)
+    faults: int | None = Field(default=None, ge=1, description="stop after this many faults")
+    kinds: list[FaultKind] = Field(default=[], description="default: every kind the runtime can do")
+    max_concurrent: int = Field(default=2, ge=1, le=10)
+    gap: tuple[float, float] = (3.0, 15.0)
+    hold: tuple[float, float] = (5.0, 25.0)
+    home_bound: float = Field(default=180.0, gt=0, le=86_400)
+    write_interval: float = Field(default=0.2, ge=0, le=60)
+
+
 class Step(_Model):
     name: str | None = None
     wait: WaitStep | None = None
@@ -91,26 +155,29 @@ class Step(_Model):
     admin: AdminStep | None = None
     write: WriteStep | None = None
     sleep: float | None = Field(default=None, ge=0, le=86_400)
+    chaos: ChaosStep | None = None
     timeout: float = Field(default=600, gt=0, le=86_400)
     measure: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    #: The call phase this step's time is (docs/measurements.md, "Calls").
+    phase: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,40}$")
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
         actions = [
             k
-            for k in ("wait", "fault", "heal", "admin", "write", "sleep")
+            for k in ("wait", "fault", "heal", "admin", "write", "sleep", "chaos")
             if getattr(self, k) is not None
         ]
         if len(actions) != 1:
             raise ValueError(
-                "a step has exactly one of wait, fault, heal, admin, write, sleep "
+                "a step has exactly one of wait, fault, heal, admin, write, sleep, chaos "
                 f"(this one has {actions or 'none'})"
             )
         return self
 
     @property
     def action(self) -> str:
-        for k in ("wait", "fault", "heal", "admin", "write", "sleep"):
+        for k in ("wait", "fault", "heal", "admin", "write", "sleep", "chaos"):
             if getattr(self, k) is not None:
                 return k
         raise AssertionError("validated: one action")
@@ -138,6 +205,7 @@ class Drill(_Model):
     timers: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the topology's timers for this drill"
     )
+    dns: DnsOverrides = DnsOverrides()
     clients: ClientsSpec = ClientsSpec()
     steps: list[Step] = Field(min_length=1)
     expect: dict[str, Bound] = {}
@@ -186,6 +254,9 @@ def load_drill(path: str | Path) -> LoadedDrill:
         raw.setdefault("timers", {})
         if isinstance(raw["timers"], dict):
             raw["timers"].update(drill.timers)
+    dns = drill.dns.model_dump(exclude_none=True)
+    if isinstance(raw, dict) and dns and isinstance(raw.get("dns"), dict):
+        raw["dns"].update(dns)
     topo_yaml = (
         yaml.safe_dump(raw, sort_keys=False) if isinstance(raw, dict) else topo_path.read_text()
     )
@@ -206,6 +277,7 @@ def load_drill(path: str | Path) -> LoadedDrill:
     services |= {f"backup-{short_name(p.fqdn)}" for p in topology.pools if p.backup}
     fault_ids: set[str] = set()
     measures: set[str] = set()
+    phases = {s.phase for s in drill.steps if s.phase}
     for i, step in enumerate(drill.steps):
         base: list[str | int] = ["steps", i]
         if step.wait is not None:
@@ -247,14 +319,37 @@ def load_drill(path: str | Path) -> LoadedDrill:
             )
         if step.admin is not None:
             a = step.admin
-            if a.op in ("pool-failover", "pool-failback", "backup-sync") and a.pool not in pools:
+            needs_pool = ("pool-failover", "pool-failback", "backup-sync", "user-export",
+                          "user-import")
+            if a.op in needs_pool and a.pool not in pools:
                 err(
                     [*base, "admin", "pool"],
-                    f"{a.op} needs `pool:`, one of the topology's pools",
+                    f"{a.op} needs `pool:`, one of the topology's pools"
+                    + (" (the pool to restore into)" if a.op == "user-import" else ""),
                     f"use one of {sorted(pools)}",
                 )
-            if a.op == "user-move" and (a.user is None or a.to not in pools):
-                err([*base, "admin"], "user-move needs `user:` and `to:` (a pool)", "add both")
+            if a.op == "user-move" and (
+                (a.user is None) == (a.from_pool is None) or a.to not in pools
+            ):
+                err(
+                    [*base, "admin"],
+                    "user-move needs `to:` (a pool) and either `user:` (one user) or "
+                    "`from_pool:` (every user homed on that pool)",
+                    f"add them; pools: {sorted(pools)}",
+                )
+            if a.from_pool is not None and a.from_pool not in pools:
+                err(
+                    [*base, "admin", "from_pool"],
+                    f"unknown pool {a.from_pool!r}",
+                    f"use one of {sorted(pools)}",
+                )
+            exporting = a.op == "user-export" and a.pool in pools
+            if exporting and topology.pool(a.pool or "").user_data_export is None:
+                err(
+                    [*base, "admin", "pool"],
+                    f"{a.pool} has no scheduled export (`user_data_export:` in the topology)",
+                    "add `user_data_export: {copy_to: <DR pool>}` to the pool",
+                )
             repoint = (a.pool, a.to)
             if a.op == "dns-repoint" and (not set(repoint) <= set(pools) or a.pool == a.to):
                 err(
@@ -265,6 +360,23 @@ def load_drill(path: str | Path) -> LoadedDrill:
                 )
         if step.write is not None:
             _check_selector(step.write.users, pools, [*base, "write", "users"], err)
+        if step.chaos is not None:
+            for name in ("gap", "hold"):
+                lo, hi = getattr(step.chaos, name)
+                if not 0 <= lo <= hi:
+                    err(
+                        [*base, "chaos", name],
+                        f"{name} [{lo:g}, {hi:g}] is not a range of seconds",
+                        "give [low, high] with 0 <= low <= high",
+                    )
+            can = RUNTIME_FAULTS[RuntimeKind(drill.runtime)]
+            bad = [k for k in step.chaos.kinds if k not in can]
+            if bad:
+                err(
+                    [*base, "chaos", "kinds"],
+                    f"the {drill.runtime} runtime cannot do {', '.join(bad)}",
+                    f"use kinds of {', '.join(can)}",
+                )
         if step.measure:
             if step.measure in DRILL_METRICS:
                 err(
@@ -275,8 +387,21 @@ def load_drill(path: str | Path) -> LoadedDrill:
             if step.measure in measures:
                 err([*base, "measure"], f"metric {step.measure!r} is measured twice", "rename one")
             measures.add(step.measure)
+        if step.phase in (*CALL_VALUES, "setup"):
+            err(
+                [*base, "phase"],
+                f"{step.phase!r} is the name of a call metric, not of a phase",
+                f"name the phase otherwise (e.g. one of {', '.join(AUTO_PHASES)})",
+            )
     for name in drill.expect:
-        if name not in measures and not is_known_metric(name):
+        if name.startswith("calls.") and "call" not in drill.clients.workload:
+            err(
+                ["expect", name],
+                f"{name} measures the call workload, which this drill does not run",
+                "add `call` to `clients.workload` (and tune `clients.calls`)",
+            )
+            continue
+        if name not in measures and not is_known_metric(name, phases):
             err(
                 ["expect", name],
                 f"no step measures {name!r}, and it is not a drill metric",
@@ -284,7 +409,10 @@ def load_drill(path: str | Path) -> LoadedDrill:
                 + (f" ({', '.join(sorted(measures))})" if measures else "")
                 + f", one of {', '.join(DRILL_METRICS)}, or `<per-client metric>.<stat>` with a "
                 f"metric of {', '.join(CLIENT_METRICS)} and a stat of {', '.join(STATS)} "
-                "(e.g. reconnect.p95); see docs/measurements.md",
+                "(e.g. reconnect.p95), or a call metric: `calls.[<phase>.]<value>` with a "
+                f"value of {', '.join(CALL_VALUES)} or setup.<stat> and a phase of "
+                f"{', '.join(sorted(set(AUTO_PHASES) | phases))} (e.g. "
+                "calls.resiliency.success_ratio); see docs/measurements.md",
             )
     if issues:
         raise DrillFileError(fname, issues)

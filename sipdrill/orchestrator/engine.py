@@ -13,10 +13,19 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol, cast
 
 from sipdrill.errors import FaultError, OperationError, SipdrillError
-from sipdrill.orchestrator.drill import AdminStep, FaultStep, LoadedDrill, Step, WaitStep, WriteStep
+from sipdrill.orchestrator.drill import (
+    AdminStep,
+    ChaosStep,
+    FaultStep,
+    LoadedDrill,
+    Step,
+    WaitStep,
+    WriteStep,
+)
 from sipdrill.orchestrator.measure import Measurements, measure
 from sipdrill.orchestrator.report import Report, StepRecord
 from sipdrill.orchestrator.timeline import EventCollector, MarkKind, Timeline
@@ -143,6 +152,7 @@ class DrillEngine:
         events: IO[str] | None = None,
         background_events: bool = False,
         on_tick: Tick | None = None,
+        chaos_dir: Path | None = None,
     ) -> None:
         self.loaded = loaded
         self.drill = loaded.drill
@@ -152,6 +162,8 @@ class DrillEngine:
         self.events_stream = events
         self.background_events = background_events
         self.on_tick = on_tick
+        #: Where a chaos step writes its history (``chaos-<step>.jsonl``).
+        self.chaos_dir = chaos_dir
         self._handles: dict[str, str] = {}  # fault id -> driver handle
         self._fault_rows: dict[str, dict[str, Any]] = {}
         self._t0 = 0.0
@@ -248,7 +260,8 @@ class DrillEngine:
                 StepRecord(i, _step.describe(), _step.action, report.duration, None, "skipped")
             )
         report.faults = list(self._fault_rows.values())
-        measured = measure(self.timeline, report.duration)
+        step_phases = {i: s.phase for i, s in enumerate(self.drill.steps) if s.phase}
+        measured = measure(self.timeline, report.duration, step_phases)
         report.measured = measured
         report.measurements = measured.summary()
         if self._collector is not None and self._collector.errors:
@@ -319,7 +332,52 @@ class DrillEngine:
         if step.sleep is not None:
             self._sleep(step.sleep)
             return {}
+        if step.chaos is not None:
+            return self._chaos(step.chaos)
         raise AssertionError("validated: one action")
+
+    def _chaos(self, c: ChaosStep) -> dict[str, Any]:
+        """Run the nemesis and the checker (docs/chaos.md); a violation fails
+        the step. Every fault is healed at its end, the drill's own too."""
+        # The chaos modules use the engine's interrupts: imported here, not above.
+        from sipdrill.orchestrator.chaos.history import History
+        from sipdrill.orchestrator.chaos.nemesis import NemesisConfig
+        from sipdrill.orchestrator.chaos.runner import ChaosLab, ChaosRunner, ChaosSettings
+        from sipdrill.orchestrator.plan import RuntimeKind
+
+        if not all(hasattr(self.driver, m) for m in ("add_contact", "user_data", "leftovers")):
+            raise StepFailed("this lab cannot run a chaos step (no writes, no leftover probe)")
+        index = self._step[0].index + 1 if self._step is not None else 0
+        config = NemesisConfig(
+            duration=c.duration, max_faults=c.faults, kinds=tuple(c.kinds),
+            max_concurrent=c.max_concurrent, gap=c.gap, hold=c.hold,
+        )
+        settings = ChaosSettings(
+            seed=c.seed, nemesis=config, home_bound=c.home_bound, write_interval=c.write_interval
+        )
+        path = self.chaos_dir / f"chaos-step{index}.jsonl" if self.chaos_dir else None
+        with contextlib.ExitStack() as stack:
+            stream = stack.enter_context(path.open("w", encoding="utf-8")) if path else None
+            history = History(stream, self._since, self.driver.wall)
+            runner = ChaosRunner(
+                cast(ChaosLab, self.driver), self.loaded.topology, RuntimeKind(self.runtime),
+                settings, history, self.progress,
+            )
+            result = runner.run()
+        for fid in list(self._handles):  # the runner's heal-all healed the drill's faults too
+            self._handles.pop(fid)
+            self._fault_rows[fid]["healed_at"] = self._since()
+        if result.status == "interrupted":
+            raise DrillInterrupted(INTERRUPTS.pending or signal.SIGINT)
+        detail: dict[str, Any] = {"status": result.status, "history": str(path) if path else None}
+        if result.verdict is not None:
+            detail["verdict"] = result.verdict.to_json()
+        if result.status != "valid":
+            violations = result.verdict.violations if result.verdict is not None else ()
+            what = "; ".join(f"{v.rule.value}: {v.message}" for v in violations[:5])
+            raise StepFailed(f"chaos seed {c.seed}: {result.status}: {what or result.error}",
+                             detail)
+        return detail
 
     def _sleep(self, seconds: float) -> None:
         d = self.driver
@@ -352,8 +410,9 @@ class DrillEngine:
 
     def _write(self, op: WriteStep) -> dict[str, Any]:
         result = dict(self.driver.write(op))
+        seqs = result.pop("acked_seqs", None) or {}
         for pool, walls in (result.pop("acked_walls", None) or {}).items():
-            self.timeline.acknowledged_writes(pool, walls)
+            self.timeline.acknowledged_writes(pool, walls, seqs.get(pool))
         self._mark(MarkKind.WRITE, "write", users=op.users, **result)
         return result
 
@@ -477,6 +536,8 @@ def _matches(c: ClientCount, w: WaitStep) -> bool:
         return False
     if w.mode == "registered":
         return c.mode in ("full", "resiliency")
+    if w.mode == "unregistered":  # no service anywhere: signed out, signing in, backing off
+        return c.mode not in ("full", "resiliency")
     return c.mode == w.mode
 
 

@@ -536,6 +536,11 @@ class Disconnect(DockerFault):
                         "container": name,
                         "network": net_name,
                         "ipv4_address": ipam.get("IPv4Address") or data.get("IPAddress") or None,
+                        # Only an address the container was given is given back: pinning
+                        # one Docker chose would make it the container's for good, and a
+                        # later start fails ("Address already in use") once another
+                        # container has been handed it while this one was down.
+                        "pinned": bool(ipam.get("IPv4Address")),
                         "aliases": aliases,
                         "links": data.get("Links") or [],
                     }
@@ -557,7 +562,10 @@ class Disconnect(DockerFault):
                 continue  # removed: nothing to reconnect
             if ep["network"] in (c.attrs["NetworkSettings"]["Networks"] or {}):
                 continue  # still (or again) connected
-            fixed = ep["ipv4_address"] if self.runtime.network_has_subnet(net) else None
+            pinned = ep.get("pinned", True)  # journals of older versions pinned every address
+            fixed = (
+                ep["ipv4_address"] if pinned and self.runtime.network_has_subnet(net) else None
+            )
             links = [tuple(link.split(":", 1)) for link in ep["links"]] or None
             net.connect(c, ipv4_address=fixed, aliases=ep["aliases"] or None, links=links)
 

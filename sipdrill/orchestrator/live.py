@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -54,13 +56,19 @@ class LiveLab:
         # The event collector reads from its own thread: httpx clients are not shared.
         self._events_http = httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {token}"})
         self.written: dict[str, int] = {}
+        self._added: dict[str, set[str]] = {}  # contacts the drill added, per user
         self.token = token
         #: Pool failover/failback reports: timings and writes lost (the RPO).
         self.operations: list[dict[str, Any]] = []
+        # Chaos writers run one per thread, each with its own client.
+        self._local = threading.local()
+        self._thread_clients: list[httpx.Client] = []
 
     def close(self) -> None:
         self.http.close()
         self._events_http.close()
+        for client in self._thread_clients:
+            client.close()
 
     # --- clock -------------------------------------------------------------
 
@@ -134,9 +142,14 @@ class LiveLab:
         everyone = [u.uri for u in self.topology.all_users()]
         acknowledged = refused = 0
         acked_walls: dict[str, list[float]] = {}
+        acked_seqs: dict[str, list[int]] = {}
         for user in users:
-            known = set(user.contacts) | {user.uri}
+            # New contacts each time: a second write step adding the same contact
+            # again would be acknowledged and change nothing (an RPO miscounted).
+            added = self._added.setdefault(user.uri, set())
+            known = set(user.contacts) | {user.uri} | added
             extra = [c for c in everyone if c not in known][: op.contacts]
+            added.update(extra)
             for contact in extra:
                 try:
                     r = self.http.post(
@@ -149,13 +162,61 @@ class LiveLab:
                 if r.status_code < 300:
                     acknowledged += 1
                     acked_walls.setdefault(user.home_pool, []).append(time.time())
+                    acked_seqs.setdefault(user.home_pool, []).append(int(r.json()["seq"]))
                 else:
                     refused += 1
         self.written["acknowledged"] = self.written.get("acknowledged", 0) + acknowledged
         self.written["refused"] = self.written.get("refused", 0) + refused
-        # acked_walls: when each write was acknowledged, for the RPO's age (the engine
-        # takes it out of the step's detail).
-        return {"acknowledged": acknowledged, "refused": refused, "acked_walls": acked_walls}
+        # acked_walls and acked_seqs: when each write was acknowledged and its seq in
+        # its pool's change feed, for the RPO (the engine takes them out of the detail).
+        return {
+            "acknowledged": acknowledged, "refused": refused,
+            "acked_walls": acked_walls, "acked_seqs": acked_seqs,
+        }
+
+    def _thread_http(self) -> httpx.Client:
+        client: httpx.Client | None = getattr(self._local, "http", None)
+        if client is None:
+            client = httpx.Client(headers={"Authorization": f"Bearer {self.token}"})
+            self._local.http = client
+            self._thread_clients.append(client)
+        return client
+
+    def add_contact(
+        self, pool: str, user: str, contact: str, timeout: float
+    ) -> tuple[Literal["ok", "fail", "info"], dict[str, Any]]:
+        """One write through ``pool`` (any thread): ``ok`` with the seq the pool
+        acknowledged, ``fail`` when it certainly did not happen (refused, or
+        never sent), ``info`` when nobody knows (sent, and no answer came)."""
+        url = f"{self._pool_url(pool)}/users/{user}/contacts"
+        try:
+            r = self._thread_http().post(url, json={"contact": contact}, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return "fail", {"error": f"{type(exc).__name__}: {exc}"}
+        except httpx.HTTPError as exc:
+            return "info", {"error": f"{type(exc).__name__}: {exc}"}
+        if r.status_code < 300:
+            return "ok", {"seq": int(r.json()["seq"])}
+        try:
+            code = str(r.json().get("code", ""))
+        except ValueError:
+            code = ""
+        # A pool refuses before it writes (4xx, 503); any other 5xx may have come after.
+        outcome: Literal["fail", "info"] = (
+            "fail" if r.status_code < 500 or r.status_code == 503 else "info"
+        )
+        return outcome, {"error": f"HTTP {r.status_code}", "code": code}
+
+    def user_data(self, pool: str, user: str) -> dict[str, Any]:
+        """``GET /users/{uri}`` on ``pool``: serving pool, contacts, ..."""
+        r = self.http.get(f"{self._pool_url(pool)}/users/{user}")
+        if r.status_code >= 300:
+            raise OperationError("user-data", f"{pool}: {user}: HTTP {r.status_code}", 503)
+        return dict(r.json())
+
+    def leftovers(self) -> list[str]:
+        """What the runtime finds of faults still in place (empty: none)."""
+        return self.runtime.leftovers()
 
     def admin(self, op: AdminStep) -> dict[str, Any]:
         """Run an administrator operation exactly as `sipdrill admin ...` does
@@ -190,6 +251,15 @@ class LiveLab:
                 if backup is None:
                     raise OperationError("no-backup", f"{op.pool} has no Backup Service", 409)
                 return dict(await backup.sync())
+        if op.op == "user-move" and op.from_pool is not None:
+            return self._move_all(op)
+        if op.op == "user-export":
+            return self._pool_op(op.pool or "", "POST", "/admin/users/export-job", _export_ok)
+        if op.op == "user-import":
+            return self._pool_op(
+                op.pool or "", "POST", "/admin/users/import-held", _import_ok,
+                json={"source_pool": op.from_pool},
+            )
         if op.op == "user-move":
             r = self.http.post(
                 f"{self._pool_url(op.to or '')}/admin/users/move",
@@ -199,6 +269,59 @@ class LiveLab:
                 raise OperationError("user-move", r.text, r.status_code)
             return dict(r.json())
         raise OperationError("not-available", f"{op.op} is not implemented yet", 501)
+
+    def _pool_op(
+        self, pool: str, method: str, path: str, check: Any, **kw: Any
+    ) -> dict[str, Any]:
+        """One request to a pool's control API; ``check`` refuses a result that
+        answered 200 but did not do the job (an export not copied...)."""
+        try:
+            r = self.http.request(method, f"{self._pool_url(pool)}{path}", timeout=120.0, **kw)
+        except httpx.HTTPError as exc:
+            raise OperationError("pool-down", f"{pool} did not answer: {exc}", 503) from None
+        if r.status_code >= 300:
+            raise _refused(r)
+        result: dict[str, Any] = r.json()
+        check(result)
+        return result
+
+    def _move_all(self, op: AdminStep) -> dict[str, Any]:
+        """Move-CsUser over every user of ``op.from_pool``: one request to the
+        target, its progress lines read as they come, the result kept (without
+        the list of users moved: the count says it)."""
+        from sipdrill.pool.bulk_moves import DEFAULT_RATE
+
+        body = {
+            "from_pool": op.from_pool, "to": op.to, "force": op.force,
+            "rate": op.rate or DEFAULT_RATE,
+        }
+        timeout = httpx.Timeout(connect=10.0, read=120.0, write=60.0, pool=10.0)
+        result: dict[str, Any] | None = None
+        with self.http.stream(
+            "POST", f"{self._pool_url(op.to or '')}/admin/users/move-all", json=body,
+            timeout=timeout,
+        ) as r:
+            if r.status_code >= 300:
+                r.read()
+                raise _refused(r)
+            for line in r.iter_lines():
+                event = json.loads(line) if line.strip() else {}
+                if event.get("event") == "error":
+                    raise OperationError(str(event["code"]), str(event["message"]), 502)
+                if event.get("event") == "result":
+                    result = event
+        if result is None:
+            raise OperationError("user-move", f"{op.to} ended the move without a result", 502)
+        result.pop("event", None)
+        result.pop("users", None)
+        if result["failed"]:
+            raise OperationError(
+                "user-move",
+                f"{len(result['failed'])} of {result['total']} users were not moved: "
+                + "; ".join(f"{f['user']}: {f['message']}" for f in result["failed"][:5]),
+                502,
+            )
+        return result
 
     def _dns_repoint(self, old: str, new: str) -> dict[str, Any]:
         """Point every DNS view's lookup records from ``old`` to ``new`` in one
@@ -241,6 +364,36 @@ class LiveLab:
                 except httpx.HTTPError as exc:
                     report[spec.name] = {"unreachable": type(exc).__name__}
         return report
+
+
+def _refused(r: httpx.Response) -> OperationError:
+    try:
+        body = r.json()
+        return OperationError(str(body["code"]), str(body["message"]), r.status_code)
+    except (ValueError, KeyError, TypeError):
+        return OperationError("refused", f"HTTP {r.status_code}: {r.text[:300]}", r.status_code)
+
+
+def _export_ok(result: dict[str, Any]) -> None:
+    if result.get("copy_to") and not result.get("copied"):
+        raise OperationError(
+            "copy-owed",
+            f"exported {result['name']}, but its copy to {result['copy_to']} failed: "
+            f"{result.get('copy_error')} (the pool retries it)",
+            502,
+        )
+
+
+def _import_ok(result: dict[str, Any]) -> None:
+    skipped = result.get("skipped") or []
+    if skipped:
+        reasons = result.get("reasons") or {}
+        raise OperationError(
+            "not-restored",
+            f"{len(skipped)} users of the export were not restored: "
+            + "; ".join(f"{u}: {reasons.get(u, '?')}" for u in skipped[:5]),
+            502,
+        )
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

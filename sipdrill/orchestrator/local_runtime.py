@@ -30,6 +30,7 @@ from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError, OperationError
 from sipdrill.orchestrator.fault_model import (
     DnsOutageMode,
+    FaultJournal,
     FaultKind,
     FaultRegistry,
     FaultRequest,
@@ -352,6 +353,35 @@ class LocalRuntime:
             record.stopped = False
         state.save(self.state_path)
 
+    def leftovers(self) -> list[str]:
+        """Faults still in place: the journal's, processes stopped (SIGSTOP) or
+        not running, a DNS server with a fault set."""
+        state = LabState.load(self.state_path)
+        if state is None:
+            return []
+        found = [
+            f"fault {r.get('id')} ({r.get('description') or r.get('kind')}) still in the journal"
+            for r in FaultJournal(self.journal, self.kind.value).records()
+        ]
+        with httpx.Client(timeout=3.0, headers={"Authorization": f"Bearer {state.token}"}) as http:
+            for name, record in state.processes.items():
+                spec = spec_from_dict(record.spec)
+                if not _alive(record.pid):
+                    found.append(f"{name}: not running")
+                    continue
+                if record.stopped or _stopped(record.pid):
+                    found.append(f"{name}: stopped (SIGSTOP)")
+                    continue
+                if spec.role is Role.DNS:
+                    try:
+                        r = http.get(f"{spec.control_url}/faults")
+                        faults = r.json() if r.status_code == 200 else {}
+                    except (httpx.HTTPError, ValueError) as exc:
+                        found.append(f"{name}: its faults cannot be read ({type(exc).__name__})")
+                        continue
+                    found += [f"{name}: DNS fault {k}={v}" for k, v in faults.items() if v]
+        return found
+
     # --- what the faults do to processes (local_faults.Processes) ----------
 
     def alive(self, name: str) -> bool:
@@ -407,6 +437,15 @@ class LocalRuntime:
                 raise FaultError(
                     FaultKind.DNS_OUTAGE, self.kind, f"the DNS control API said {r.status_code}"
                 )
+
+
+def _stopped(pid: int | None) -> bool:
+    """True if ``pid`` is stopped by a signal (state T in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 def _ordered(specs: list[ServiceSpec]) -> Iterator[ServiceSpec]:

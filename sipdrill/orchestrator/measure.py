@@ -17,8 +17,10 @@ client that *lost service* after it (was registered, then was not):
 - ``attempts``, ``redirects``, ``backoff`` (seconds of RFC 5626 backoff).
 
 RTO is the fault to the last affected client in full service; RPO the
-acknowledged writes a pool failover lost, and the age of the oldest of them
-when the fault struck.
+acknowledged writes a pool failover lost (or, in the budget DR design, writes
+after the export the DR pool restored), and the age of the oldest of them
+when the fault struck. The call workload's numbers (success ratio, setup
+time, per phase) are :mod:`.call_metrics`'s, under ``calls``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from sipdrill.orchestrator.call_metrics import CallMeasurements, is_call_metric, measure_calls
 from sipdrill.orchestrator.timeline import CompactEvent, Mark, MarkKind, Timeline
 
 __all__ = [
@@ -211,9 +214,14 @@ class Measurements:
     clients: int
     events: int
     events_lost: int
+    #: The call workload's numbers; None when no call was placed.
+    calls: CallMeasurements | None = None
 
     def value(self, name: str) -> float | None:
-        """A drill-wide metric (``rto``) or ``<client metric>.<stat>``."""
+        """A drill-wide metric (``rto``), ``<client metric>.<stat>`` or
+        ``calls.<...>`` (:mod:`.call_metrics`)."""
+        if name.startswith("calls."):
+            return None if self.calls is None else self.calls.value(name[len("calls."):])
         if name in DRILL_METRICS:
             v = getattr(self, name)
             return None if v is None else float(v)
@@ -237,6 +245,7 @@ class Measurements:
             "cdf": self.cdf,
             "curve": self.curve,
             "slowest": self.slowest,
+            "calls": None if self.calls is None else self.calls.summary(),
             "faults": [
                 {
                     **{k: v for k, v in asdict(f).items() if k not in ("distributions", "by_pool")},
@@ -264,8 +273,10 @@ def cdf_points(sorted_values: Sequence[float], total: int, points: int = 200) ->
     return [[round(float(sorted_values[i]), 3), round((i + 1) / total, 5)] for i in idx]
 
 
-def is_known_metric(name: str) -> bool:
-    if name in DRILL_METRICS:
+def is_known_metric(name: str, phases: Iterable[str] = ()) -> bool:
+    """A drill-wide metric, ``<client metric>.<stat>``, or a call metric
+    (``phases``: the call phases the drill's steps name besides the automatic ones)."""
+    if name in DRILL_METRICS or is_call_metric(name, phases):
         return True
     metric, dot, stat = name.partition(".")
     return bool(dot) and metric in CLIENT_METRICS and stat in STATS
@@ -423,8 +434,11 @@ def _client_row(
     return row
 
 
-def measure(timeline: Timeline, end: float) -> Measurements:
-    """Everything the report shows about the clients, from the timeline."""
+def measure(
+    timeline: Timeline, end: float, step_phases: dict[int, str] | None = None
+) -> Measurements:
+    """Everything the report shows about the clients, from the timeline
+    (``step_phases``: steps that pin a call phase, by index)."""
     marks = list(timeline.marks)
     windows = fault_windows(marks, end)
     failovers = _admin_starts(marks, "pool-failover")
@@ -479,6 +493,13 @@ def measure(timeline: Timeline, end: float) -> Measurements:
     if faults and all(v is not None for v in rto_values):
         rto = max(v for v in rto_values if v is not None)
     rpo_writes, rpo_seconds, notes = _rpo(marks, timeline.writes, windows)
+    restored = _rpo_restores(marks, timeline, windows)
+    if restored is not None:
+        lost, age, more = restored
+        rpo_writes = None if rpo_writes is None else rpo_writes + lost
+        if age is not None:
+            rpo_seconds = max(rpo_seconds or 0.0, age)
+        notes += more
     return Measurements(
         faults=faults,
         rows=rows,
@@ -493,6 +514,7 @@ def measure(timeline: Timeline, end: float) -> Measurements:
         clients=len(users),
         events=timeline.events,
         events_lost=timeline.events_lost,
+        calls=measure_calls(timeline, step_phases),
     )
 
 
@@ -579,6 +601,69 @@ def _rpo(
     if not any(m.detail.get("op") == "pool-failover" for m in admin):
         age = 0.0
     return total, age, notes
+
+
+def _rpo_restores(
+    marks: list[Mark], timeline: Timeline, windows: list[FaultWindow]
+) -> tuple[int, float | None, list[str]] | None:
+    """Writes lost by the budget DR design (seed 001): its users are force-moved
+    (their lists gone) and restored from the last export, so what a pool
+    acknowledged after that export is lost. Counted exactly by seq: an export
+    says up to which seq of its pool's change feed it holds. A forced move of
+    a pool's users with no import after it loses every write the drill made
+    there. None when the drill did neither."""
+    admin = [m for m in marks if m.kind is MarkKind.ADMIN and m.detail.get("ok")]
+    imports: dict[str, Mark] = {}  # source pool -> its last import
+    for m in admin:
+        export = (m.detail.get("result") or {}).get("export") or {}
+        if m.detail.get("op") == "user-import" and export.get("pool"):
+            imports[str(export["pool"])] = m
+    moves = [
+        m for m in admin
+        if m.detail.get("op") == "user-move"
+        and (m.detail.get("result") or {}).get("operation") == "move-all"
+        and (m.detail.get("result") or {}).get("force")
+    ]
+    if not imports and not moves:
+        return None
+    total, age, notes = 0, None, []
+    for pool, m in sorted(imports.items()):
+        export = m.detail["result"]["export"]
+        seq, start = int(export["seq"]), float(m.detail.get("start", m.t))
+        ref = max((w.start for w in windows if w.start <= start), default=start)
+        pairs = [(t, s) for t, s in timeline.write_seqs.get(pool, []) if t <= start]
+        if pairs or not timeline.writes.get(pool):
+            lost = sorted(t for t, s in pairs if s > seq)
+            how = f"seq above the export's {seq}"
+        else:  # a driver that did not say the seqs: by time, from the export's creation
+            created = float(export.get("created", 0.0)) - timeline.t0_wall
+            lost = sorted(t for t in timeline.writes[pool] if created < t <= start)
+            how = "acknowledged after the export was written (by time: no seqs known)"
+        total += len(lost)
+        if lost:
+            age = max(age or 0.0, ref - lost[0])
+        notes.append(
+            f"the import of {pool}'s export restored it as of seq {seq}: "
+            f"{len(lost)} acknowledged write(s) of the drill lost ({how})"
+            + (f"; the oldest was {ref - lost[0]:.1f} s old when the fault struck" if lost else "")
+        )
+    for m in moves:
+        result = m.detail["result"]
+        pool, start = str(result["source_pool"]), float(m.detail.get("start", m.t))
+        if pool in imports and float(imports[pool].detail.get("start", 0.0)) >= start:
+            continue
+        ref = max((w.start for w in windows if w.start <= start), default=start)
+        lost = sorted(t for t in timeline.writes.get(pool, []) if t <= start)
+        total += len(lost)
+        if lost:
+            age = max(age or 0.0, ref - lost[0])
+        notes.append(
+            f"{result['moved']} users of {pool} were force-moved to {result['target_pool']} "
+            f"and no export of {pool} was imported after it: their contact lists and meetings "
+            f"are lost ({result['contacts_lost']} contacts counted by the move), "
+            f"with the {len(lost)} write(s) the drill made there"
+        )
+    return total, 0.0 if age is None else age, notes
 
 
 def _slowest(rows: list[PhaseRow], timeline: Timeline) -> list[dict[str, Any]]:

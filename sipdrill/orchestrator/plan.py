@@ -64,9 +64,11 @@ def lab_plan(
     state_dir: str,
     clients: int = 0,
     clients_processes: int = 1,
+    client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
     """The processes for ``topology``: DNS, one pool process per pool (on its
-    first front end), one Backup Service per paired pool, and clients.
+    first front end), one Backup Service per paired pool, and clients
+    (``client_args``: more arguments for each clients process, a workload).
 
     Paths (``topology_path``, ``state_dir``) are as the process sees them: the
     docker runtime passes container paths.
@@ -169,6 +171,7 @@ def lab_plan(
                     a,
                     "--control",
                     f"{a}:{CONTROL_PORT}",
+                    *client_args,
                 ),
             )
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sipdrill.orchestrator.measure import Measurements
 
-__all__ = ["Report", "StepRecord", "fmt_seconds"]
+__all__ = ["Report", "StepRecord", "calls_line", "calls_table", "fmt_seconds", "fmt_value"]
 
 
 @dataclass
@@ -48,6 +48,9 @@ class Report:
     data: dict[str, Any] = field(default_factory=dict)
     healed: bool = False
     duration: float = 0.0
+    #: The lab the drill ran on: ``attached`` (a running lab, left running) and
+    #: what the drill was told about it (its own timers, its clients).
+    lab: dict[str, Any] = field(default_factory=dict)
     #: Measurements.summary(): distributions, RTO, RPO, per fault and per pool.
     measurements: dict[str, Any] = field(default_factory=dict)
     #: The full measurements (per-client rows, curve): written to files, not to JSON.
@@ -78,6 +81,11 @@ class Report:
             f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started_wall))}, "
             f"duration {self.duration:.1f} s",
             f"- every fault healed: {'yes' if self.healed else 'NO'}",
+            *(
+                [f"- lab: already running, left running; {'; '.join(self.lab.get('notes', []))}"]
+                if self.lab.get("attached")
+                else []
+            ),
             "",
             "## Steps",
             "",
@@ -91,6 +99,7 @@ class Report:
                 f"| {s.status} |"
             )
         out += self._measurements_markdown()
+        out += self._calls_markdown()
         if self.metrics:
             out += ["", "## Step metrics", "", "| metric | seconds |", "|---|---|"]
             out += [f"| {k} | {v:.1f} |" for k, v in self.metrics.items()]
@@ -103,7 +112,7 @@ class Report:
                 "|---|---|---|---|",
             ]
             for e in self.expectations:
-                value = "-" if e["value"] is None else f"{e['value']:.1f}"
+                value = fmt_value(e["value"])
                 out.append(
                     f"| {e['metric']} | {_bound(e['bound'])} | {value} "
                     f"| {'yes' if e['ok'] else 'NO'} |"
@@ -171,6 +180,13 @@ class Report:
                     out += distribution_table(dists)
         return out
 
+    def _calls_markdown(self) -> list[str]:
+        calls = (self.measurements or {}).get("calls")
+        if not calls:
+            return []
+        return ["", "## Calls (the call workload)", "", f"- {calls_line(calls)}", "",
+                *calls_table(calls)]
+
     def _data_markdown(self) -> list[str]:
         ops = self.data.get("operations") or []
         writes = self.data.get("writes") or {}
@@ -222,6 +238,70 @@ class Report:
 
 def fmt_seconds(v: float | None) -> str:
     return "not reached" if v is None else f"{v:.1f} s"
+
+
+def fmt_value(v: float | None) -> str:
+    """A metric's value: seconds to 0.1, but a ratio or a short time with its
+    digits (0.97 is not 1.0, a 12 ms call setup is not 0.0)."""
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _failures(f: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {n}" for k, n in f.items()) or "-"
+
+
+def calls_line(c: dict[str, Any]) -> str:
+    """The calls in one line: counts, success ratio, setup times."""
+    setup = c["setup"]
+    return (
+        f"{c['placed']} placed, {c['answered']} answered, {c['failed']} failed"
+        + (f" ({_failures(c['failures'])})" if c["failures"] else "")
+        + (f", {c['unfinished']} unfinished at the end" if c["unfinished"] else "")
+        + (f", {c['dropped']} dropped mid-call" if c["dropped"] else "")
+        + f"; success ratio {_ratio(c['success_ratio'])}; setup p50 {_ms(setup['p50'])} ms, "
+        f"p95 {_ms(setup['p95'])} ms, max {_ms(setup['max'])} ms"
+    )
+
+
+def calls_table(c: dict[str, Any]) -> list[str]:
+    """Per phase: when, how many, how well (setup in milliseconds)."""
+    out = [
+        "| phase | from (s) | to (s) | placed | in resiliency | answered | failed | success "
+        "| setup p50 (ms) | p95 | max | failures |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in (c.get("phases") or {}).items():
+        windows = p.get("windows") or [[None, None]]
+        start, end = windows[0][0], windows[-1][1]
+        setup = p["setup"]
+        out.append(
+            f"| {name}{' (step)' if p.get('pinned') else ''} "
+            f"| {'start' if start is None else format(start, '.1f')} "
+            f"| {'end' if end is None else format(end, '.1f')} | {p['placed']} "
+            f"| {p['placed_in_resiliency']} | {p['answered']} | {p['failed']} "
+            f"| {_ratio(p['success_ratio'])} | {_ms(setup['p50'])} | {_ms(setup['p95'])} "
+            f"| {_ms(setup['max'])} | {_failures(p['failures'])} |"
+        )
+    o = c.get("outside")
+    if o:
+        setup = o["setup"]
+        out.append(
+            f"| (between the phases) | | | {o['placed']} | {o['placed_in_resiliency']} "
+            f"| {o['answered']} | {o['failed']} | {_ratio(o['success_ratio'])} "
+            f"| {_ms(setup['p50'])} | {_ms(setup['p95'])} | {_ms(setup['max'])} "
+            f"| {_failures(o['failures'])} |"
+        )
+    return out
 
 
 def fidelity_text(f: dict[str, Any]) -> str:

@@ -254,6 +254,8 @@ def _dist_table(dists: dict[str, Any]) -> str:
 
 
 def render_html(report: Report) -> str:
+    from sipdrill.orchestrator.report import fmt_value
+
     m = report.measurements or {}
     title = f"Drill report: {report.drill}"
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.started_wall))
@@ -318,6 +320,9 @@ def render_html(report: Report) -> str:
             if len(by_pool) > 1 or len(m.get("faults", [])) > 1:  # else the table above again
                 for pool, pd in by_pool.items():
                     out.append(f"<h3>Clients homed on {_e(pool)}</h3>" + _dist_table(pd))
+        calls = m.get("calls")
+        if calls:
+            out.append(_calls_html(calls))
         if m.get("rpo_notes"):
             out.append(
                 "<h2>Data</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in m["rpo_notes"]) + "</ul>"
@@ -343,7 +348,7 @@ def render_html(report: Report) -> str:
             ok = '<b class="passed">yes</b>' if e["ok"] else '<b class="failed">NO</b>'
             out.append(
                 f"<tr><td>{_e(e['metric'])}</td><td>{_e(bound)}</td>"
-                f"<td>{_f(e['value'])}</td><td>{ok}</td></tr>"
+                f"<td>{_e(fmt_value(e['value']))}</td><td>{ok}</td></tr>"
             )
         out.append("</table>")
     if report.metrics:
@@ -380,6 +385,45 @@ def render_html(report: Report) -> str:
         )
     out.append("</body></html>\n")
     return "\n".join(out)
+
+
+def _calls_html(calls: dict[str, Any]) -> str:
+    """The call workload: one line, then a row per phase (setup in ms)."""
+    from sipdrill.orchestrator.report import calls_line
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    rows = []
+    phases = dict(calls.get("phases") or {})
+    if calls.get("outside"):
+        phases["(between the phases)"] = calls["outside"]
+    for name, p in phases.items():
+        windows = p.get("windows")
+        start, end = (windows[0][0], windows[-1][1]) if windows else (None, None)
+        when = (
+            ("start" if start is None else format(start, ".1f"),
+             "end" if end is None else format(end, ".1f"))
+            if windows else ("", "")
+        )
+        failures = ", ".join(f"{k}: {n}" for k, n in p["failures"].items()) or "-"
+        ratio = "-" if p["success_ratio"] is None else f"{p['success_ratio']:.3f}"
+        rows.append(
+            f"<tr><td>{_e(name)}{' (step)' if p.get('pinned') else ''}</td>"
+            f"<td>{when[0]}</td><td>{when[1]}</td>"
+            f"<td>{p['placed']}</td><td>{p['placed_in_resiliency']}</td>"
+            f"<td>{p['answered']}</td><td>{p['failed']}</td><td>{ratio}</td>"
+            f"<td>{ms(p['setup']['p50'])}</td><td>{ms(p['setup']['p95'])}</td>"
+            f"<td>{ms(p['setup']['max'])}</td><td class=\"l\">{_e(failures)}</td></tr>"
+        )
+    return (
+        f"<h2>Calls</h2><p>{_e(calls_line(calls))}</p>"
+        "<table><tr><th>phase</th><th>from (s)</th><th>to (s)</th><th>placed</th>"
+        "<th>in resiliency</th><th>answered</th><th>failed</th><th>success</th>"
+        '<th>setup p50 (ms)</th><th>p95</th><th>max</th><th class="l">failures</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _curve(report: Report) -> dict[str, Any]:

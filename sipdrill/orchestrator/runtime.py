@@ -74,3 +74,9 @@ class Runtime(Protocol):
     def heal_all(self) -> None:
         """Undo every fault of the lab (also those a crashed orchestrator left)."""
         ...
+
+    def leftovers(self) -> list[str]:
+        """Look for faults still in place, whatever the journal says: one line
+        per thing found (a fault in the journal, a stopped or paused service, a
+        fault's iptables chain or qdisc, a DNS fault); empty when there is none."""
+        ...

@@ -57,7 +57,7 @@ from sipdrill.orchestrator.faults import (
     Pause,
     _NetnsFault,
 )
-from sipdrill.orchestrator.swarm_stack import ADDRESS_LABEL
+from sipdrill.orchestrator.swarm_stack import ADDRESS_LABEL, AGENT_SERVICE
 
 log = logging.getLogger("sipdrill.fault-agent")
 
@@ -300,6 +300,17 @@ class AgentCore:
                         c.unpause()
             return errors
 
+    def leftovers(self) -> list[str]:
+        """Faults still in place on this node, whatever the journals say: the
+        docker runtime's probe (paused or stopped containers, a fault's
+        iptables chain or qdisc in a namespace), the agent itself left out."""
+        from sipdrill.orchestrator.docker_lab_faults import DockerLabFaults
+
+        with self.lock:
+            probe = DockerLabFaults(self.lab, self.state_dir / "faults.json", list, log.info)
+            found = probe.leftovers("")
+        return [f"{self.node}: {line}" for line in found if not line.startswith(AGENT_SERVICE)]
+
     def faults(self) -> list[dict[str, Any]]:
         with self.lock:
             return [f.to_record() for f in self.registry.active()]
@@ -410,6 +421,10 @@ def agent_app(core: AgentCore, token: str | None) -> FastAPI:
     @app.get("/faults", dependencies=[auth])
     def faults() -> dict[str, Any]:
         return {"node": core.node, "faults": core.faults(), "lease_left": core.lease_left()}
+
+    @app.get("/leftovers", dependencies=[auth])
+    def leftovers() -> list[str]:
+        return core.leftovers()
 
     @app.put("/faults/{fault_id}", dependencies=[auth])
     def put_fault(fault_id: str, order: FaultOrder) -> dict[str, Any]:

@@ -234,8 +234,8 @@ class SwarmAgents:
         *,
         fault: str = "agent",
         wait: float | None = None,
-    ) -> dict[str, Any]:
-        """One call to a node's agent, tried again while the agent does not
+    ) -> Any:
+        """One call to a node's agent (its JSON answer), tried again while the agent does not
         answer (restarting) for up to ``wait`` seconds; FaultError after."""
         url, host = self.url(rt, node)
         deadline = time.monotonic() + (self.wait if wait is None else wait)
@@ -250,7 +250,7 @@ class SwarmAgents:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if r.status_code < 300:
-                    return dict(r.json())
+                    return r.json()
                 try:
                     detail = r.json()
                 except ValueError:
@@ -964,6 +964,32 @@ class SwarmLab:
         fault = SwarmFaultRegistry(self.agents(), self.journal).heal_one(fault_id)
         if fault is not None:
             self.progress(f"fault {fault.kind} healed ({fault_id})")
+
+    def leftovers(self) -> list[str]:
+        """Faults still in place, whatever the journal says: the journal's,
+        what each node's agent finds in its containers, the DNS server's."""
+        found = [
+            f"fault {f['id']} ({f['kind']} on {', '.join(f['services'])}) still in the journal"
+            for f in self._active_faults()
+        ]
+        agents = self.agents()
+        with swarm_engine() as rt:
+            nodes = {t["node"] for t in agents.tasks(rt) if t["service"] == AGENT_SERVICE}
+            for node in sorted(nodes):
+                try:
+                    found += list(agents.call(rt, node, "GET", "/leftovers", wait=5.0))
+                except FaultError as exc:
+                    found.append(exc.message)
+        for spec in (s for s in self._specs() if s.role is Role.DNS):
+            headers = {"Authorization": f"Bearer {agents.token}"}
+            try:
+                r = httpx.get(f"{spec.control_url}/faults", headers=headers, timeout=3.0)
+                faults = r.json() if r.status_code == 200 else {"unreadable": r.status_code}
+            except (httpx.HTTPError, ValueError) as exc:
+                found.append(f"{spec.name}: its faults cannot be read ({type(exc).__name__})")
+                continue
+            found += [f"{spec.name}: DNS fault {k}={v}" for k, v in faults.items() if v]
+        return found
 
     def heal_all(self) -> None:
         """Undo every fault of the journal; raise if an agent could not."""

@@ -17,7 +17,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sipdrill.orchestrator.report import SHOWN, Report, fidelity_text, fmt_seconds
+from sipdrill.orchestrator.report import (
+    SHOWN,
+    Report,
+    calls_line,
+    fidelity_text,
+    fmt_seconds,
+    fmt_value,
+)
 
 __all__ = ["DrillDisplay", "print_summary", "summary_console"]
 
@@ -174,8 +181,18 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
             "step metrics: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.metrics.items()),
             highlight=False,
         )
+    calls = (m or {}).get("calls")
+    if calls:
+        c.print(f"[bold]calls[/bold] {calls_line(calls)}", highlight=False, soft_wrap=True)
+        for name, p in (calls.get("phases") or {}).items():
+            ratio = "-" if p["success_ratio"] is None else f"{p['success_ratio']:.3f}"
+            c.print(
+                f"  {name}: {p['answered']}/{p['answered'] + p['failed']} answered "
+                f"(success {ratio})",
+                highlight=False,
+            )
     for e in report.expectations:
-        value = "-" if e["value"] is None else f"{e['value']:.1f}"
+        value = fmt_value(e["value"])
         bound = ", ".join(f"{'<=' if k == 'max' else '>='} {v:g}" for k, v in e["bound"].items())
         ok = "[green]ok[/green]" if e["ok"] else "[red]NOT MET[/red]"
         c.print(f"expect {e['metric']} {bound}: {value} {ok}", highlight=False)

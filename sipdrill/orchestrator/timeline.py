@@ -8,7 +8,9 @@ marks take ``t`` from its monotonic clock and ``wall`` from the system clock.
 
 The timeline keeps what the measurements need as compact tuples per user
 (:data:`CompactEvent`) and writes every entry, as it arrives, to
-``events.jsonl`` when given a stream: nothing is kept only in memory.
+``events.jsonl`` when given a stream: nothing is kept only in memory. The
+call workload's events (``CallPlaced`` ... ``CallEnded``) become one
+:class:`CallRecord` per call.
 :class:`EventCollector` pulls the clients' events from their control APIs
 (``GET /events.jsonl``) in a thread, so events keep arriving while a step
 blocks (a pool failover takes seconds).
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 __all__ = [
+    "CallRecord",
     "CompactEvent",
     "EventCollector",
     "Mark",
@@ -72,6 +75,32 @@ CompactEvent = tuple[float, str, "str | None", "str | None", bool, float]
 
 _REGISTERED = frozenset({"FullService", "ResiliencyMode"})
 
+_CALL_EVENTS = frozenset({"CallPlaced", "CallAnswered", "CallFailed", "CallEnded"})
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One call of the call workload, from its caller's events (``t``: drill clock)."""
+
+    user: str
+    call_id: str
+    target: str = ""
+    #: When the INVITE went (from CallPlaced, else the outcome less its duration).
+    placed: float | None = None
+    #: The caller's mode then (FullService, ResiliencyMode).
+    mode: str | None = None
+    #: "answered" (a 2xx) or "failed" (a final 3xx-6xx or none); None: no outcome yet.
+    outcome: str | None = None
+    #: The INVITE's final status (None: none came, or no outcome yet).
+    status: int | None = None
+    #: Seconds from the INVITE to its 2xx.
+    setup: float | None = None
+    ended: bool = False
+    #: The flow went during the call (it ended without a BYE).
+    dropped: bool = False
+    #: The BYE got a 2xx (None: not ended yet, or hung up by the callee).
+    bye_ok: bool | None = None
+
 
 class Timeline:
     """The drill's timeline. ``homes`` maps a user's URI to its home pool."""
@@ -94,6 +123,11 @@ class Timeline:
         self.dns_queries = 0
         #: Acknowledged writes per home pool: the t of each acknowledgement.
         self.writes: dict[str, list[float]] = {}
+        #: The call workload's calls, by (caller, Call-ID), in the order first seen.
+        self.calls: dict[tuple[str, str], CallRecord] = {}
+        #: ``(t, seq)`` of those writes whose seq in their pool's change feed the
+        #: driver knows: an export at seq S holds exactly the writes with seq <= S.
+        self.write_seqs: dict[str, list[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
     # --- the orchestrator's marks ------------------------------------------
@@ -108,9 +142,14 @@ class Timeline:
                 self.stream.flush()
         return m
 
-    def acknowledged_writes(self, pool: str, walls: Iterable[float]) -> None:
+    def acknowledged_writes(
+        self, pool: str, walls: Iterable[float], seqs: Iterable[int] | None = None
+    ) -> None:
+        ts = [w - self.t0_wall for w in walls]
         with self._lock:
-            self.writes.setdefault(pool, []).extend(w - self.t0_wall for w in walls)
+            self.writes.setdefault(pool, []).extend(ts)
+            if seqs is not None:
+                self.write_seqs.setdefault(pool, []).extend(zip(ts, seqs, strict=True))
 
     # --- the clients' events -----------------------------------------------
 
@@ -139,6 +178,9 @@ class Timeline:
                 out.append(f"{prefix}{t:.6f},{line[1:]}\n")
                 if kind == "DnsLookup" and not e.get("cached"):
                     self.dns_queries += 1
+                if kind in _CALL_EVENTS:
+                    self._call_event(kind, t, user, e)
+                    continue
                 compact = _compact(kind, t, e)
                 if compact is not None:
                     evs = users.get(user)
@@ -150,6 +192,30 @@ class Timeline:
                 self.stream.write("".join(out))
                 self.stream.flush()
         return n
+
+    def _call_event(self, kind: str, t: float, user: str, e: dict[str, Any]) -> None:
+        key = (user, str(e.get("call_id") or ""))
+        rec = self.calls.get(key)
+        if rec is None:
+            rec = self.calls[key] = CallRecord(user, key[1], str(e.get("target") or ""))
+        if kind == "CallPlaced":
+            rec.placed = t
+            rec.mode = e.get("mode")
+        elif kind == "CallAnswered":
+            rec.outcome, rec.status = "answered", e.get("status_code")
+            rec.setup = float(e.get("setup") or 0.0)
+            if rec.placed is None:  # its CallPlaced was lost: the answer says when
+                rec.placed = t - rec.setup
+                rec.mode = e.get("mode")
+        elif kind == "CallFailed":
+            rec.outcome, rec.status = "failed", e.get("status_code")
+            if rec.placed is None:
+                rec.placed = t - float(e.get("elapsed") or 0.0)
+                rec.mode = e.get("mode")
+        else:  # CallEnded
+            rec.ended = True
+            rec.dropped = bool(e.get("dropped"))
+            rec.bye_ok = None if e.get("by_remote") else bool(e.get("ok"))
 
     def flush(self) -> None:
         with self._lock:

@@ -9,11 +9,12 @@ which the pool reaches with the clients of every pool's control API.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from fastapi import APIRouter
 
-from sipdrill.cms.operations import cms_update, require_cms
+from sipdrill.cms.operations import cms_update, cms_views, require_cms
 from sipdrill.cms.store import CmsConfigPatch, CmsStore, cms_router
 from sipdrill.pool.client import PoolClients
 from sipdrill.topology import Timers, Topology
@@ -81,13 +82,28 @@ class CmsReplica:
         """Clients of every pool's control API (the CMS replicas)."""
         return PoolClients(self.topology, token=self._token, loopback=self._loopback)
 
-    async def require_master(self) -> None:
-        """Refuse (``cms-unavailable``) when no master can take changes."""
+    async def require_master(self) -> list[str]:
+        """Refuse (``cms-unavailable``) when no master can take changes; the
+        pools that did not answer."""
         async with self._clients() as clients:
-            await require_cms(self.topology, clients)
+            views = await cms_views(self.topology, clients)
+            silent = [p for p, v in views.items() if not v.reachable]
+            await require_cms(self.topology, clients, silent)
+        return silent
+
+    def homed_users(self) -> list[str]:
+        """The users the CMS records a home for (Move-CsUser's), lower case."""
+        return list(self._homing)
 
     async def set_home(self, aor: str, home: str | None) -> None:
         """Record ``aor``'s home pool through the master (None: the topology's)."""
+        await self.set_homes({aor: home})
+
+    async def set_homes(
+        self, homes: dict[str, str | None], *, skip: Collection[str] = ()
+    ) -> None:
+        """Record several users' home pools in one change of the CMS (``skip``:
+        pools known not to answer, not waited for)."""
         async with self._clients() as clients:
-            await cms_update(self.topology, clients, CmsConfigPatch(user_homing={aor: home}))
+            await cms_update(self.topology, clients, CmsConfigPatch(user_homing=homes), skip)
         self.refresh()

@@ -45,7 +45,7 @@ def parse_failover_event(name: str) -> FailoverEvent:
     except ValueError:
         events = ", ".join(e.value.replace("-", "_") for e in FailoverEvent)
         raise OperationError(
-            "bad-event", f"unknown failover event {name!r}; use {events}", 422
+            "bad-event", f"unknown failover event; use {events}", 422
         ) from None
 
 
@@ -71,6 +71,11 @@ async def failover_event(
 ) -> dict[str, Any]:
     event = parse_failover_event(event_name)
     home = home_pool.lower()
+    pools = sorted(p.fqdn for p in pool.topology.pools)
+    if home not in pools:
+        raise OperationError(
+            "unknown-pool", f"home_pool is not a pool of this lab (pools: {', '.join(pools)})", 404
+        )
     failover, state_file = pool.failover, pool.state_file
     async with state_file.lock:
         new = failover.handle(home, event)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sipdrill.pool.policy import Feature
+from sipdrill.pool.sip_context import Pretence
 
 #: Re-registration after a pool failover: seconds to minutes (the clients'
 #: RFC 5626 backoff waits 15-30 s after a flow failure).
@@ -69,6 +70,24 @@ class PoolMetrics:
             ["result"],
             registry=r,
         )
+        self.untrusted_pool_claims = Counter(
+            "sipdrill_pool_untrusted_pool_claims",
+            "Requests that claimed to come from a pool (or from the partner) while their "
+            "TLS connection's certificate did not prove it; answered as their real sender's. "
+            "By reason: client (pool-to-pool headers without a lab pool's certificate; "
+            "removed), wrong-pool (X-Sipdrill-Pool naming another pool than the "
+            "certificate), not-partner (a heartbeat from a pool that is not the partner).",
+            ["reason"],
+            registry=r,
+        )
+        self.calls = Counter(
+            "sipdrill_pool_calls",
+            "Calls (INVITEs to users) this pool proxied, by the final answer it sent "
+            "the caller: answered (2xx), cancelled (487), failed (any other); late-2xx: "
+            "a callee answered after the caller had its final answer.",
+            ["result"],
+            registry=r,
+        )
         self.flows_closed = Counter(
             "sipdrill_pool_flows_closed",
             "Client flows this pool closed so that their users register again, by reason.",
@@ -96,6 +115,10 @@ class PoolMetrics:
         )
         for feature in Feature:
             self.refusals.labels(feature.value)
+        for pretence in Pretence:
+            self.untrusted_pool_claims.labels(pretence.value)
+        for result in ("answered", "cancelled", "failed", "late-2xx"):
+            self.calls.labels(result)
 
     def bind_gauges(
         self,

@@ -46,6 +46,10 @@ class MovingPool(Protocol):
 
     def topology_home(self, aor: str) -> str | None: ...
 
+    def topology_users(self) -> list[str]:
+        """Every user the topology names (lower case)."""
+        ...
+
     def reevaluate(self, reason: str) -> object:
         """Registered users whose mode or pool changed must register again."""
         ...
@@ -64,7 +68,7 @@ class UserMoves:
         self.state = state
         self.cms = cms
         self._token = token
-        self._loopback = loopback
+        self.loopback = loopback
         self._retry_interval = retry_interval
         self._retry_after = 0.0
         self.http: httpx.AsyncClient | None = None
@@ -90,7 +94,7 @@ class UserMoves:
     async def _peer(self, method: str, pool: str, path: str, **kw: Any) -> httpx.Response | None:
         """A call to another pool's control API; None when it cannot be reached."""
         assert self.http is not None
-        url = addresses.pool_control_url(self.cms.topology, pool, loopback=self._loopback)
+        url = addresses.pool_control_url(self.cms.topology, pool, loopback=self.loopback)
         try:
             return await self.http.request(method, url + path, **kw)
         except httpx.HTTPError as exc:
@@ -110,7 +114,12 @@ class UserMoves:
         """
         target = to.lower()
         if target not in self.pool.pool_names:
-            raise OperationError("unknown-pool", f"{to} is not a pool of this lab", 404)
+            raise OperationError(
+                "unknown-pool",
+                f"the target pool is not a pool of this lab "
+                f"(pools: {', '.join(sorted(self.pool.pool_names))})",
+                404,
+            )
         if target != self.fqdn:
             response = await self._peer(
                 "POST", target, "/admin/users/move",
@@ -142,7 +151,7 @@ class UserMoves:
             }
         source = local.home_pool if local is not None else self.pool.home_of(key)
         if source is None or source == self.fqdn:
-            raise OperationError("unknown-user", f"no pool has an account for {user}", 404)
+            raise OperationError("unknown-user", "no pool has an account for this user", 404)
         store.require_writable()
         response = await self._peer("GET", source, f"/users/{uri}")
         data: dict[str, Any] | None = None
@@ -237,6 +246,22 @@ class UserMoves:
         # Clients of the user registered here (e.g. in resiliency mode) must
         # register again to get full service from their new home.
         self.pool.reevaluate(f"move {key}")
+
+    async def user_at(self, pool: str, uri: str) -> dict[str, Any] | None:
+        """``uri``'s account and data on ``pool`` (None: it has none); raises
+        ``pool-down`` when the pool does not answer, or its refusal."""
+        response = await self._peer("GET", pool, f"/users/{uri}")
+        if response is None:
+            raise OperationError("pool-down", f"{pool} did not answer for {uri}", 503)
+        if response.status_code == 404:
+            return None
+        _raise_for(response)
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def delete_at_source(self, uri: str, source: str) -> bool:
+        """Have ``source`` drop ``uri``'s stale account; False if it did not answer."""
+        return await self._delete_at_source(uri, source)
 
     async def _delete_at_source(self, uri: str, source: str) -> bool:
         response = await self._peer(

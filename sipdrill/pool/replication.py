@@ -7,6 +7,7 @@ read-only flag pool failover puts on a failed pool's store
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -60,21 +61,74 @@ async def changes(pool: ReplicatedPool, since: int, limit: int) -> dict[str, Any
     return await asyncio.to_thread(page)
 
 
+#: What each kind of change carries (the store's rows: :func:`sipdrill.pool.store._params`).
+_PAYLOADS: dict[tuple[ChangeOp, Entity], dict[str, type]] = {
+    (ChangeOp.UPSERT, Entity.USER): {
+        "uri": str, "home_pool": str, "serving_pool": str, "settings": dict,
+    },
+    (ChangeOp.DELETE, Entity.USER): {"uri": str},
+    (ChangeOp.UPSERT, Entity.CONTACT): {"owner": str, "contact": str},
+    (ChangeOp.DELETE, Entity.CONTACT): {"owner": str, "contact": str},
+    (ChangeOp.UPSERT, Entity.CONFERENCE): {
+        "organiser": str, "conf_id": str, "subject": str, "content": str,
+    },
+    (ChangeOp.DELETE, Entity.CONFERENCE): {"organiser": str, "conf_id": str},
+}
+
+
+def _change(i: int, c: Mapping[str, Any]) -> Change:
+    """One change of a batch, checked: a payload the store could not apply
+    is refused before anything is (messages say where, not what was sent)."""
+    try:
+        op, entity = ChangeOp(c["op"]), Entity(c["entity"])
+        change = Change(
+            int(c["seq"]), op, entity, str(c["key"]), dict(c["payload"]),
+            str(c["origin_pool"]), float(c["timestamp"]),
+        )
+    except KeyError as exc:
+        raise OperationError("bad-changes", f"changes[{i}]: no {exc.args[0]}", 422) from None
+    except (ValueError, TypeError):
+        raise OperationError(
+            "bad-changes", f"changes[{i}]: a value of the wrong kind", 422
+        ) from None
+    fields = _PAYLOADS[(op, entity)]
+    for name, kind in fields.items():
+        if not isinstance(change.payload.get(name), kind):
+            wanted = ", ".join(f"{k} ({v.__name__})" for k, v in fields.items())
+            raise OperationError(
+                "bad-changes",
+                f"changes[{i}].payload: {op.value} {entity.value} needs {wanted}",
+                422,
+            )
+    if entity is Entity.CONFERENCE and op is ChangeOp.UPSERT:
+        try:
+            base64.b64decode(change.payload["content"], validate=True)
+        except ValueError:
+            raise OperationError(
+                "bad-changes", f"changes[{i}].payload.content: not base64", 422
+            ) from None
+    return change
+
+
 async def apply_changes(
     pool: ReplicatedPool, source_pool: str, changes: Sequence[Mapping[str, Any]]
 ) -> dict[str, int]:
     """Apply a batch of ``source_pool``'s feed (see :meth:`UserStore.apply_changes`)."""
-    try:
-        batch = [
-            Change(
-                int(c["seq"]), ChangeOp(c["op"]), Entity(c["entity"]), str(c["key"]),
-                dict(c["payload"]), str(c["origin_pool"]), float(c["timestamp"]),
-            )
-            for c in changes
-        ]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise OperationError("bad-changes", f"not a change feed batch: {exc!r}", 422) from None
     source = source_pool.lower()
+    if source not in pool.pool_names:
+        raise OperationError(
+            "unknown-pool",
+            f"source_pool is not a pool of this lab (pools: {', '.join(sorted(pool.pool_names))})",
+            404,
+        )
+    batch = [_change(i, c) for i, c in enumerate(changes)]
+    for i, ch in enumerate(batch):
+        if ch.entity is Entity.USER and ch.op is ChangeOp.UPSERT:
+            for name in ("home_pool", "serving_pool"):
+                if str(ch.payload[name]).lower() not in pool.pool_names:
+                    raise OperationError(
+                        "bad-changes", f"changes[{i}].payload.{name}: not a pool of this lab", 422
+                    )
     applied = await asyncio.to_thread(pool.store.apply_changes, batch, source)
     # A replicated account tells where its user lives now (a move on
     # the partner): remember it so this pool routes and redirects right.

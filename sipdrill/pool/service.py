@@ -36,14 +36,16 @@ import ssl
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 
 from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
 from sipdrill.pool.api import create_pool_app
+from sipdrill.pool.bulk_moves import BulkMoves
 from sipdrill.pool.cms_replica import CmsReplica
 from sipdrill.pool.conference import conference_uri
+from sipdrill.pool.import_export import UserDataExports
 from sipdrill.pool.metrics import PoolMetrics
 from sipdrill.pool.moves import UserMoves
 from sipdrill.pool.policy import (
@@ -119,6 +121,11 @@ class PoolService:
             self, self.state_file, self.cms, token=token, loopback=settings.loopback,
             retry_interval=settings.pending_retry_interval,
         )
+        self.bulk_moves = BulkMoves(self.user_moves)
+        self.user_data_exports = UserDataExports(
+            self, settings.state_dir, token=token, loopback=settings.loopback,
+            interval=lambda: self.cms.timers().user_data_export_interval,
+        )
         self.started_at = time.time()
         self._store: UserStore | None = None
         self.sip = PoolSip(self)
@@ -127,6 +134,8 @@ class PoolService:
         self.sip_addresses: list[tuple[str, tuple[str, int]]] = []
         self.control_address: tuple[str, int] | None = None
         self._control_server: AppServer | None = None
+        #: The control API (FastAPI) once started: what the server serves, for in-process use.
+        self.control_app: FastAPI | None = None
 
     def _set_heartbeat(self, detection: float) -> None:
         settings = self.settings
@@ -164,6 +173,9 @@ class PoolService:
     def topology_home(self, aor: str) -> str | None:
         """The home pool the topology gives ``aor`` (before any move)."""
         return self._topo_home.get(aor.lower())
+
+    def topology_users(self) -> list[str]:
+        return list(self._topo_home)
 
     def store_uri(self, aor: str) -> str:
         """The URI as the store spells it (topology files may use capitals)."""
@@ -237,8 +249,14 @@ class PoolService:
             dns_names=[self.fqdn, *fe_names],
             ip_addresses=[self.address],
         )
-        self.server_ssl = server_context(cert)
-        self.client_ssl = client_context(cert.ca_path)
+        # Mutual TLS between pools, as Lync's: the pool's certificate (it names
+        # the pool) is also its client certificate, presented to the pools it
+        # connects to; clients may present none. A certificate from another
+        # CA fails the handshake.
+        self.server_ssl = server_context(
+            cert, client_ca=cert.ca_path, client_cert_required=False
+        )
+        self.client_ssl = client_context(cert.ca_path, cert=cert)
         loop = asyncio.get_running_loop()
         app_router = self.cms.open(settings.state_dir)
         if self.partner is not None:
@@ -262,6 +280,7 @@ class PoolService:
         self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
         self.user_moves.start()
         await self._start_control(app_router)
+        self.user_data_exports.start()
         log.info(
             "pool %s: sip %s, control %s, partner %s (detection %gs, failback %gs, "
             "heartbeat every %gs)",
@@ -275,7 +294,7 @@ class PoolService:
         )
 
     async def _start_control(self, cms_router: APIRouter) -> None:
-        app = create_pool_app(self, cms_router=cms_router)
+        app = self.control_app = create_pool_app(self, cms_router=cms_router)
         host, port = self.address, self.pool.control_port
         try:
             sock = bind_tcp(host, port)
@@ -290,6 +309,8 @@ class PoolService:
         )
 
     async def close(self) -> None:
+        await self.bulk_moves.close()
+        await self.user_data_exports.close()
         if self._control_server is not None:
             await self._control_server.stop()
             self._control_server = None
@@ -391,6 +412,7 @@ class PoolService:
             "store": store,
             "moves": len(self.state_file.moves),
             "pending_deletes": len(self.state_file.pending_deletes),
+            "user_data_export": self.user_data_exports.status(),
             "uptime": round(time.time() - self.started_at, 3),
         }
 

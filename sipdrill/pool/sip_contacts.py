@@ -43,7 +43,9 @@ class ContactList:
         self._add_contact = add_contact
 
     async def fetch(self, request: Request, flow: Flow) -> Response:
-        owner, refused = self.registrations.check_sender(request, Feature.CONTACT_LIST_READ)
+        owner, refused = self.registrations.check_sender(
+            request, flow, Feature.CONTACT_LIST_READ
+        )
         if refused is not None:
             return refused
         contacts = await asyncio.to_thread(self.ctx.store.contacts, owner)
@@ -61,7 +63,7 @@ class ContactList:
                 headers=[("Event", CONTACTS_EVENT),
                          ("Subscription-State", "terminated;reason=timeout"),
                          ("Content-Type", CONTACTS_CONTENT_TYPE)],
-                body=render_contact_list(owner, contacts), to_pool=False,
+                body=render_contact_list(owner, contacts),
             )
             try:
                 await self.ctx.send(req, flow)
@@ -72,12 +74,12 @@ class ContactList:
         # A fetch (RFC 6665 4.4.3): one NOTIFY, then the subscription is over.
         return make_response(request, 200, headers=[("Expires", "0")], to_tag=tag)
 
-    async def add(self, request: Request) -> Response:
+    async def add(self, request: Request, flow: Flow) -> Response:
         ctype = (request.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if ctype != ADD_CONTACT_TYPE:
             return make_response(request, 415, "Unsupported Media Type",
                                  [("Accept", ADD_CONTACT_TYPE)])
-        owner, refused = self.registrations.check_sender(request, Feature.ADD_CONTACT)
+        owner, refused = self.registrations.check_sender(request, flow, Feature.ADD_CONTACT)
         if refused is not None:
             return refused
         contact = request.body.decode("utf-8", "replace").strip()

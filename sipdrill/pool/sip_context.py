@@ -1,5 +1,6 @@
-"""What the parts of a pool's SIP side use of their pool, and the headers
-pools put on what they send each other.
+"""What the parts of a pool's SIP side use of their pool, the headers pools
+put on what they send each other, and how a pool knows a request came from
+another pool.
 
 The parts (:mod:`.sip_registrar`, :mod:`.sip_partner`, :mod:`.sip_presence`,
 :mod:`.sip_contacts`, :mod:`.sip_relay`, :mod:`.sip_focus`) do not reach into
@@ -7,11 +8,21 @@ the pool service: they get a :class:`SipContext`, which
 :class:`~sipdrill.pool.sip_side.PoolSip` implements over the service and its
 SIP endpoint. The clock, task creation and timers are in it, so a test can
 drive a part with a plain object and no event loop where that is cheap.
+
+Which pool sent a request is what the TLS connection it came on proved
+(mutual TLS, as between Lync pools): each pool presents its certificate from
+the lab CA, which names the pool, when it connects to another pool, and the
+transport hands the names it verified over with the flow
+(:attr:`~sipdrill.sip.transport.Flow.peer_names`). :func:`from_pool` reads
+them; no header counts. A request on any other flow is a client's, whatever
+it says: :func:`strip_pool_claims` removes the pool-to-pool headers from it
+(so they are neither believed nor relayed) and says what it pretended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,8 +38,11 @@ if TYPE_CHECKING:
     from sipdrill.pool.store import UserStore
 
 MODE_HEADER = "X-Sipdrill-Mode"
+#: What pools once marked their requests to each other with. No pool sends it
+#: now (the certificate says who sent a request); one that arrives is removed.
 POOL_HEADER = "X-Sipdrill-Pool"
-#: The sender's service mode, on requests one pool relays to another.
+#: The sender's service mode, on requests one pool relays to another;
+#: believed only from a pool (:func:`from_pool`), removed from anyone else's.
 SENDER_MODE_HEADER = "X-Sipdrill-Sender-Mode"
 ALLOW = "REGISTER, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, PUBLISH, SERVICE, INVITE, ACK, BYE, CANCEL"
 #: Header (name, value) pairs to add to a request.
@@ -117,10 +131,11 @@ class SipContext(Protocol):
 
 def new_request(
     ctx: SipContext, method: str, uri: URI, flow: Flow, *, from_: str, to: str, call_id: str,
-    cseq: int, headers: Headers = (), body: bytes = b"", to_pool: bool = True,
+    cseq: int, headers: Headers = (), body: bytes = b"",
 ) -> Request:
-    """A request this pool sends on ``flow`` (``to_pool``: to another pool,
-    marked with :data:`POOL_HEADER`)."""
+    """A request this pool sends on ``flow`` (to a client, or to another
+    pool: :meth:`SipContext.pool_flow`'s connection presents this pool's
+    certificate, which is how the other pool knows the sender)."""
     req = Request(method=method, uri=uri, body=body)
     h = req.headers
     h.set("Via", ctx.via(flow))
@@ -129,8 +144,6 @@ def new_request(
     h.set("To", to)
     h.set("Call-ID", call_id)
     h.set("CSeq", f"{cseq} {method}")
-    if to_pool:
-        h.set(POOL_HEADER, ctx.fqdn)
     for name, value in headers:
         h.add(name, value)
     return req
@@ -146,13 +159,57 @@ async def reach(ctx: SipContext, pool: str | None, route: object) -> Flow | None
     return None
 
 
-def from_pool(ctx: SipContext, request: Request) -> str | None:
-    """The other pool that sent ``request`` (:data:`POOL_HEADER`), or None."""
-    value = request.headers.get(POOL_HEADER)
-    if value is None:
+def from_pool(ctx: SipContext, flow: Flow) -> str | None:
+    """The other pool of this lab at the far end of ``flow``, or None (a client).
+
+    A pool is the one whose FQDN is among the names of the certificate that
+    ``flow``'s TLS connection verified (the lab CA's: a pool trusts no
+    other). No certificate, one naming no pool, or one naming several pools
+    (no certificate of this lab does): a client. A certificate naming this
+    pool is not another pool either.
+    """
+    pools = {name for name in flow.peer_names if ctx.is_pool(name)}
+    if len(pools) != 1:
         return None
-    pool = value.strip().lower()
-    return pool if ctx.is_pool(pool) and pool != ctx.fqdn else None
+    (pool,) = pools
+    return pool if pool != ctx.fqdn else None
+
+
+class Pretence(enum.StrEnum):
+    """How a request pretended to come from a pool its connection did not
+    prove (the ``reason`` of ``sipdrill_pool_untrusted_pool_claims``)."""
+
+    #: Pool-to-pool headers on a connection without a lab pool's certificate.
+    CLIENT = "client"
+    #: :data:`POOL_HEADER` naming another pool than the certificate does.
+    WRONG_POOL = "wrong-pool"
+    #: A heartbeat (OPTIONS) from a pool that is not this pool's partner.
+    NOT_PARTNER = "not-partner"
+
+
+def strip_pool_claims(request: Request, sender: str | None) -> Pretence | None:
+    """Remove from ``request`` what only a pool may say that its connection
+    did not prove; ``sender`` is :func:`from_pool` of its flow.
+
+    :data:`POOL_HEADER` goes from every request (the certificate says who
+    sent it); :data:`SENDER_MODE_HEADER` from a client's (a client saying
+    its own mode must not be believed, nor relayed to the next pool as if
+    this pool had said it). The request is then handled as its sender's:
+    a client's request as any client's. Returns what it pretended, or None.
+    """
+    headers = request.headers
+    claimed = headers.get(POOL_HEADER)
+    pretence: Pretence | None = None
+    if claimed is not None:
+        headers.remove(POOL_HEADER)
+        if sender is None:
+            pretence = Pretence.CLIENT
+        elif claimed.strip().lower() != sender:
+            pretence = Pretence.WRONG_POOL
+    if sender is None and headers.get(SENDER_MODE_HEADER) is not None:
+        headers.remove(SENDER_MODE_HEADER)
+        pretence = Pretence.CLIENT
+    return pretence
 
 
 def event_of(request: Request) -> str:

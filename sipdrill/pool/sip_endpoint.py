@@ -18,6 +18,12 @@ with two additions:
   forwards a received request statefully (RFC 3261 16: our Via on top,
   Max-Forwards decremented, our Via removed from the response).
 
+A forking proxy needs every response, not only the final one: a handler may
+return :data:`LATER` and answer through :meth:`SipEndpoint.respond` (1xx,
+the final, 2xx retransmissions), and :meth:`SipEndpoint.start_request`
+hands each response of a client transaction (1xx, the final, 2xx
+retransmissions) or its failure to a listener.
+
 Both the pool and the small user agent of the tests and benchmarks
 (:mod:`sipdrill.pool.sip_ua`) use it.
 """
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from sipmessage import URI, Request, Response
 
 from sipdrill.errors import SipdrillError, SipError
+from sipdrill.sip.forking import strip_top_via
 from sipdrill.sip.message import make_response
 from sipdrill.sip.server import receive_into
 from sipdrill.sip.transaction import (
@@ -61,18 +68,38 @@ from sipdrill.sip.transport import (
 )
 
 __all__ = [
+    "LATER",
     "Handler",
+    "Later",
     "RequestFailed",
+    "ResponseListener",
     "SipEndpoint",
     "copy_request",
 ]
 
 log = logging.getLogger("sipdrill.pool.sip")
 
-Answer = Response | Awaitable[Response] | None
+class Later:
+    """The handler took the request's server transaction over: it answers
+    with :meth:`SipEndpoint.respond` (the key: :func:`~sipdrill.sip.transaction.server_key`)."""
+
+    _instance: Later | None = None
+
+    def __new__(cls) -> Later:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER = Later()
+
+Answer = Response | Awaitable[Response] | Later | None
 Handler = Callable[[Request, Received], Answer]
 """``handler(request, received)``: a final response now, an awaitable of one,
-or None (only for ACKs, which are never answered)."""
+:data:`LATER`, or None (only for ACKs, which are never answered)."""
 
 FlowCallback = Callable[[Flow], None]
 
@@ -87,6 +114,11 @@ class RequestFailed(SipdrillError):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+ResponseListener = Callable[[Response | RequestFailed], None]
+"""Told each response of a client transaction (provisional, final, 2xx
+retransmissions) and, instead of a final, why none came."""
 
 
 def copy_request(request: Request, uri: URI | None = None) -> Request:
@@ -130,6 +162,7 @@ class SipEndpoint:
         #: Client transactions per flow, so a closing flow fails its own in O(1).
         self._by_flow: dict[Flow, set[TransactionKey]] = {}
         self._waiters: dict[TransactionKey, asyncio.Future[Response]] = {}
+        self._listeners: dict[TransactionKey, ResponseListener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -157,6 +190,7 @@ class SipEndpoint:
             if not fut.done():
                 fut.cancel()
         self._waiters.clear()
+        self._listeners.clear()
         await self.transport.close()
         self._server_flows.clear()
         self._client_flows.clear()
@@ -246,6 +280,31 @@ class SipEndpoint:
     def new_branch(self) -> str:
         return self.transactions.new_branch()
 
+    def start_request(
+        self, request: Request, flow: Flow, listener: ResponseListener
+    ) -> TransactionKey:
+        """Send ``request`` on ``flow`` (a fresh branch in its top Via) and
+        tell ``listener`` every response, or the failure; raises
+        :class:`RequestFailed` when the transaction cannot start."""
+        if self._closed:
+            raise RequestFailed("transport", "endpoint closed")
+        try:
+            key, events = self.transactions.send_request(
+                request, self.loop.time(), reliable=flow.reliable, peer=flow.remote
+            )
+        except TransactionError as exc:
+            raise RequestFailed("transport", exc.reason) from exc
+        self._listeners[key] = listener
+        self._client_flows[key] = flow
+        self._by_flow.setdefault(flow, set()).add(key)
+        self._run(events, None)
+        self._driver.poke()
+        return key
+
+    def forget(self, key: TransactionKey) -> None:
+        """Stop telling anyone about ``key``'s responses (the transaction runs on)."""
+        self._listeners.pop(key, None)
+
     async def proxy(
         self,
         request: Request,
@@ -268,14 +327,7 @@ class SipEndpoint:
         for name, value in headers:
             fwd.headers.set(name, value)
         response = await self.request(fwd, flow, give_up_after=give_up_after)
-        upstream = Response(code=response.code, phrase=response.phrase, body=response.body)
-        for name in response.headers.keys():  # noqa: SIM118
-            values = list(response.headers.getlist(name))
-            if name.lower() == "via":
-                values = values[1:]
-            if values:
-                upstream.headers.setlist(name, values)
-        return upstream
+        return strip_top_via(response)
 
     def send_stateless(self, flow: Flow, message: Request | Response) -> bool:
         """Send without a transaction (an ACK for a 2xx, relayed)."""
@@ -312,15 +364,20 @@ class SipEndpoint:
                         event.key, "flow closed", self.loop.time()
                     )
             elif isinstance(event, DeliverResponse):
-                if event.key is None or event.response.code < 200:
-                    continue  # stray, or provisional: a proxy leg only waits for the final
-                self._resolve(event.key, event.response)
+                if event.key is None:
+                    continue  # stray
+                listener = self._listeners.get(event.key)
+                if listener is not None:
+                    self._tell(listener, event.response)
+                elif event.response.code >= 200:  # a proxy leg only waits for the final
+                    self._resolve(event.key, event.response)
             elif isinstance(event, TransactionTimeout):
                 self._fail(event.key, RequestFailed("timeout", f"timer {event.timer.value}"))
             elif isinstance(event, TxTransportError):
                 self._fail(event.key, RequestFailed("transport", event.reason))
             elif isinstance(event, TransactionTerminated):
                 self._server_flows.pop(event.key, None)
+                self._listeners.pop(event.key, None)
                 flow = self._client_flows.pop(event.key, None)
                 if flow is not None:
                     keys = self._by_flow.get(flow)
@@ -335,9 +392,19 @@ class SipEndpoint:
             fut.set_result(response)
 
     def _fail(self, key: TransactionKey, exc: RequestFailed) -> None:
+        listener = self._listeners.pop(key, None)
+        if listener is not None:
+            self._tell(listener, exc)
         fut = self._waiters.get(key)
         if fut is not None and not fut.done():
             fut.set_exception(exc)
+
+    @staticmethod
+    def _tell(listener: ResponseListener, what: Response | RequestFailed) -> None:
+        try:
+            listener(what)
+        except Exception:
+            log.exception("a response listener failed on %s", what)
 
     def _deliver(self, event: DeliverRequest, rx: Received) -> None:
         request = event.request
@@ -348,6 +415,10 @@ class SipEndpoint:
             return
         self._server_flows[key] = rx.flow
         answer = self._call(request, rx)
+        if request.method == "ACK" or isinstance(answer, Later):
+            # An ACK that matched an INVITE answered 2xx (RFC 6026) is never
+            # answered; LATER: the handler answers through respond().
+            return
         if answer is None:
             self._respond(key, make_response(request, 500))
         elif isinstance(answer, Response):
@@ -378,16 +449,22 @@ class SipEndpoint:
             response = make_response(request, 500)
         self._respond(key, response)
 
-    def _respond(self, key: TransactionKey, response: Response) -> None:
+    def respond(self, key: TransactionKey, response: Response) -> bool:
+        """Answer server transaction ``key`` (a 1xx, the final, a 2xx again);
+        False when it is gone or cannot send that now."""
+        return self._respond(key, response)
+
+    def _respond(self, key: TransactionKey, response: Response) -> bool:
         if response.headers.get("Server") is None:
             response.headers.add("Server", self.server_name)
         try:
             events = self.transactions.send_response(key, response, self.loop.time())
         except TransactionError as exc:
             log.info("cannot answer %s: %s", key, exc)
-            return
+            return False
         self._run(events, None)
         self._driver.poke()
+        return True
 
     def _flow_closed(self, flow: Flow) -> None:
         # A request waiting on a stream that has gone will never be answered:

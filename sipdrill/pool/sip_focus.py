@@ -57,8 +57,8 @@ class ConferenceFocus:
 
     async def _join(self, request: Request, flow: Flow, ref: ConferenceRef) -> Response:
         sender = aor_of(request.from_address.uri)
-        mode = self.registrations.sender_mode(request, sender)
-        via_pool = from_pool(self.ctx, request)
+        mode = self.registrations.sender_mode(request, flow, sender)
+        via_pool = from_pool(self.ctx, flow)
         decision = self.ctx.decide(ref.organiser)
         if via_pool is not None or (
             isinstance(decision, Serve) and self.ctx.fqdn == self._serving(ref.organiser)
@@ -139,26 +139,29 @@ class ConferenceFocus:
             to_tag=local_tag,
         )
 
-    async def bye(self, request: Request) -> Response:
+    async def bye(self, request: Request, flow: Flow) -> Response:
         ref = parse_conference_uri(request.uri)
+        via_pool = from_pool(self.ctx, flow)
         if ref is None:
-            if from_pool(self.ctx, request) is not None:
+            if via_pool is not None:
                 # A hosting pool ending a conference: relay to the participant.
-                response = await self.relay.deliver_local(request, self.relay.target_aor(request))
+                target = self.relay.target_aor(request, flow)
+                response = await self.relay.deliver_local(request, target)
                 return response or make_response(request, 481)
             return make_response(request, 481)
         conf = self.conferences.active.get(ref)
         if conf is not None and request.call_id in conf.participants:
             self.conferences.leave(ref, request.call_id)
             return make_response(request, 200)
-        if from_pool(self.ctx, request) is not None:
+        if via_pool is not None:
             return make_response(request, 481)
         home = self.ctx.home_of(ref.organiser)
         if home is None:
             return make_response(request, 481)
         sender = aor_of(request.from_address.uri)
         response = await self.relay.forward(
-            request, self.relay.candidates(home), self.registrations.sender_mode(request, sender)
+            request, self.relay.candidates(home),
+            self.registrations.sender_mode(request, flow, sender),
         )
         return response or make_response(request, 481)
 
@@ -190,7 +193,6 @@ class ConferenceFocus:
                 from_=f"<{ref.uri}>;tag={p.local_tag}", to=f"<{p.aor}>;tag={p.remote_tag}",
                 call_id=p.call_id, cseq=p.next_cseq(),
                 headers=[("Reason", f'SIP;cause=480;text="{why}"')],
-                to_pool=p.via_pool is not None,
             )
             await self.ctx.send(req, flow)
         except RequestFailed as exc:

@@ -131,10 +131,12 @@ class PresenceHub:
         if event_of(request) != PRESENCE_EVENT:
             return make_response(request, 489, "Bad Event", [("Allow-Events", "presence")])
         presentity = aor_of(request.uri)
-        pool = from_pool(self.ctx, request)
+        pool = from_pool(self.ctx, flow)
         if pool is not None:
             return self._pool_subscribe(request, pool, presentity)
-        sender, refused = self.registrations.check_sender(request, Feature.PRESENCE_SUBSCRIBE)
+        sender, refused = self.registrations.check_sender(
+            request, flow, Feature.PRESENCE_SUBSCRIBE
+        )
         if refused is not None:
             return refused
         return self._client_subscribe(request, flow, sender, presentity)
@@ -284,8 +286,8 @@ class PresenceHub:
                 )
 
     # -- NOTIFY ------------------------------------------------------------------------
-    def notify_in(self, request: Request) -> Response:
-        pool = from_pool(self.ctx, request)
+    def notify_in(self, request: Request, flow: Flow) -> Response:
+        pool = from_pool(self.ctx, flow)
         if pool is None:
             return make_response(request, 403, "Forbidden: this pool accepts NOTIFY from pools")
         presentity = aor_of(request.from_address.uri)
@@ -339,7 +341,7 @@ class PresenceHub:
                 from_=f"<{sub.presentity}>;tag={sub.local_tag}",
                 to=f"<{sub.remote_target if sub.pool else sub.watcher}>;tag={sub.watcher_tag}",
                 call_id=sub.call_id, cseq=sub.next_cseq(), headers=headers,
-                body=render_pidf(state), to_pool=sub.pool is not None,
+                body=render_pidf(state),
             )
             response = await self.ctx.send(req, flow)
         except RequestFailed as exc:

@@ -153,10 +153,11 @@ class RegistrarSide:
             out[mode.value] += 1
         return out
 
-    def sender_mode(self, request: Request, sender: str) -> ServiceMode | None:
+    def sender_mode(self, request: Request, flow: Flow, sender: str) -> ServiceMode | None:
         """The mode ``sender`` is served in: as the pool that relayed the
-        request says, else as registered here, else as this pool would."""
-        if from_pool(self.ctx, request) is not None:
+        request on ``flow`` says, else as registered here, else as this pool
+        would."""
+        if from_pool(self.ctx, flow) is not None:
             text = request.headers.get(SENDER_MODE_HEADER)
             try:
                 return ServiceMode(text) if text else None
@@ -168,11 +169,13 @@ class RegistrarSide:
         decision = self.ctx.decide(sender)
         return decision.mode if isinstance(decision, Serve) else None
 
-    def check_sender(self, request: Request, feature: Feature) -> tuple[str, Response | None]:
+    def check_sender(
+        self, request: Request, flow: Flow, feature: Feature
+    ) -> tuple[str, Response | None]:
         """The sender's AoR, and the answer refusing them ``feature`` (403
         when this pool does not serve them), or None."""
         sender = aor_of(request.from_address.uri)
-        mode = self.sender_mode(request, sender)
+        mode = self.sender_mode(request, flow, sender)
         if mode is None:
             return sender, make_response(request, 403, "Forbidden: register with this pool first")
         refusal = check_feature(feature, mode)
@@ -430,7 +433,6 @@ class RegistrarSide:
             call_id=f"nudge-{secrets.token_hex(8)}@{fqdn}", cseq=1,
             headers=[("Event", NUDGE_EVENT), ("Subscription-State", "terminated;reason=" +
                       reason.split(" ", 1)[0])],
-            to_pool=False,
         )
         try:
             response = await self.ctx.send(req, flow)

@@ -1,9 +1,11 @@
 """The pool's IM relay: MESSAGE (and any request for a user) to the user's
 clients registered here, else to the pool that serves them.
 
-Between pools: a relayed request carries ``X-Sipdrill-Pool: <this pool>``
-and the sender's mode (``X-Sipdrill-Sender-Mode``); a pool never relays a
-request it got from a pool (one hop, so no loops).
+Between pools: a relayed request goes on this pool's mutual-TLS connection
+to the other pool (its certificate says which pool relayed it,
+:func:`~.sip_context.from_pool`) with the sender's mode
+(``X-Sipdrill-Sender-Mode``); a pool never relays a request it got from a
+pool (one hop, so no loops).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Awaitable
 from sipmessage import Request, Response
 
 from sipdrill.pool.policy import ServiceMode
-from sipdrill.pool.sip_context import POOL_HEADER, SENDER_MODE_HEADER, SipContext, from_pool
+from sipdrill.pool.sip_context import SENDER_MODE_HEADER, SipContext, from_pool
 from sipdrill.pool.sip_endpoint import RequestFailed
 from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.sip.message import make_response
@@ -31,32 +33,32 @@ class ImRelay:
         self.ctx = ctx
         self.registrations = registrations
 
-    def message(self, request: Request) -> Awaitable[Response] | Response:
+    def message(self, request: Request, flow: Flow) -> Awaitable[Response] | Response:
         if request.uri.host.lower() != self.ctx.domain:
             return make_response(request, 404, "Not Found: not a user of this lab")
         # Peer-to-peer IM works in every mode (docs/reference.md).
-        return self.route_to_user(request, self.target_aor(request))
+        return self.route_to_user(request, flow, self.target_aor(request, flow))
 
-    def target_aor(self, request: Request) -> str:
+    def target_aor(self, request: Request, flow: Flow) -> str:
         # A request a pool relays inside a dialog (a BYE ending a conference)
         # names the client's contact, not the AoR: the To header has it.
         to = request.to_address
-        if from_pool(self.ctx, request) is not None and "tag" in to.parameters:
+        if from_pool(self.ctx, flow) is not None and "tag" in to.parameters:
             return aor_of(to.uri)
         return aor_of(request.uri)
 
-    async def route_to_user(self, request: Request, target: str) -> Response:
+    async def route_to_user(self, request: Request, flow: Flow, target: str) -> Response:
         response = await self.deliver_local(request, target)
         if response is not None:
             return response
-        if from_pool(self.ctx, request) is not None:
+        if from_pool(self.ctx, flow) is not None:
             return make_response(request, 480, "Temporarily Unavailable: not registered here")
         home = self.ctx.home_of(target)
         if home is None:
             return make_response(request, 404, "Not Found: no such user")
         sender = aor_of(request.from_address.uri)
         forwarded = await self.forward(
-            request, self.candidates(home), self.registrations.sender_mode(request, sender)
+            request, self.candidates(home), self.registrations.sender_mode(request, flow, sender)
         )
         return forwarded or make_response(request, 480, "Temporarily Unavailable")
 
@@ -94,7 +96,7 @@ class ImRelay:
         """Relay to the first of ``pools`` that takes it (RFC 3263-style: a
         transport failure, a timeout, 503, 480 or 404 moves on to the next;
         a 301 adds the pool it names, once). None when no pool answered."""
-        headers = [(POOL_HEADER, self.ctx.fqdn)]
+        headers = []
         if sender_mode is not None:
             headers.append((SENDER_MODE_HEADER, sender_mode.value))
         todo = list(pools)

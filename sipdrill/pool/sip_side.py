@@ -17,26 +17,42 @@ What clients see (the client engineer codes against these):
   status and reason (403 for contact list and presence, 488 for ad-hoc
   conferences, 480 for a conference whose pool is down).
 
-Between pools (real SIP over TLS, so a network cut stops it): OPTIONS
+Between pools (real SIP over mutual TLS, so a network cut stops it): OPTIONS
 heartbeats every few seconds with the paired pool (they feed the
 :class:`~sipdrill.pool.state.PartnerMonitor`), relayed MESSAGE,
-INVITE and BYE, and back-end presence subscriptions. A pool marks what it
-sends to another pool with ``X-Sipdrill-Pool: <its FQDN>`` and never relays
-a request it got from a pool (one pool-to-pool hop, so no loops). The lab
-trusts that header, as pools trust each other's MTLS identity in Lync; the
-lab's clients do not forge it.
+INVITE and BYE, and back-end presence subscriptions. A pool connects to
+another presenting its own certificate from the lab CA (it names the pool),
+and knows a request came from a pool only by the certificate its connection
+verified (:func:`~.sip_context.from_pool`), as Lync pools trust each other's
+MTLS identity. Two levels of trust follow from it:
+
+- any pool of the lab (its certificate): one pool-to-pool hop (a pool never
+  relays a request it got from a pool, so no loops), its word for its
+  user's mode (``X-Sipdrill-Sender-Mode``), back-end presence;
+- the paired pool only: heartbeats, which decide when this pool takes the
+  partner's users in resiliency mode. An OPTIONS from another pool is
+  answered as anyone's and is no heartbeat.
+
+Anyone else is a client, whatever headers it sends: ``X-Sipdrill-Pool`` and
+``X-Sipdrill-Sender-Mode`` are removed from its request on arrival, which is
+then answered as any client's (a NOTIFY 403, a SUBSCRIBE or MESSAGE as the
+client's own, an OPTIONS 200 that counts for nothing), and counted in
+``sipdrill_pool_untrusted_pool_claims_total`` (:class:`~.sip_context.Pretence`).
 
 Methods: REGISTER, OPTIONS, MESSAGE, SUBSCRIBE (``presence``, and Lync's
 ``vnd-microsoft-roaming-contacts`` as a fetch), NOTIFY (pool to pool),
 PUBLISH (``presence``), SERVICE (add a contact: body is the contact's URI,
 ``Content-Type: application/vnd.sipdrill.add-contact``), INVITE/ACK/BYE to a
-conference focus URI (:mod:`sipdrill.pool.conference`).
+conference focus URI (:mod:`sipdrill.pool.conference`), and calls between
+users: INVITE/ACK/BYE/CANCEL proxied with Record-Route and forking
+(:mod:`.sip_proxy`).
 
 :class:`PoolSip` owns the SIP endpoint and hands each request to the part
 that answers it: :mod:`.sip_registrar` (REGISTER, bindings, modes, nudges),
 :mod:`.sip_partner` (heartbeats, the partner's state), :mod:`.sip_presence`,
 :mod:`.sip_contacts` (contact list), :mod:`.sip_relay` (IM and routing
-between pools) and :mod:`.sip_focus` (conferences). The parts see their pool
+between pools), :mod:`.sip_focus` (conferences) and :mod:`.sip_proxy` (calls:
+a request whose top Route names this pool goes there first). The parts see their pool
 through :class:`~.sip_context.SipContext`, which :class:`PoolSip` implements
 over the pool service; it also passes on what one part tells the others.
 """
@@ -44,6 +60,7 @@ over the pool service; it also passes on what one part tells the others.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -52,14 +69,23 @@ from sipmessage import URI, Request, Response
 
 from sipdrill import addresses
 from sipdrill.errors import SipError
+from sipdrill.pool.conference import parse_conference_uri
 from sipdrill.pool.policy import RegistrarDecision
 from sipdrill.pool.presence import CONTACTS_EVENT
 from sipdrill.pool.sip_contacts import ContactList
-from sipdrill.pool.sip_context import ALLOW, Headers, event_of, from_pool
-from sipdrill.pool.sip_endpoint import SipEndpoint
+from sipdrill.pool.sip_context import (
+    ALLOW,
+    Headers,
+    Pretence,
+    event_of,
+    from_pool,
+    strip_pool_claims,
+)
+from sipdrill.pool.sip_endpoint import Later, SipEndpoint
 from sipdrill.pool.sip_focus import ConferenceFocus
 from sipdrill.pool.sip_partner import PartnerHeartbeat
 from sipdrill.pool.sip_presence import PresenceHub
+from sipdrill.pool.sip_proxy import CallProxy
 from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.pool.sip_relay import ImRelay
 from sipdrill.sip.message import make_response
@@ -80,7 +106,9 @@ if TYPE_CHECKING:
     from sipdrill.pool.settings import PoolSettings
     from sipdrill.pool.store import UserStore
 
-Answer = Response | Awaitable[Response]
+Answer = Response | Awaitable[Response] | Later
+
+log = logging.getLogger("sipdrill.pool")
 
 
 class PoolSip:
@@ -108,18 +136,25 @@ class PoolSip:
         self.presence = PresenceHub(self, self.registrations, self.relay)
         self.contacts = ContactList(self, self.registrations, svc.add_contact)
         self.focus = ConferenceFocus(self, self.registrations, self.relay)
+        self.calls = CallProxy(
+            self, self.registrations, self.relay, lambda: self.endpoint,
+            {p.fqdn: addresses.pool_sip_address(topo, p, loopback=svc.settings.loopback)
+             for p in topo.pools},
+        )
         #: The partner pool's heartbeats (from start, when the pool has a partner).
         self.heartbeat: PartnerHeartbeat | None = None
         self._handlers: dict[str, Callable[[Request, Flow], Answer]] = {
             "OPTIONS": self._options,
-            "MESSAGE": lambda request, flow: self.relay.message(request),
+            "MESSAGE": self.relay.message,
             "SUBSCRIBE": self._subscribe,
-            "NOTIFY": lambda request, flow: self.presence.notify_in(request),
+            "NOTIFY": self.presence.notify_in,
             "PUBLISH": lambda request, flow: self.presence.publish(request),
-            "SERVICE": lambda request, flow: self.contacts.add(request),
-            "INVITE": self.focus.invite,
-            "BYE": lambda request, flow: self.focus.bye(request),
+            "SERVICE": self.contacts.add,
+            "INVITE": self._invite,
+            "CANCEL": lambda request, flow: self.calls.cancel(request),
+            "BYE": self.focus.bye,
         }
+        self._pretences_logged: set[Pretence] = set()
         self._endpoint: SipEndpoint | None = None
         self._drivers: list[TimerDriver] = []
         self._loops: list[asyncio.Task[None]] = []
@@ -152,6 +187,7 @@ class PoolSip:
         listens.append((Kind.UDP, host, pool.sip_udp_port))
         bound = await self.endpoint.listen(listens, ssl_context=svc.server_ssl)
         self.registrations.start()
+        self.calls.start()
         loop = asyncio.get_running_loop()
         if svc.monitor is not None:
             self.heartbeat = PartnerHeartbeat(
@@ -176,18 +212,33 @@ class PoolSip:
     # -- dispatch -------------------------------------------------------------------------
     def _handle(self, request: Request, rx: Received) -> Answer | None:
         method = request.method.upper()
+        pretence = strip_pool_claims(request, from_pool(self, rx.flow))
+        if pretence is not None:
+            self._pretended(pretence, request, rx.flow)
         if method == "REGISTER":
             return self.registrations.register(request, rx.flow)
+        calls = self.calls
+        if method != "CANCEL" and calls.routes_here(request):
+            request = calls.pop_own_routes(request)
+            if calls.routed_inside(request):
+                # Inside a call we record-routed: on to the next pool or the client.
+                return self._counted(method, request, lambda: calls.in_dialog(request, rx.flow))
         if method == "ACK":
             return None  # the 2xx of a conference join needs nothing more (see conference.py)
         handler = self._handlers.get(method)
         if handler is None:
-            status = 481 if method == "CANCEL" else 405
-            return self._count(method, make_response(request, status, headers=[("Allow", ALLOW)]))
+            return self._count(method, make_response(request, 405, headers=[("Allow", ALLOW)]))
+        return self._counted(method, request, lambda: handler(request, rx.flow))
+
+    def _counted(
+        self, method: str, request: Request, answer_of: Callable[[], Answer | None]
+    ) -> Answer | None:
         try:
-            answer = handler(request, rx.flow)
+            answer = answer_of()
         except SipError as exc:
             answer = make_response(request, exc.status_code, exc.reason, exc.headers)
+        if answer is None or isinstance(answer, Later):
+            return answer  # an ACK; or the call proxy answers (and counts) itself
         if isinstance(answer, Response):
             return self._count(method, answer)
         return self._count_later(method, answer)
@@ -199,13 +250,35 @@ class PoolSip:
     async def _count_later(self, method: str, answer: Awaitable[Response]) -> Response:
         return self._count(method, await answer)
 
+    def _pretended(self, pretence: Pretence, request: Request, flow: Flow) -> None:
+        """Count a request that claimed what its connection did not prove; it
+        is answered as its real sender's. The log says so once per kind (a
+        flood of them is the metric's business, not the log's)."""
+        self.metrics.untrusted_pool_claims.labels(pretence.value).inc()
+        level = logging.DEBUG if pretence in self._pretences_logged else logging.WARNING
+        self._pretences_logged.add(pretence)
+        log.log(
+            level, "%s from %s (certificate names: %s) claimed to come from a pool (%s); "
+            "answered as %s", request.method, flow.remote, ", ".join(flow.peer_names) or "none",
+            pretence.value, "a client's" if pretence is Pretence.CLIENT else "anyone's",
+        )
+
     def _options(self, request: Request, flow: Flow) -> Response:
         heartbeat = self.heartbeat
-        if heartbeat is not None and from_pool(self, request) == heartbeat.partner:
+        sender = from_pool(self, flow)
+        if heartbeat is not None and sender == heartbeat.partner:
             heartbeat.received()
+        elif sender is not None:
+            # Pools send OPTIONS only as heartbeats, to their partner.
+            self._pretended(Pretence.NOT_PARTNER, request, flow)
         return make_response(
             request, 200, headers=[("Allow", ALLOW), ("Supported", "path, outbound")]
         )
+
+    def _invite(self, request: Request, flow: Flow) -> Answer:
+        if parse_conference_uri(request.uri) is not None:
+            return self.focus.invite(request, flow)
+        return self.calls.invite(request, flow)
 
     def _subscribe(self, request: Request, flow: Flow) -> Answer:
         if event_of(request) == CONTACTS_EVENT:
@@ -328,4 +401,5 @@ class PoolSip:
                 "participants": conferences.participants(),
             },
             "reregistration": rereg.summary(now) if rereg else None,
+            "calls": self.calls.status(),
         }

@@ -3,7 +3,10 @@
 Not the lab's client (:mod:`sipdrill.clients` simulates Lync clients with
 discovery, failover and backoff): this one does exactly what a test tells it
 to, over one flow per user, and keeps what the pool sends it (MESSAGE,
-NOTIFY, BYE) in an inbox. Many agents share one :class:`UaStack` (one
+NOTIFY, INVITE, ACK, BYE, CANCEL) in an inbox. As a callee it answers an
+INVITE with ``answer`` (200 with SDP by default), after ringing ``ring``
+seconds (a CANCEL meanwhile gets the INVITE a 487); as a caller it follows
+the Record-Route of the answer in its ACK and BYE. Many agents share one :class:`UaStack` (one
 :class:`~sipdrill.pool.sip_endpoint.SipEndpoint`), so a benchmark can
 run ten thousand of them in one process, each on its own TLS connection.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import secrets
 import ssl
@@ -21,14 +25,44 @@ from dataclasses import dataclass, field
 
 from sipmessage import URI, Address, Request, Response
 
-from sipdrill.pool.sip_endpoint import RequestFailed, SipEndpoint
+from sipdrill.pool.sip_endpoint import LATER, Later, RequestFailed, SipEndpoint
 from sipdrill.sip.message import make_response
-from sipdrill.sip.transaction import TimerConfig
+from sipdrill.sip.transaction import TimerConfig, TransactionKey, server_key
 from sipdrill.sip.transport import Flow, Kind, Received, TransportLimits
 
-__all__ = ["RequestFailed", "UaStack", "UserAgent"]
+__all__ = ["Dialog", "RequestFailed", "UaStack", "UserAgent", "route_set"]
 
 NUDGE_EVENT = "x-sipdrill-reregister"
+
+
+def sdp(host: str = "127.0.0.1") -> bytes:
+    """An offer or answer with no media worth sending (the lab carries no RTP)."""
+    return (
+        f"v=0\r\no=- 0 0 IN IP4 {host}\r\ns=sipdrill\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+        "m=audio 9 RTP/AVP 0\r\na=inactive\r\n"
+    ).encode()
+
+
+def route_set(response: Response) -> list[str]:
+    """The caller's route set from a 2xx: its Record-Route, reversed (RFC 3261 12.1.2)."""
+    entries: list[str] = []
+    for value in response.headers.getlist("Record-Route"):
+        entries += [str(a) for a in Address.parse_many(value)]
+    return entries[::-1]
+
+
+@dataclass
+class Dialog:
+    """A call this agent answered, as the callee sees it."""
+
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    remote_uri: str
+    remote_target: str
+    #: The Record-Route of the INVITE, in order (the callee's route set).
+    routes: list[str]
+    cseq: int = 0
 
 
 class UaStack:
@@ -69,9 +103,11 @@ class UaStack:
     def agent(self, aor: str, **kwargs: object) -> UserAgent:
         return UserAgent(self, aor, **kwargs)  # type: ignore[arg-type]
 
-    def _handle(self, request: Request, rx: Received) -> Response | None:
+    def _handle(self, request: Request, rx: Received) -> Response | Later | None:
         ua = self._by_conn.get(rx.flow.conn)
         if request.method == "ACK":
+            if ua is not None:
+                ua.inbox.put_nowait(request)
             return None
         if ua is None:
             return make_response(request, 481)
@@ -97,6 +133,14 @@ class UserAgent:
     responses_to_nudge: list[Response] = field(default_factory=list)
     register_call_id: str = field(default_factory=lambda: f"{secrets.token_hex(8)}@ua")
     instance: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: How this agent answers an INVITE (2xx: with SDP), after ringing ``ring`` s.
+    answer: int = 200
+    ring: float = 0.0
+    #: Calls answered, by Call-ID (a BYE ends one).
+    dialogs: dict[str, Dialog] = field(default_factory=dict)
+    _ringing: dict[TransactionKey, tuple[asyncio.Task[None], Request, str]] = field(
+        default_factory=dict
+    )
     _cseq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _tag: str = field(default_factory=lambda: secrets.token_hex(4))
 
@@ -200,26 +244,62 @@ class UserAgent:
         )
         return await self.send(req)
 
-    async def invite(self, uri: str) -> tuple[Request, Response]:
-        req = self.build(
+    async def invite(
+        self, uri: str, *, headers: Iterable[tuple[str, str]] = (), give_up_after: float = 10.0
+    ) -> tuple[Request, Response]:
+        req = self.invite_request(uri, headers=headers)
+        return req, await self.send(req, give_up_after=give_up_after)
+
+    def invite_request(self, uri: str, *, headers: Iterable[tuple[str, str]] = ()) -> Request:
+        return self.build(
             "INVITE", uri, headers=[("Contact", self.contact),
-                                    ("Content-Type", "application/sdp")],
-            body=b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n",
+                                    ("Content-Type", "application/sdp"), *headers],
+            body=sdp(),
         )
-        return req, await self.send(req)
+
+    def in_dialog(self, method: str, invite: Request, ok: Response, cseq: int) -> Request:
+        """A request of the caller's dialog: to the callee's Contact, along the route set."""
+        to_tag = Address.parse(ok.headers.get("To") or "").parameters.get("tag")
+        routes = route_set(ok)
+        return self.build(
+            method, str(ok.contact[0].uri), to=str(invite.to_address.uri), to_tag=to_tag,
+            call_id=invite.call_id, cseq=cseq,
+            from_tag=invite.from_address.parameters.get("tag"),
+            headers=[("Route", ", ".join(routes))] if routes else (),
+        )
+
+    def ack(self, invite: Request, ok: Response) -> None:
+        """ACK a 2xx (its own transaction: sent as is)."""
+        assert self.flow is not None
+        self.stack.endpoint.send_stateless(
+            self.flow, self.in_dialog("ACK", invite, ok, invite.cseq.sequence)
+        )
 
     async def ack_and_bye(self, invite: Request, ok: Response) -> Response:
         """ACK the 2xx, then leave with BYE (in the dialog)."""
-        assert self.flow is not None
-        to_tag = Address.parse(ok.headers.get("To") or "").parameters.get("tag")
-        target = str(ok.contact[0].uri)
-        cseq = invite.cseq.sequence
-        from_tag = invite.from_address.parameters.get("tag")
-        ack = self.build("ACK", target, to=str(invite.to_address.uri), to_tag=to_tag,
-                         call_id=invite.call_id, cseq=cseq, from_tag=from_tag)
-        self.stack.endpoint.send_stateless(self.flow, ack)
-        bye = self.build("BYE", target, to=str(invite.to_address.uri), to_tag=to_tag,
-                         call_id=invite.call_id, cseq=cseq + 1, from_tag=from_tag)
+        self.ack(invite, ok)
+        return await self.send(self.in_dialog("BYE", invite, ok, invite.cseq.sequence + 1))
+
+    async def cancel(self, invite: Request) -> Response:
+        """CANCEL ``invite`` (same Via branch, RFC 3261 9.1)."""
+        cancel = Request(method="CANCEL", uri=invite.uri)
+        h = cancel.headers
+        h.set("Via", invite.headers.getlist("Via")[0])
+        h.set("Max-Forwards", "70")
+        for name in ("From", "To", "Call-ID"):
+            h.set(name, invite.headers.get(name) or "")
+        h.set("CSeq", f"{invite.cseq.sequence} CANCEL")
+        return await self.send(cancel)
+
+    async def hang_up(self, call_id: str) -> Response:
+        """End a call this agent answered: BYE from the callee's side."""
+        d = self.dialogs.pop(call_id)
+        d.cseq += 1
+        bye = self.build(
+            "BYE", d.remote_target, to=d.remote_uri, to_tag=d.remote_tag, call_id=d.call_id,
+            cseq=d.cseq, from_tag=d.local_tag,
+            headers=[("Route", ", ".join(d.routes))] if d.routes else (),
+        )
         return await self.send(bye)
 
     async def next_request(
@@ -236,11 +316,59 @@ class UserAgent:
                 if event is None or got == event:
                     return request
 
-    def _incoming(self, request: Request) -> Response:
+    def _incoming(self, request: Request) -> Response | Later:
         self.inbox.put_nowait(request)
         event = (request.headers.get("Event") or "").split(";", 1)[0].strip().lower()
         if request.method == "NOTIFY" and event == NUDGE_EVENT and self.auto_nudge:
             self.stack.endpoint.spawn(self._answer_nudge(), name="answer nudge")
+        if request.method == "INVITE" and "tag" not in request.to_address.parameters:
+            return self._invited(request)
+        if request.method == "CANCEL":
+            return self._cancelled(request)
+        if request.method == "BYE":
+            self.dialogs.pop(request.call_id, None)
+        if request.method == "INVITE":  # a re-INVITE: the same (no) media
+            return make_response(request, 200, headers=[("Contact", self.contact),
+                                 ("Content-Type", "application/sdp")], body=sdp())
+        return make_response(request, 200)
+
+    def _invited(self, request: Request) -> Response | Later:
+        tag = secrets.token_hex(4)
+        if self.ring <= 0:
+            return self._answer_invite(request, tag)
+        key = server_key(request)
+        endpoint = self.stack.endpoint
+        endpoint.respond(key, make_response(request, 180, to_tag=tag))
+
+        async def answer_later() -> None:
+            await asyncio.sleep(self.ring)
+            self._ringing.pop(key, None)
+            endpoint.respond(key, self._answer_invite(request, tag))
+
+        self._ringing[key] = (endpoint.spawn(answer_later(), name="ring"), request, tag)
+        return LATER
+
+    def _answer_invite(self, request: Request, tag: str) -> Response:
+        if not 200 <= self.answer < 300:
+            return make_response(request, self.answer, to_tag=tag)
+        routes = list(request.headers.getlist("Record-Route"))
+        self.dialogs[request.call_id] = Dialog(
+            request.call_id, tag, request.from_address.parameters.get("tag") or "",
+            str(request.from_address.uri), str(request.contact[0].uri),
+            [str(a) for v in routes for a in Address.parse_many(v)],
+        )
+        headers = [("Contact", self.contact), ("Content-Type", "application/sdp")]
+        headers += [("Record-Route", v) for v in routes]
+        return make_response(request, self.answer, headers=headers, to_tag=tag, body=sdp())
+
+    def _cancelled(self, request: Request) -> Response:
+        key = dataclasses.replace(server_key(request), method="INVITE")
+        ringing = self._ringing.pop(key, None)
+        if ringing is None:
+            return make_response(request, 481)
+        task, invite, tag = ringing
+        task.cancel()
+        self.stack.endpoint.respond(key, make_response(invite, 487, to_tag=tag))
         return make_response(request, 200)
 
     async def _answer_nudge(self) -> None:

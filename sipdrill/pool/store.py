@@ -610,7 +610,7 @@ class UserStore:
             if ch.origin_pool != source:
                 raise OperationError(
                     "replication-source",
-                    f"change {ch.seq} comes from {ch.origin_pool}, not from {source}",
+                    f"change {ch.seq} does not come from {source} (its origin_pool differs)",
                 )
         with self._lock, self._transaction() as c:
             row = c.execute(
@@ -681,6 +681,41 @@ class UserStore:
                 (organiser,),
             ).fetchall()
         return [ConferenceRecord(o, i, s, bytes(b)) for o, i, s, b in rows]
+
+    def homed_view(
+        self, home_pool: str
+    ) -> tuple[int, list[UserRecord], dict[str, list[str]], dict[str, list[ConferenceRecord]]]:
+        """The users homed on ``home_pool`` with their contact lists and
+        meetings, and the high-water mark they are current to, read under one
+        lock: an export (dbimpexp) is one point in time, so that a write is
+        either in it (its seq at most the mark) or not."""
+        pool = home_pool.lower()
+        with self._lock:
+            c = self._conn
+            hwm = self._high_water_mark_locked()
+            users = [
+                UserRecord(u, h, s, json.loads(js))
+                for u, h, s, js in c.execute(
+                    "SELECT uri, home_pool, serving_pool, settings FROM users "
+                    "WHERE home_pool = ? ORDER BY uri",
+                    (pool,),
+                )
+            ]
+            homed = {u.uri for u in users}
+            contacts: dict[str, list[str]] = {u: [] for u in homed}
+            for owner, contact in c.execute(
+                "SELECT owner, contact FROM contacts ORDER BY owner, rowid"
+            ):
+                if owner in homed:
+                    contacts[owner].append(contact)
+            meetings: dict[str, list[ConferenceRecord]] = {u: [] for u in homed}
+            for o, i, s, b in c.execute(
+                "SELECT organiser, conf_id, subject, content FROM conferences "
+                "ORDER BY organiser, conf_id"
+            ):
+                if o in homed:
+                    meetings[o].append(ConferenceRecord(o, i, s, bytes(b)))
+        return hwm, users, contacts, meetings
 
     def counts(self) -> StoreCounts:
         with self._lock:

@@ -17,10 +17,13 @@ a returning pool does of users no longer homed on it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +35,8 @@ from sipdrill.pool.store import StoreCounts, UserRecord, UserStore
 ExportFormat = Literal["xml", "json"]
 
 #: Bumped when the export layout changes; imports refuse other versions.
-EXPORT_VERSION = 1
+#: 2: meetings, the header (pool, domain, seq, created, counts) and a digest.
+EXPORT_VERSION = 2
 
 
 # --- Move-CsUser --------------------------------------------------------------
@@ -165,11 +169,37 @@ def move_cs_user(
 
 
 @dataclass(frozen=True)
+class ExportedMeeting:
+    conf_id: str
+    subject: str
+    content: bytes = b""
+
+
+@dataclass(frozen=True)
 class ExportedUser:
     uri: str
     home_pool: str
     settings: Mapping[str, Any]
     contacts: tuple[str, ...]
+    meetings: tuple[ExportedMeeting, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportHeader:
+    """What an export says about itself. ``seq`` is the pool's change-feed
+    high-water mark the export is current to: an acknowledged write with a
+    higher seq is not in it (what a restore from it loses, counted exactly)."""
+
+    pool: str
+    domain: str
+    seq: int
+    created: float
+    users: int
+    contacts: int
+    meetings: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -178,13 +208,20 @@ class ExportResult:
     pool: str
     users: int
     contacts: int
+    meetings: int = 0
+    seq: int = 0
+    created: float = 0.0
 
 
 @dataclass(frozen=True)
 class ImportResult:
     users_restored: int
     contacts_restored: int
+    #: Users of the export that were not restored, with why (not homed here...).
     skipped: tuple[str, ...] = field(default=())
+    meetings_restored: int = 0
+    reasons: Mapping[str, str] = field(default_factory=dict)
+    export: ExportHeader | None = None
 
 
 def _format_of(path: Path, fmt: ExportFormat | None) -> ExportFormat:
@@ -193,135 +230,298 @@ def _format_of(path: Path, fmt: ExportFormat | None) -> ExportFormat:
     return "json" if path.suffix.lower() == ".json" else "xml"
 
 
-def _render_xml(pool: str, users: Iterable[ExportedUser]) -> bytes:
-    root = ET.Element("UserData", {"version": str(EXPORT_VERSION), "pool": pool})
-    for u in users:
-        el = ET.SubElement(root, "User", {"uri": u.uri, "homePool": u.home_pool})
-        ET.SubElement(el, "Settings").text = json.dumps(dict(u.settings), sort_keys=True)
-        contacts = ET.SubElement(el, "Contacts")
-        for c in u.contacts:
-            ET.SubElement(contacts, "Contact", {"uri": c})
-    ET.indent(root)
-    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return data + b"\n"
-
-
-def _render_json(pool: str, users: Iterable[ExportedUser]) -> bytes:
-    doc = {
+def _canonical(header: ExportHeader, users: Iterable[ExportedUser]) -> dict[str, Any]:
+    return {
         "version": EXPORT_VERSION,
-        "pool": pool,
+        "header": header.to_json(),
         "users": [
             {
                 "uri": u.uri,
                 "home_pool": u.home_pool,
                 "settings": dict(u.settings),
                 "contacts": list(u.contacts),
+                "meetings": [
+                    {
+                        "id": m.conf_id,
+                        "subject": m.subject,
+                        "content": base64.b64encode(m.content).decode("ascii"),
+                    }
+                    for m in u.meetings
+                ],
             }
             for u in users
         ],
     }
+
+
+def export_digest(header: ExportHeader, users: Iterable[ExportedUser]) -> str:
+    """sha256 of the export's content, whatever its format: a file that was
+    cut short, edited or damaged in transit no longer matches it."""
+    text = json.dumps(_canonical(header, users), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _render_xml(header: ExportHeader, users: list[ExportedUser], digest: str) -> bytes:
+    attrs = {k: str(v) for k, v in header.to_json().items()}
+    root = ET.Element("UserData", {"version": str(EXPORT_VERSION), **attrs, "digest": digest})
+    for u in users:
+        el = ET.SubElement(root, "User", {"uri": u.uri, "homePool": u.home_pool})
+        ET.SubElement(el, "Settings").text = json.dumps(dict(u.settings), sort_keys=True)
+        contacts = ET.SubElement(el, "Contacts")
+        for c in u.contacts:
+            ET.SubElement(contacts, "Contact", {"uri": c})
+        meetings = ET.SubElement(el, "Meetings")
+        for m in u.meetings:
+            ET.SubElement(meetings, "Meeting", {"id": m.conf_id, "subject": m.subject}).text = (
+                base64.b64encode(m.content).decode("ascii")
+            )
+    ET.indent(root)
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data + b"\n"
+
+
+def _render_json(header: ExportHeader, users: list[ExportedUser], digest: str) -> bytes:
+    doc = _canonical(header, users) | {"digest": digest}
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def export_cs_user_data(
-    store: UserStore, path: str | Path, *, fmt: ExportFormat | None = None
+    store: UserStore,
+    path: str | Path,
+    *,
+    fmt: ExportFormat | None = None,
+    domain: str = "",
+    created: float | None = None,
 ) -> ExportResult:
     """Export-CsUserData (Lync 2010: ``dbimpexp /hrxmlfile``): the accounts,
-    settings and contact lists of the users homed on the store's pool, to an
-    XML file (or JSON: ``fmt="json"`` or a ``.json`` path).
-
-    Meetings are not exported: the budget design loses them on a forced
-    move, and this export is what it restores from.
+    settings, contact lists and meetings of the users homed on the store's
+    pool, at one point in time (the header's ``seq``), to an XML file (or
+    JSON: ``fmt="json"`` or a ``.json`` path). ``domain``: the SIP domain, so
+    that an import into another lab knows the file is foreign.
     """
     out = Path(path)
     pool = store.pool_fqdn
+    hwm, records, contacts, meetings = store.homed_view(pool)
     users = [
-        ExportedUser(u.uri, u.home_pool, u.settings, tuple(store.contacts(u.uri)))
-        for u in store.users(home_pool=pool)
+        ExportedUser(
+            u.uri,
+            u.home_pool,
+            u.settings,
+            tuple(contacts[u.uri]),
+            tuple(ExportedMeeting(m.conf_id, m.subject, m.content) for m in meetings[u.uri]),
+        )
+        for u in records
     ]
+    header = ExportHeader(
+        pool=pool,
+        domain=domain.lower(),
+        seq=hwm,
+        created=round(time.time() if created is None else created, 6),
+        users=len(users),
+        contacts=sum(len(u.contacts) for u in users),
+        meetings=sum(len(u.meetings) for u in users),
+    )
     render = _render_json if _format_of(out, fmt) == "json" else _render_xml
     # The nightly export is what the budget design restores from: a crash
     # while writing must leave the previous night's file, not half of one.
-    write_atomically(out, render(pool, users))
-    return ExportResult(out, pool, len(users), sum(len(u.contacts) for u in users))
+    write_atomically(out, render(header, users, export_digest(header, users)))
+    return ExportResult(
+        out, pool, header.users, header.contacts, header.meetings, header.seq, header.created
+    )
 
 
-def _bad(path: Path, why: str) -> OperationError:
-    return OperationError("bad-export", f"{path}: {why}", 400)
+def _bad(path: Path | str, why: str, code: str = "bad-export") -> OperationError:
+    # Where in the file, never what it holds: the control API answers this
+    # for an uploaded file.
+    return OperationError(code, f"{path}: {why}", 400)
 
 
-def _parse_xml(path: Path, data: bytes) -> list[ExportedUser]:
+def _header(path: Path | str, fields: Mapping[str, Any]) -> ExportHeader:
+    try:
+        return ExportHeader(
+            pool=str(fields["pool"]).lower(),
+            domain=str(fields["domain"]).lower(),
+            seq=int(fields["seq"]),
+            created=float(fields["created"]),
+            users=int(fields["users"]),
+            contacts=int(fields["contacts"]),
+            meetings=int(fields["meetings"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad(path, f"the export's header lacks or garbles {e}") from None
+
+
+def _parse_xml(path: Path | str, data: bytes) -> tuple[ExportHeader, list[ExportedUser], str]:
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
-        raise _bad(path, f"not well-formed XML ({e})") from None
+        raise _bad(path, f"not well-formed XML ({e}): cut short or damaged?") from None
     if root.tag != "UserData" or root.get("version") != str(EXPORT_VERSION):
         raise _bad(path, f"not a version {EXPORT_VERSION} UserData export")
+    header = _header(path, root.attrib)
     users = []
-    for el in root.findall("User"):
+    for n, el in enumerate(root.findall("User"), 1):
         uri, home = el.get("uri"), el.get("homePool")
         if not uri or not home:
-            raise _bad(path, "a User element lacks uri or homePool")
+            raise _bad(path, f"User {n} lacks uri or homePool")
         settings_el = el.find("Settings")
         try:
             settings = json.loads(settings_el.text or "{}") if settings_el is not None else {}
         except json.JSONDecodeError:
-            raise _bad(path, f"the settings of {uri} are not JSON") from None
+            raise _bad(path, f"the Settings of User {n} are not JSON") from None
         contacts = []
         for c in el.findall("Contacts/Contact"):
             c_uri = c.get("uri")
             if not c_uri:
-                raise _bad(path, f"a contact of {uri} lacks its uri")
+                raise _bad(path, f"a Contact of User {n} lacks its uri")
             contacts.append(c_uri)
-        users.append(ExportedUser(uri, home, settings, tuple(contacts)))
-    return users
+        meetings = []
+        for m in el.findall("Meetings/Meeting"):
+            conf_id = m.get("id")
+            if not conf_id:
+                raise _bad(path, f"a Meeting of User {n} lacks its id")
+            try:
+                content = base64.b64decode(m.text or "", validate=True)
+            except ValueError:
+                raise _bad(path, f"the content of a Meeting of User {n} is damaged") from None
+            meetings.append(ExportedMeeting(conf_id, m.get("subject") or "", content))
+        users.append(ExportedUser(uri, home, settings, tuple(contacts), tuple(meetings)))
+    return header, users, root.get("digest") or ""
 
 
-def _parse_json(path: Path, data: bytes) -> list[ExportedUser]:
+def _parse_json(path: Path | str, data: bytes) -> tuple[ExportHeader, list[ExportedUser], str]:
     try:
         doc = json.loads(data)
-        if doc["version"] != EXPORT_VERSION:
+        if not isinstance(doc, dict) or doc.get("version") != EXPORT_VERSION:
             raise _bad(path, f"not a version {EXPORT_VERSION} export")
-        return [
+        header = _header(path, doc["header"])
+        users = [
             ExportedUser(
                 str(u["uri"]),
                 str(u["home_pool"]),
                 dict(u["settings"]),
                 tuple(str(c) for c in u["contacts"]),
+                tuple(
+                    ExportedMeeting(
+                        str(m["id"]),
+                        str(m["subject"]),
+                        base64.b64decode(m["content"], validate=True),
+                    )
+                    for m in u["meetings"]
+                ),
             )
             for u in doc["users"]
         ]
+        return header, users, str(doc.get("digest") or "")
+    except OperationError:
+        raise
     except (ValueError, KeyError, TypeError) as e:
-        raise _bad(path, f"not a sipdrill JSON export ({e!r})") from None
+        raise _bad(path, f"not a sipdrill JSON export ({e!r}): cut short or damaged?") from None
 
 
-def import_cs_user_data(store: UserStore, path: str | Path) -> ImportResult:
-    """Import-CsUserData (``dbimpexp /import``): restore the settings and
-    contact lists of the exported users that have an account on the store's
-    pool (after a forced move, their new pool). Each restored list becomes
-    exactly the exported one. Users without an account here are skipped
-    and listed, as dbimpexp skips users not homed on the pool.
+def read_export(
+    data: bytes,
+    name: Path | str = "export",
+    *,
+    domain: str | None = None,
+    pools: Collection[str] | None = None,
+) -> tuple[ExportHeader, list[ExportedUser]]:
+    """Parse and check an export (XML or JSON, sniffed, not taken from the
+    name) before anything is written: well-formed, its counts and digest
+    match (``bad-export``: cut short, edited or damaged), and, given the lab's
+    ``domain`` and ``pools``, from this lab (``foreign-export``)."""
+    # Sniff rather than trust the suffix: an export renamed by hand still imports.
+    is_json = data.lstrip()[:1] == b"{"
+    header, users, digest = (_parse_json if is_json else _parse_xml)(name, data)
+    counted = (
+        len(users),
+        sum(len(u.contacts) for u in users),
+        sum(len(u.meetings) for u in users),
+    )
+    if counted != (header.users, header.contacts, header.meetings):
+        raise _bad(
+            name,
+            f"the header promises {header.users} users, {header.contacts} contacts and "
+            f"{header.meetings} meetings, the file holds {counted[0]}, {counted[1]} and "
+            f"{counted[2]}: it was cut short or edited; use an intact export",
+        )
+    if digest != export_digest(header, users):
+        raise _bad(name, "its content does not match its digest: damaged; use an intact export")
+    uris = [u.uri.lower() for u in users]
+    if len(set(uris)) != len(uris):
+        raise _bad(name, "a user appears twice")
+    if domain is not None and header.domain != domain.lower():
+        raise _bad(
+            name,
+            f"an export of domain {header.domain or '(none)'!r}, not this lab's {domain!r}: "
+            "a foreign export; import one written by this lab's pools",
+            "foreign-export",
+        )
+    if pools is not None and header.pool not in {p.lower() for p in pools}:
+        raise _bad(
+            name,
+            f"an export of pool {header.pool}, which is not a pool of this lab "
+            f"({', '.join(sorted(pools))}): a foreign export",
+            "foreign-export",
+        )
+    suffix = "@" + header.domain
+    strangers = [u.uri for u in users if header.domain and not u.uri.lower().endswith(suffix)]
+    if strangers:
+        raise _bad(
+            name,
+            f"{len(strangers)} user(s) outside domain {header.domain} (first {strangers[0]}): "
+            "a foreign or damaged export",
+            "foreign-export",
+        )
+    return header, users
 
-    The whole file is read and checked before anything is written, and the
-    restore is one transaction: a bad file changes nothing.
+
+def import_cs_user_data(
+    store: UserStore,
+    path: str | Path,
+    *,
+    domain: str | None = None,
+    pools: Collection[str] | None = None,
+) -> ImportResult:
+    """Import-CsUserData (``dbimpexp /import``): restore the settings,
+    contact lists and meetings of the exported users that have an account
+    homed on the store's pool (after a forced move, their new pool). Each
+    restored list becomes exactly the exported one. Users without such an
+    account are skipped and listed with why, as dbimpexp skips users not
+    homed on the pool.
+
+    The whole file is read and checked (:func:`read_export`) before anything
+    is written, and the restore is one transaction: a bad file changes nothing.
     """
     src = Path(path)
     try:
         data = src.read_bytes()
     except OSError as e:
         raise OperationError("bad-export", f"cannot read {src}: {e.strerror}", 400) from None
-    # Sniff rather than trust the suffix: an export renamed by hand still imports.
-    is_json = data.lstrip()[:1] == b"{"
-    users = _parse_json(src, data) if is_json else _parse_xml(src, data)
+    return import_export_data(store, data, src, domain=domain, pools=pools)
+
+
+def import_export_data(
+    store: UserStore,
+    data: bytes,
+    name: Path | str = "export",
+    *,
+    domain: str | None = None,
+    pools: Collection[str] | None = None,
+) -> ImportResult:
+    """:func:`import_cs_user_data` of an export's bytes."""
+    header, users = read_export(data, name, domain=domain, pools=pools)
     store.require_writable()
     restored: list[ExportedUser] = []
-    skipped: list[str] = []
+    reasons: dict[str, str] = {}
     for u in users:
         rec = store.get_user(u.uri)
-        if rec is not None and rec.home_pool == store.pool_fqdn:
-            restored.append(u)
+        if rec is None:
+            reasons[u.uri] = f"no account on {store.pool_fqdn}"
+        elif rec.home_pool != store.pool_fqdn:
+            reasons[u.uri] = f"homed on {rec.home_pool}, not {store.pool_fqdn}: move them first"
         else:
-            skipped.append(u.uri)
+            restored.append(u)
     with store.batch():
         for u in restored:
             rec = store.get_user(u.uri)
@@ -329,7 +529,24 @@ def import_cs_user_data(store: UserStore, path: str | Path) -> ImportResult:
             if rec.settings != u.settings:
                 store.update_settings(u.uri, u.settings)
             store.replace_contacts(u.uri, u.contacts)
-    return ImportResult(len(restored), sum(len(u.contacts) for u in restored), tuple(skipped))
+            have = {c.conf_id: c for c in store.conferences(u.uri)}
+            wanted = {m.conf_id for m in u.meetings}
+            for conf_id in sorted(set(have) - wanted):
+                store.cancel_conference(u.uri, conf_id)
+            for m in u.meetings:
+                old = have.get(m.conf_id)
+                if old is None or (old.subject, old.content) != (m.subject, m.content):
+                    store.schedule_conference(
+                        u.uri, m.conf_id, subject=m.subject, content=m.content
+                    )
+    return ImportResult(
+        len(restored),
+        sum(len(u.contacts) for u in restored),
+        tuple(reasons),
+        sum(len(u.meetings) for u in restored),
+        reasons,
+        header,
+    )
 
 
 # --- pool status ---------------------------------------------------------------

@@ -10,6 +10,11 @@ Server certificates carry a DNS SAN for every name a client may connect to:
 the pool FQDN, each front end's FQDN and any extra names (the fix of seed 003, docs/sources.md: a
 client that connects to a name missing from the certificate fails the TLS
 handshake), plus IP SANs. Clients always verify the chain and the host name.
+A pool's certificate is also its client certificate for mutual TLS with the
+other pools (:func:`client_context` with ``cert``; the pool's listener asks
+for one with :func:`server_context`'s ``client_ca`` and
+``client_cert_required=False``): the names it carries are how a pool knows
+another (``Flow.peer_names``, :func:`sipdrill.pool.sip_context.from_pool`).
 
 Keys are RSA 2048, as a Lync 2013 pool's certificates usually are (Microsoft
 lists RSA and ECDH_P256/384/521 keys of 1024, 2048 or 4096 bits as supported;
@@ -381,8 +386,16 @@ def server_context(
     key: str | os.PathLike[str] | None = None,
     *,
     client_ca: str | os.PathLike[str] | None = None,
+    client_cert_required: bool = True,
 ) -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2+); with ``client_ca`` clients must present a cert."""
+    """A TLS server context (TLS 1.2+).
+
+    With ``client_ca``, the server asks every client for a certificate and
+    verifies one it gets against ``client_ca``: a certificate from any other
+    CA fails the handshake. ``client_cert_required=False`` lets a client
+    present none (a pool's clients have none; its partner pool has one):
+    the transport then reports who presented what (``Flow.peer_names``).
+    """
     if isinstance(cert, ServiceCert):
         cert_file, key_file = cert.cert_path, cert.key_path
     else:
@@ -396,7 +409,7 @@ def server_context(
             ctx.load_cert_chain(cert_file, key_file)
         if client_ca is not None:
             ctx.load_verify_locations(cafile=os.fspath(client_ca))
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.verify_mode = ssl.CERT_REQUIRED if client_cert_required else ssl.CERT_OPTIONAL
     except (OSError, ssl.SSLError) as exc:
         raise TlsSetupError(str(cert_file), f"cannot load the certificate: {exc}") from exc
     return ctx
@@ -407,7 +420,9 @@ def client_context(
     *,
     cert: ServiceCert | None = None,
 ) -> ssl.SSLContext:
-    """A TLS client context that trusts only ``ca`` and verifies host names."""
+    """A TLS client context that trusts only ``ca`` and verifies host names;
+    with ``cert``, it presents that certificate to servers that ask for one
+    (a pool's certificate, which names the pool, to another pool)."""
     ca_file = ca.ca_path if isinstance(ca, LabCA) else Path(ca)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
     keylog = os.environ.get("SSLKEYLOGFILE")

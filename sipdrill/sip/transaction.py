@@ -55,6 +55,7 @@ __all__ = [
     "make_ack",
     "new_branch",
     "rebranch",
+    "server_key",
 ]
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -297,6 +298,13 @@ def _branch_key(message: Request | Response, *, server: bool) -> TransactionKey:
             from_tag = ""
         branch = f"legacy:{message.headers.get('Call-ID')}:{cseq.sequence}:{from_tag}:{branch}"
     return TransactionKey(branch=branch, method=method, sent_by=sent_by)
+
+
+def server_key(request: Request) -> TransactionKey:
+    """The key of the server transaction ``request`` belongs to (RFC 3261
+    17.2.3): a TU that answers later, or a CANCEL looking for its INVITE
+    (``dataclasses.replace(key, method="INVITE")``), needs it."""
+    return _branch_key(request, server=True)
 
 
 def _response_input(code: int) -> TxInput:

@@ -21,7 +21,10 @@ What the adapter enforces itself, because only it sees the sockets:
 * an outbound message to a peer reuses an open flow to that peer
   (RFC 3261 18.1.1, RFC 5626), for connections we opened and accepted alike;
 * RFC 3261 18.2.1 / RFC 3581: ``received`` and ``rport`` are stamped on the
-  top Via of requests when needed.
+  top Via of requests when needed;
+* a TLS flow carries the DNS names of the certificate its peer presented and
+  this side verified (:attr:`Flow.peer_names`): who the peer is, for whoever
+  decides what that peer may do (the pool's trust in its partner, for one).
 
 Nothing raises out of the adapter's callbacks: errors are logged and the
 message or connection dropped.
@@ -110,12 +113,20 @@ class Flow:
     It is a plain value (hashable, comparable, safe to keep in the core);
     sending on a flow whose connection has gone returns ``False``.
     ``conn`` is the serial of the connection or UDP socket in this transport.
+
+    ``peer_names``: on TLS, the DNS names (subjectAltName) of the certificate
+    the peer presented in the handshake and this side verified against its
+    trust store: a client certificate on a connection we accepted, the
+    server's on one we opened. Empty when the peer presented none, and on
+    TCP and UDP. Never names from an unverified certificate: such a
+    handshake fails. Not part of equality (the connection's serial is).
     """
 
     kind: Kind
     local: Addr
     remote: Addr
     conn: int
+    peer_names: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def reliable(self) -> bool:
@@ -201,6 +212,24 @@ def limit_tls_read_buffers() -> None:
     sslproto = asyncio.sslproto.SSLProtocol
     if getattr(sslproto, "max_size", 0) > TLS_READ_BUFFER:
         sslproto.max_size = TLS_READ_BUFFER
+
+
+def _verified_peer_names(transport: asyncio.BaseTransport) -> tuple[str, ...]:
+    """The DNS SANs of the certificate the TLS peer presented, when it was verified.
+
+    ``getpeercert()`` (asyncio's ``peercert``) is empty or None unless the
+    context verified the certificate (CERT_OPTIONAL or CERT_REQUIRED); a
+    certificate that fails verification fails the handshake before asyncio
+    calls ``connection_made``, so whatever is here was verified.
+    """
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return ()
+    names: dict[str, None] = {}
+    for entry in cert.get("subjectAltName", ()):
+        if len(entry) == 2 and entry[0] == "DNS":
+            names[str(entry[1]).rstrip(".").lower()] = None
+    return tuple(names)
 
 
 def _stamp_via(request: Request, remote: Addr) -> None:
@@ -452,7 +481,10 @@ class _Stream(asyncio.Protocol, _Endpoint):
         self.transport = transport
         self.local = _addr(transport.get_extra_info("sockname"))
         self.remote = _addr(transport.get_extra_info("peername"))
-        self.flow = Flow(self.kind, self.local, self.remote, self.serial)
+        self.flow = Flow(
+            self.kind, self.local, self.remote, self.serial,
+            _verified_peer_names(transport) if self.kind is Kind.TLS else (),
+        )
         if not self.owner._admit(self):
             log.warning(
                 "%s %s: connection from %s refused: %d connections open",

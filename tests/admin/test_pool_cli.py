@@ -134,7 +134,7 @@ async def test_export_import_and_status_commands(tmp_path: Path) -> None:
         common = ["--topology", str(topo), "--loopback"]
         result = await _cli(user_app, ["export", "--pool", P1, "--out", str(out), *common])
         assert result.exit_code == 0, result.output
-        assert "exported 3 users and 6 contacts" in result.output
+        assert "exported 3 users, 6 contacts and 1 meetings" in result.output
         assert out.read_bytes().startswith(b"<?xml")
         # Lose alice's list (a forced move would), then restore it.
         await lab.post(P1, "/admin/users/move", json={"user": ALICE, "to": P2, "force": True})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from apicheck import SECRET, assert_docs_behind_token, assert_routing_errors, client, error_of
 from fake_pool import FakeLab
 from labkit import P1, P2, FakeClock, make_topology
 
@@ -195,6 +196,27 @@ async def test_unreachable_partner_then_recovery(lab: FakeLab, clock: FakeClock)
     )
 
 
+async def test_a_healed_site_returns_to_normal_and_steady_without_a_new_write(
+    lab: FakeLab,
+) -> None:
+    """Regression (issue 19): after a site heal both Backup Services stayed in
+    import ErrorState, their last sync caught up with no error, until a new
+    write was applied. A cycle that finds the partner holding everything is a
+    working import."""
+    service = lab.backups[P1]
+    await service.sync()
+    lab.pool_transport[P2].down = True
+    assert (await service.sync()).import_state == "ErrorState"
+    lab.pool_transport[P2].down = False
+
+    result = await service.sync()
+
+    assert (result.outcome, result.applied) == ("caught-up", 0)
+    assert (result.export_state, result.import_state) == ("SteadyState", "NormalState")
+    status = service.direction.status()
+    assert (status.import_state, status.last_error) == ("NormalState", None)
+
+
 async def test_unreachable_source_is_an_export_error(lab: FakeLab) -> None:
     lab.pool_transport[P1].down = True
     result = await lab.backups[P1].sync()
@@ -340,6 +362,26 @@ async def test_api_health_status_sync_metrics_and_auth(lab: FakeLab) -> None:
         text = (await http.get("/metrics")).text
         assert f'sipdrill_backup_backlog_changes{{source="{P1}",target="{P2}"}} 0.0' in text
         assert "sipdrill_backup_changes_applied_total" in text
+
+
+async def test_api_docs_need_the_token(lab: FakeLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    await assert_docs_behind_token(
+        lambda: create_backup_app(lab.backups[P1], token="s3cret"), "s3cret", "/status",
+        monkeypatch,
+    )
+
+
+async def test_api_errors_are_code_and_message_without_the_body(lab: FakeLab) -> None:
+    app = create_backup_app(lab.backups[P1], token="s3cret")
+    async with client(app, {"Authorization": "Bearer s3cret"}) as http:
+        r = await http.post("/sync", json={"final": SECRET})
+        assert error_of(r, 422, "bad-request") == "final: Input should be a valid boolean"
+        r = await http.post("/sync", json={"final": 1})
+        assert error_of(r, 422, "bad-request") == "final: Input should be a valid boolean"
+        r = await http.post("/sync", json={"finale": True})
+        assert error_of(r, 422, "bad-request") == "finale: unknown field (not in the schema)"
+        await assert_routing_errors(http, "/sync", "GET")
+    assert lab.backups[P1].last_result is None  # nothing refused ran a cycle
 
 
 def test_a_pool_without_backup_has_no_backup_service(tmp_path: Path) -> None:

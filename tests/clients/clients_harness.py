@@ -94,12 +94,16 @@ class FakeRegistrar:
     min_expires: int | None = None
     work_status: int = 200
     extra_headers: tuple[tuple[str, str], ...] = ()
+    #: Headers of the answer to a call's INVITE (a callee's Contact, the pools' Record-Route).
+    invite_headers: tuple[tuple[str, str], ...] = ()
     requests: list[Request] = field(default_factory=list)
 
     def handle(self, request: Request) -> Response | None:
         self.requests.append(request)
         if self.silent or request.method == "ACK":
             return None
+        if request.method == "INVITE":
+            return make_response(request, self.work_status, headers=self.invite_headers)
         if request.method != "REGISTER":
             return make_response(request, self.work_status)
         if self.redirect:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+from apicheck import SECRET, assert_docs_behind_token, assert_routing_errors, client, error_of
 from clients_lab import HOST, Lab, free_port, runner_for, wait_for
 
 from sipdrill.clients.api import create_app
@@ -177,3 +179,24 @@ async def test_with_a_token_only_health_and_metrics_are_open(lab: Lab) -> None:
                 assert wrong.status_code == 401, path
             ok = await api.get("/counts", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200 and ok.json()["running"] is False
+
+
+async def test_docs_need_the_token(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = runner_for(lab, ["pool1.lab.local:*"])
+    async with runner:
+        await assert_docs_behind_token(
+            lambda: create_app(runner, token="s3cret"), "s3cret", "/counts", monkeypatch
+        )
+
+
+async def test_errors_are_code_and_message(lab: Lab) -> None:
+    runner = runner_for(lab, ["pool1.lab.local:*"])
+    async with runner, client(create_app(runner, token="s3cret")) as api:
+        assert error_of(await api.get("/counts"), 401, "unauthorized")
+        api.headers["Authorization"] = "Bearer s3cret"
+        r = await api.get("/events", params={"limit": SECRET, "after": -1})
+        assert error_of(r, 422, "bad-request") == (
+            "query parameter after: Input should be greater than or equal to 0; query parameter "
+            "limit: Input should be a valid integer, unable to parse string as an integer"
+        )
+        await assert_routing_errors(api, "/start", "GET")

@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sipdrill.clients.endpoint import WorkloadKind
 from sipdrill.clients.population import (
     PopulationError,
     parse_workload,
     profile_for,
+    proportional_order,
     select_users,
 )
-from sipdrill.topology import load_topology
+from sipdrill.topology import User, load_topology
 
 PAIRED = Path(__file__).resolve().parents[2] / "topologies" / "paired-pools.yaml"
 
@@ -30,6 +33,46 @@ def test_patterns_pick_users_by_pool_and_name(topology) -> None:  # type: ignore
     some = select_users(topology, ["*:p2u00*", "pool2.lab.local:bob"])
     assert [u.uri for u in some][:2] == ["sip:bob@lab.local", "sip:p2u001@lab.local"]
     assert len(select_users(topology, ["*:*"], count=10)) == 10
+
+
+def test_a_small_lab_draws_its_clients_across_home_pools_in_proportion(topology) -> None:  # type: ignore[no-untyped-def]
+    """Regression (issue 19): 40 clients of paired-pools were 38 of pool1 (alice,
+    bob, carol and pool1's group come first in the file)."""
+    forty = select_users(topology, ["*:*"], count=40)
+    homes = [u.home_pool for u in forty]
+    assert homes.count("pool1.lab.local") == homes.count("pool2.lab.local") == 20
+    # Each pool's users in topology order: alice, then p1u001...; bob, carol, then p2u001...
+    pool1 = [u.uri for u in forty if u.home_pool == "pool1.lab.local"]
+    pool2 = [u.uri for u in forty if u.home_pool == "pool2.lab.local"]
+    assert pool1[:2] == ["sip:alice@lab.local", "sip:p1u001@lab.local"]
+    assert pool2[:3] == ["sip:bob@lab.local", "sip:carol@lab.local", "sip:p2u001@lab.local"]
+    # Deterministic, and a prefix of a larger draw (clients processes split by --offset).
+    assert [u.uri for u in select_users(topology, ["*:*"], count=40)] == [u.uri for u in forty]
+    assert [u.uri for u in select_users(topology, ["*:*"], count=100)][:40] == [
+        u.uri for u in forty
+    ]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=5))
+def test_every_prefix_holds_each_pools_share_within_one(sizes: list[int]) -> None:
+    users = [
+        User(uri=f"sip:u{k}x{j}@lab.local", home_pool=f"pool{k}.lab.local")
+        for k, n in enumerate(sizes)
+        for j in range(n)
+    ]
+    order = proportional_order(users)
+    assert sorted(u.uri for u in order) == sorted(u.uri for u in users)
+    total = len(users)
+    taken = [0] * len(sizes)
+    for m, user in enumerate(order, start=1):
+        k = int(user.uri.split("x")[0][5:])
+        taken[k] += 1
+        for i, n in enumerate(sizes):
+            assert abs(taken[i] - m * n / total) <= 1, (m, taken, sizes)
+    # Within a pool the given order is kept.
+    for k in range(len(sizes)):
+        mine = [u.uri for u in order if u.home_pool == f"pool{k}.lab.local"]
+        assert mine == [f"sip:u{k}x{j}@lab.local" for j in range(sizes[k])]
 
 
 def test_alice_joins_her_conference_and_her_contacts(topology) -> None:  # type: ignore[no-untyped-def]
@@ -58,3 +101,12 @@ def test_workload_and_profile(topology) -> None:  # type: ignore[no-untyped-def]
     assert profile.keepalive.default_interval == (96.0, 120.0)
     assert profile.keepalive.pong_timeout == 10.0
     assert [n.label for n in profile.order()][2] == "_sipinternaltls._tcp"
+
+
+def test_call_settings_are_checked_and_reach_the_profile() -> None:
+    from sipdrill.clients.population import CallSettings, PopulationError, parse_workload
+
+    for bad in ({"fraction": 1.5}, {"interval": 0}, {"hold": -1}):
+        with pytest.raises(PopulationError):
+            CallSettings(**bad)  # type: ignore[arg-type]
+    assert parse_workload("im, call") == (WorkloadKind.IM, WorkloadKind.CALL)

@@ -13,7 +13,14 @@ from fake_pool import FakeLab
 from labkit import P1, P2, P3, FakeClock, make_topology
 
 from sipdrill.cms.operations import cms_failover, cms_status, cms_update, replicate_cms
-from sipdrill.cms.store import CmsConfigPatch, CmsDocument, CmsRole, CmsStore
+from sipdrill.cms.store import (
+    CmsConfigPatch,
+    CmsDocument,
+    CmsRole,
+    CmsRoleIn,
+    CmsStore,
+    PoolFailoverRecord,
+)
 from sipdrill.errors import OperationError
 from sipdrill.topology import Topology
 
@@ -207,3 +214,32 @@ async def test_router_answers_refusals_as_json(lab: FakeLab) -> None:
         assert r.status_code == 409 and r.json()["code"] == "cms-not-active"
         r = await http.post("/cms/role", json={"role": "active", "generation": 0})
         assert r.status_code == 409 and r.json()["code"] == "cms-stale-generation"
+
+
+def test_documents_naming_no_pool_of_the_lab_are_refused(tmp_path: Path, clock: FakeClock) -> None:
+    topology = make_topology()
+    store = CmsStore(tmp_path / "p1", P1, topology, clock=clock)  # the active master
+    before = store.state()
+    bad = [
+        CmsDocument(generation=2, active_master="nowhere.lab.local"),  # once a KeyError
+        CmsDocument.model_validate({"generation": 2, "active_master": P2, "config": {
+            "user_homing": {"sip:alice@lab.local": "nowhere.lab.local"}}}),
+        CmsDocument.model_validate({"generation": 2, "active_master": P2, "config": {
+            "pool_failover": {"nowhere.lab.local": {"backup_pool": P2, "state": "FailedOver"}}}}),
+        CmsDocument.model_validate({"generation": 2, "active_master": P2, "config": {
+            "timers": {"no_such_timer": 5}}}),
+    ]
+    for document in bad:
+        with pytest.raises(OperationError) as exc:
+            store.replicate(document)
+        assert exc.value.code in ("unknown-pool", "bad-config"), exc.value
+        assert "nowhere" not in exc.value.message
+    assert exc.value.message == (
+        "document.config.timers.no_such_timer: unknown field (not in the schema)"
+    )
+    assert store.state() == before
+    with pytest.raises(ValueError, match="state"):
+        PoolFailoverRecord.model_validate({"backup_pool": P2, "state": "Sideways"})
+    with pytest.raises(OperationError) as exc:
+        store.set_role(CmsRoleIn(role=CmsRole.REPLICA, active_master="nowhere.lab.local"))
+    assert exc.value.code == "unknown-pool" and store.state() == before

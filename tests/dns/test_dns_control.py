@@ -9,6 +9,7 @@ import dns.message
 import dns.rcode
 import httpx
 import pytest
+from apicheck import SECRET, assert_docs_behind_token, assert_routing_errors, error_of
 from dns_clients import udp_query
 from dns_testlib import DEFAULT_SRC, KEY_SPEC, LAB, SERIAL
 
@@ -163,7 +164,11 @@ async def test_batch_is_atomic(api: httpx.AsyncClient, core: DnsCore) -> None:
         ]
     }
     r = await api.post("/changes", json=bad)
-    assert r.status_code == 409 and "CNAME" in r.json()["detail"]
+    assert r.status_code == 409
+    assert r.json() == {
+        "code": "record-conflict",
+        "message": "changes[1]: the name is a CNAME, so it cannot have other data",
+    }
     assert core.zone.serial == SERIAL + 1
     assert _answer(core, "fine.lab.local").rcode() == dns.rcode.NXDOMAIN
 
@@ -299,3 +304,46 @@ def test_bad_settings_are_refused(topology: Topology, overrides: dict[str, objec
 def test_from_file() -> None:
     svc = DnsService.from_file(LAB, listen=["127.0.0.1:0"])
     assert svc.zone.view_names == ["default", "site1", "site2"]
+
+
+async def test_docs_need_the_token(core: DnsCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    await assert_docs_behind_token(
+        lambda: create_control_app(core.zone, core, TOKEN), TOKEN, "/faults", monkeypatch
+    )
+
+
+async def test_errors_are_code_and_message_without_the_body(
+    api: httpx.AsyncClient, core: DnsCore
+) -> None:
+    r = await api.post("/records", json={"name": "x", "type": "A", "data": SECRET, "ttl": SECRET})
+    message = error_of(r, 422, "bad-request")
+    assert message == "data: Input should be a valid list; ttl: Input should be a valid integer"
+    # Refused by the zone, not by the schema: where, and why, not what.
+    r = await api.post("/records", json={"name": "x", "type": "A", "data": ["192.0.2.1", SECRET]})
+    assert error_of(r, 422, "bad-change") == (
+        "data[1]: not valid A data (text input is malformed)"
+    )
+    r = await api.post("/changes", json={"changes": [
+        {"op": "add", "name": "ok", "type": "A", "data": ["192.0.2.1"]},
+        {"op": "add", "name": f"{SECRET}.example.com.", "type": "A", "data": ["192.0.2.1"]},
+    ]})
+    message = error_of(r, 422, "not-in-zone")
+    assert message == "changes[1].name: the name is outside the zone lab.local."
+    r = await api.post("/records", json={"name": "x", "type": SECRET, "data": ["1"]})
+    assert error_of(r, 422, "bad-change") == "type: unknown record type"
+    r = await api.get("/records", params={"view": SECRET})
+    assert error_of(r, 404, "unknown-view") == "unknown DNS view; views: default, site1, site2"
+    assert core.zone.serial == SERIAL
+    await assert_routing_errors(api, "/faults", "POST")
+
+
+async def test_unknown_fields_are_refused(api: httpx.AsyncClient, core: DnsCore) -> None:
+    r = await api.put("/faults", json={"mode": "bogus", "servfail": True})
+    assert error_of(r, 422, "bad-request") == "mode: unknown field (not in the schema)"
+    assert not core.faults.active
+    r = await api.post("/changes", json={"changes": [{"op": "add", "name": "x", "type": "A",
+                                                      "data": ["192.0.2.1"], "tll": 30}]})
+    assert error_of(r, 422) == "changes[0].tll: unknown field (not in the schema)"
+    r = await api.put("/records/sip/A", json={"data": ["192.0.2.1"], "view": ["site1"]})
+    assert error_of(r, 422) == "view: unknown field (not in the schema)"
+    assert core.zone.serial == SERIAL

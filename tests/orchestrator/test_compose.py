@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from sipdrill.cli import app
 from sipdrill.errors import OperationError
 from sipdrill.orchestrator.compose import (
-    CLIENT_SLOT_SCRIPT,
+    CLIENT_SLOTS,
     CONTAINER_STATE,
     CONTAINER_TOPOLOGY,
     ComposeOptions,
@@ -26,6 +26,8 @@ from sipdrill.orchestrator.compose import (
     docker_plan,
     dynamic_range,
     generate,
+    project_name,
+    write_env_file,
 )
 from sipdrill.orchestrator.docker_runtime import compose_command
 from sipdrill.topology import load_topology, parse_topology
@@ -56,6 +58,42 @@ def test_the_committed_compose_file_is_the_generated_one() -> None:
         "> compose.yaml`"
     )
     assert "sipdrill lab compose topologies/paired-pools.yaml" in committed.splitlines()[1]
+
+
+def test_the_committed_env_file_names_the_project_after_the_lab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside compose.yaml, .env fixes the project name (v1 has no top-level
+    `name:`): `-o` writes both, the file as printed and the .env committed."""
+    (tmp_path / "topologies").mkdir()
+    shutil.copy(TOPOLOGY, tmp_path / "topologies")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["lab", "compose", "topologies/paired-pools.yaml", "-o", "compose.yaml"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "COMPOSE_PROJECT_NAME=paired-pools" in result.output  # said on stderr
+    # The topology path as given (relative): the same file as committed.
+    assert (tmp_path / "compose.yaml").read_text() == (ROOT / "compose.yaml").read_text()
+    env = (ROOT / ".env").read_text()
+    assert (tmp_path / ".env").read_text() == env
+    assert [line for line in env.splitlines() if not line.startswith("#")] == [
+        "COMPOSE_PROJECT_NAME=paired-pools"
+    ]
+
+
+def test_writing_the_env_file_keeps_what_else_is_in_it(tmp_path: Path) -> None:
+    mine = "# mine\nSIPDRILL_IMAGE=sipdrill:mine\n"
+    (tmp_path / ".env").write_text(mine + "COMPOSE_PROJECT_NAME=old\n")
+    write_env_file(tmp_path, {"COMPOSE_PROJECT_NAME": "paired-pools"})
+    assert (tmp_path / ".env").read_text() == mine + "COMPOSE_PROJECT_NAME=paired-pools\n"
+
+
+def test_project_names_are_what_compose_accepts() -> None:
+    assert project_name("paired-pools") == "paired-pools"
+    assert project_name("My Lab.2") == "mylab2"
+    assert project_name("-x_") == "x_"
+    assert project_name("...") == "sipdrill"
 
 
 def test_a_network_per_site_and_the_core_with_the_topology_subnets(committed) -> None:
@@ -103,7 +141,7 @@ def test_every_service_has_what_the_lab_and_its_faults_need(committed) -> None:
             f"lab-state:{CONTAINER_STATE}",
         ]
         test = svc["healthcheck"]["test"]
-        assert test[:2] == ["CMD", "python3"] and "GET /health" in test[-1], name
+        assert test[0] == "CMD" and "python3" in test and "GET /health" in test[-1], name
         assert svc["labels"]["sipdrill.service"] == name
     assert committed["volumes"] == {"lab-state": {"labels": {"sipdrill.lab": "paired-pools"}}}
     dns = committed["services"]["dns"]
@@ -132,53 +170,39 @@ def test_site_services_forward_their_published_port_to_their_address(committed) 
         assert entry[:2] == ["sh", "-c"]
         address = next(v["ipv4_address"] for v in svc["networks"].values() if v)
         assert f"--to-destination {address}:8080" in entry[2]
-        assert 'exec sipdrill "$$@"' in entry[2]  # $$: Compose's escape for $
+        # Root for that rule only; the service itself runs as the image's user
+        # with no capability left ($$: Compose's escape for $).
+        drop = (
+            "setpriv --reuid=sipdrill --regid=sipdrill --init-groups --inh-caps=-all "
+            "--bounding-set=-all --no-new-privs"
+        )
+        assert svc["user"] == "root"
+        assert entry[2].rstrip().endswith(f'exec {drop} sipdrill "$$@"')
+        # So does its health check (Docker runs it as the container's user).
+        assert svc["healthcheck"]["test"][:9] == ["CMD", *drop.split(), "python3"]
     assert "entrypoint" not in committed["services"]["dns"]  # core is its gateway
 
 
+def test_services_without_a_forward_run_as_the_images_user(committed) -> None:
+    """The image's USER (sipdrill): no `user:` key, no root at all."""
+    for name in ("dns", "clients"):
+        svc = committed["services"][name]
+        assert "user" not in svc, name
+        assert svc["healthcheck"]["test"][:2] == ["CMD", "python3"], name
+
+
 def test_clients_replicas_take_their_own_users(committed) -> None:
+    """Each replica claims a slot on the shared volume (`serve clients --slots`,
+    tests/clients/test_clients_slots.py): the image's own entrypoint, no script."""
     clients = committed["services"]["clients"]
-    assert clients["entrypoint"] == ["python3", "-c", CLIENT_SLOT_SCRIPT]
+    assert "entrypoint" not in clients
     command = clients["command"]
     assert command[:2] == ["serve", "clients"]
     assert command[command.index("--count") + 1] == "50"
     assert command[command.index("--control") + 1] == "0.0.0.0:8080"
+    assert command[command.index("--slots") + 1] == CLIENT_SLOTS
+    assert CLIENT_SLOTS.startswith(CONTAINER_STATE + "/")  # the volume all replicas share
     assert "--bind" not in command and "--offset" not in command
-    assert "$" not in CLIENT_SLOT_SCRIPT  # Compose would interpolate it
-
-
-def test_the_slot_script_gives_each_replica_its_own_users(tmp_path: Path) -> None:
-    """Two replicas at once get slots 0 and 1; the first one's slot is free
-    again when it exits."""
-    script = CLIENT_SLOT_SCRIPT.replace(CONTAINER_STATE, str(tmp_path)).replace(
-        "os.execvp('sipdrill', ['sipdrill', *args, '--users', names])",
-        "print(names, flush=True); sys.stdin.read()",
-    )
-    args = ["serve", "clients", "--topology", str(TOPOLOGY), "--count", "4"]
-
-    def start() -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-c", script, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    first = start()
-    assert first.stdout is not None
-    names_first = first.stdout.readline().strip()
-    second = start()
-    assert second.stdout is not None
-    names_second = second.stdout.readline().strip()
-    for proc in (first, second):
-        proc.communicate("")
-    assert names_first == "*:alice,*:bob,*:carol,*:p1u001"
-    assert names_second == "*:p1u002,*:p1u003,*:p1u004,*:p1u005"
-    again = start()
-    assert again.stdout is not None
-    assert again.stdout.readline().strip() == names_first
-    again.communicate("")
 
 
 def test_replicas_from_the_plan_and_ephemeral_ports() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -55,10 +56,13 @@ pytestmark = [
 ]
 
 
-def topology_on_free_subnets(name: str, *, clients: bool = True) -> tuple[str, str]:
-    """paired-pools.yaml named ``name``, with its networks (172.30.k.0/24) moved
-    to free 10.x.k.0/24 ones, so that tests running at the same time (and a
-    lab started from compose.yaml) do not clash. Returns (text, DNS address)."""
+def topology_on_free_subnets(
+    name: str, *, clients: bool = True, source: Path = TOPOLOGY
+) -> tuple[str, str]:
+    """paired-pools.yaml (or ``source``) named ``name``, with its networks
+    (172.30.k.0/24) moved to free 10.x.k.0/24 ones, so that tests running at
+    the same time (and a lab started from compose.yaml) do not clash. Returns
+    (text, DNS address)."""
     with DockerRuntime.from_env() as rt:
         used = [
             ipaddress.ip_network(c["Subnet"])
@@ -73,7 +77,7 @@ def topology_on_free_subnets(name: str, *, clients: bool = True) -> tuple[str, s
             break
     else:
         raise RuntimeError("no free 10.x.0.0/22 for a test lab")
-    text = TOPOLOGY.read_text().replace("name: paired-pools", f"name: {name}", 1)
+    text = re.sub(r"(?m)^name: .*$", f"name: {name}", source.read_text(), count=1)
     text = text.replace("172.30.", f"10.{x}.") + f"\nlab: {{core_subnet: 10.{x}.0.0/24}}\n"
     return text, f"10.{x}.0.53"
 

@@ -89,6 +89,44 @@ def test_dns_repoint_needs_two_pools(tmp_path: Path, step: str) -> None:
     assert "dns-repoint needs `pool:`" in i.message and P2 in i.fix
 
 
+def budget_dr_drill(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "d.yaml"
+    path.write_text(f"topology: {ROOT / 'topologies/budget-dr.yaml'}\n" + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("step", "field", "says"),
+    [
+        ("{op: user-move, to: drpool.lab.local}", "steps[0].admin", "either `user:`"),
+        ("{op: user-move, user: 'sip:alice@lab.local', from_pool: pool1.lab.local, "
+         "to: drpool.lab.local}", "steps[0].admin", "either `user:`"),
+        ("{op: user-move, from_pool: pool9.lab.local, to: drpool.lab.local}",
+         "steps[0].admin.from_pool", "unknown pool 'pool9.lab.local'"),
+        ("{op: user-import, from_pool: pool1.lab.local}", "steps[0].admin.pool",
+         "the pool to restore into"),
+        ("{op: user-export, pool: drpool.lab.local}", "steps[0].admin.pool",
+         "no scheduled export"),
+    ],
+)
+def test_budget_dr_operations_are_checked(
+    tmp_path: Path, step: str, field: str, says: str
+) -> None:
+    p = budget_dr_drill(tmp_path, f"name: d\nsteps:\n  - admin: {step}\n")
+    got = {i.field: i for i in issues(p)}
+    assert field in got and says in got[field].message, got
+    assert got[field].line == 4
+
+
+def test_dns_overrides_reach_the_topology(tmp_path: Path) -> None:
+    loaded = load_drill(ROOT / "scenarios/budget-dr.yaml")
+    assert (loaded.topology.dns.ttl, loaded.topology.dns.negative_ttl) == (30, 10)
+    assert loaded.topology.timers.user_data_export_interval == 86400
+    p = budget_dr_drill(tmp_path, "name: d\ndns: {ttl: -1}\nsteps:\n  - sleep: 1\n")
+    (i,) = issues(p)
+    assert i.field == "dns.ttl" and i.line == 3
+
+
 def test_unknown_step_kind_is_named(tmp_path: Path) -> None:
     p = write_drill(tmp_path, "name: d\nsteps:\n  - explode: now\n")
     fields = {i.field for i in issues(p)}
@@ -429,3 +467,29 @@ def test_junit_of_a_lab_that_never_ran_is_an_error() -> None:
     report.healed = True  # nothing was injected
     xml = junit_xml(report)
     assert 'tests="1"' in xml and 'errors="1"' in xml and "the lab did not start" in xml
+
+
+def test_an_unregistered_wait_and_the_writes_seqs_reach_the_timeline(tmp_path: Path) -> None:
+    """Clients with no registration anywhere (signed out, signing in, backing
+    off) satisfy `unregistered`; a driver's seqs of acknowledged writes go to
+    the timeline beside their times (the budget-DR RPO counts by them)."""
+
+    class SeqLab(FakeLab):
+        def write(self, op: WriteStep) -> dict[str, Any]:
+            out = super().write(op)
+            out["acked_seqs"] = {P1: list(range(1, self.n * op.contacts + 1))}
+            return out
+
+    p = write_drill(
+        tmp_path,
+        "name: d\nsteps:\n  - write: {users: 'pool1.lab.local:*'}\n"
+        "  - fault: {kind: cut, target: site1, id: x}\n"
+        "  - wait: {mode: unregistered, users: 'pool1.lab.local:*'}\n    timeout: 30\n"
+        "    measure: time_to_outage\n",
+    )
+    engine = DrillEngine(load_drill(p), SeqLab())
+    report = engine.run()
+    assert report.status == "passed", report.error
+    assert report.metrics["time_to_outage"] == 0
+    assert [s for _t, s in engine.timeline.write_seqs[P1]] == list(range(1, 11))
+    assert [t for t, _s in engine.timeline.write_seqs[P1]] == engine.timeline.writes[P1]

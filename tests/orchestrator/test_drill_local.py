@@ -123,11 +123,12 @@ def run_drill(tmp_path: Path, text: str, timeout: float) -> dict:
 
 
 def pool1_users(n: int) -> int:
-    """How many of the first ``n`` users of paired-pools are homed on pool1."""
+    """How many of the ``n`` clients of paired-pools are homed on pool1."""
+    from sipdrill.clients.population import select_users
     from sipdrill.topology import parse_topology
 
     topo = parse_topology((ROOT / "topologies/paired-pools.yaml").read_text(), "t").topology
-    return sum(1 for u in topo.all_users()[:n] if u.home_pool == "pool1.lab.local")
+    return sum(1 for u in select_users(topo, ["*:*"], n) if u.home_pool == "pool1.lab.local")
 
 
 def test_registrar_failover_drill(tmp_path: Path) -> None:
@@ -399,3 +400,58 @@ def test_captured_drill_events_agree_with_the_wire(tmp_path: Path) -> None:
         src, dst = row.split("\t")
         assert src.startswith("127.") and dst.startswith("127."), row
         assert src.startswith(labnet.PREFIX) or dst.startswith(labnet.PREFIX), row
+
+
+CALLS_DRILL = """\
+name: quick-calls
+topology: {topology}
+runtime: local
+timers:
+  failover_detection_interval: 6
+  failback_interval: 6
+  keepalive_interval: 5
+  keepalive_pong_timeout: 3
+  sync_interval: 5
+clients:
+  count: 12
+  workload: [call]
+  calls: {{fraction: 0.6, interval: 1, hold: 0.3}}
+steps:
+  - wait: {{mode: full}}
+    timeout: 60
+  - sleep: 5
+    phase: before
+  - fault: {{kind: cut, target: site1, id: loss}}
+  - wait: {{mode: resiliency, users: "pool1.lab.local:*", pool: pool2.lab.local}}
+    timeout: 90
+  - sleep: 6
+    phase: resiliency
+  - heal: loss
+  - wait: {{mode: full, users: "pool1.lab.local:*", pool: pool1.lab.local}}
+    timeout: 90
+  - sleep: 5
+    phase: failback
+expect:
+  calls.resiliency.success_ratio: {{min: 1}}
+  calls.resiliency.placed: {{min: 5}}
+"""
+
+
+def test_calls_through_a_registrar_failover(tmp_path: Path) -> None:
+    """The call workload on a real lab: calls placed through the pools (TLS,
+    Record-Route, across pools) all answered before the cut, in resiliency mode
+    on the backup pool, and back home."""
+    report = run_drill(tmp_path, CALLS_DRILL, timeout=400)
+    calls = report["measurements"]["calls"]
+    assert calls["placed"] > 0 and calls["answered"] > 0
+    for phase in ("before", "resiliency", "failback"):
+        p = calls["phases"][phase]
+        assert p["pinned"] and p["placed"] > 0, phase
+        assert p["success_ratio"] == 1.0, (phase, p)
+    res = calls["phases"]["resiliency"]
+    assert res["placed_in_resiliency"] > 0  # pool1's callers, on their backup registrar
+    assert 0 < calls["setup"]["p95"] < 1.0
+    lines = (report["_dir"] / "events.jsonl").read_text().splitlines()
+    kinds = {json.loads(x)["event"] for x in lines}
+    assert {"CallPlaced", "CallAnswered", "CallEnded"} <= kinds
+    assert "## Calls" in (report["_dir"] / "report.md").read_text()

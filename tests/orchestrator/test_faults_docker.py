@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from docker_labkit import (
@@ -104,6 +105,12 @@ def test_the_image_runs_sipdrill_and_has_the_fault_tools(lab: ProbeLab) -> None:
     assert result.exit_code == 0, out
     assert "sipdrill " in out
     assert "(3, 11)" in out
+    # Its processes run unprivileged by default, and nothing set-uid in it
+    # hands a process root (and the container's NET_ADMIN) back.
+    assert image.attrs["Config"]["User"] == "sipdrill"
+    assert c.exec_run(["id", "-u"]).output.decode().split() == ["10001"]
+    result = c.exec_run(["find", "/", "-xdev", "-type", "f", "-perm", "/6000"], user="0")
+    assert result.exit_code == 0 and result.output == b"", result.output
 
 
 def test_a_compose_cli_is_found_v2_plugin_or_v1_tool() -> None:
@@ -427,3 +434,60 @@ def test_a_failing_test_leaves_no_container_or_network(tmp_path: Path) -> None:
     assert "1 failed" in proc.stdout
     assert f"made {prefix}" in proc.stdout  # it did create a lab before failing
     assert leftovers_of(prefix) == set()
+
+
+def test_a_disconnect_gives_back_only_the_addresses_the_container_was_given(
+    tmp_path: Path,
+) -> None:
+    """Found by `sipdrill chaos run` (seed 8, docker): a lab service is on its
+    own network at a fixed address and on the others at addresses Docker chose.
+    Reconnecting with the chosen ones pinned made them the container's for
+    good: after a crash, another container got one of them, and the service
+    never started again ("Address already in use")."""
+    import docker as docker_sdk
+
+    if _PROBLEM:
+        pytest.fail(f"SIPDRILL_REQUIRE_DOCKER=1 but {_PROBLEM}")
+    name = f"{LAB_PREFIX}pin-{secrets.token_hex(3)}"
+    labels = {"sipdrill.lab": name}
+    with DockerRuntime.from_env() as rt:
+        client = rt.client
+
+        def network(n: str, subnet: str) -> Any:
+            pool = docker_sdk.types.IPAMPool(subnet=subnet)
+            ipam = docker_sdk.types.IPAMConfig(pool_configs=[pool])
+            return client.networks.create(f"{name}-{n}", driver="bridge", labels=labels, ipam=ipam)
+
+        def container(short: str, net: str, ip: str | None = None) -> Any:
+            config = {net: client.api.create_endpoint_config(ipv4_address=ip)} if ip else None
+            c = client.containers.create(
+                IMAGE, ["sleep", "600"], entrypoint=[], name=f"{name}-{short}", labels=labels,
+                network=net, networking_config=config,
+            )  # fmt: skip
+            return c
+
+        try:
+            x = 150 + secrets.randbelow(40)
+            home, other = network("home", f"10.{x}.71.0/24"), network("other", f"10.{x}.72.0/24")
+            a = container("a", home.name, f"10.{x}.71.11")
+            other.connect(a)
+            a.start()
+            registry = DockerFaultRegistry(rt, tmp_path / "faults.json")
+            registry.undo(registry.inject(Disconnect(rt, [a.name])))
+            a.reload()
+            nets = a.attrs["NetworkSettings"]["Networks"]
+            assert nets[home.name]["IPAddress"] == f"10.{x}.71.11"
+            assert not (nets[other.name].get("IPAMConfig") or {}).get("IPv4Address")
+            freed = nets[other.name]["IPAddress"]
+            crash = registry.inject(Crash(rt, [a.name]))
+            b = container("b", other.name)  # takes the address a had there
+            b.start()
+            b.reload()
+            assert b.attrs["NetworkSettings"]["Networks"][other.name]["IPAddress"] == freed
+            crash.undo()  # starts a again
+            a.reload()
+            assert a.attrs["State"]["Running"]
+            assert a.attrs["NetworkSettings"]["Networks"][home.name]["IPAddress"] == f"10.{x}.71.11"
+        finally:
+            rt.remove_lab(name)
+    assert leftovers_of(name) == set()

@@ -4,6 +4,7 @@ start, health, faults (cut, crash, dns-outage), undo, and nothing left behind.""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import dns.message
@@ -140,3 +141,30 @@ def test_site_fault_hits_every_member(lab: LocalRuntime, tmp_path: Path) -> None
     with pytest.raises(FaultError) as exc_info:
         lab.inject("dns-outage", "core")
     assert "sites (cut, crash)" in exc_info.value.message
+
+
+def test_the_leftover_probe_sees_what_a_fault_left(lab: LocalRuntime, tmp_path: Path) -> None:
+    """What `chaos run` asks the runtime at the end: every fault left in place,
+    whether or not the journal still knows it."""
+    import signal
+
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    assert lab.leftovers() == []
+    outage = lab.inject("dns-outage", "dns", mode="drop")
+    found = lab.leftovers()
+    assert any("still in the journal" in f and outage["id"] in f for f in found)
+    assert "dns: DNS fault drop=True" in found
+    lab.heal_all()
+    assert lab.leftovers() == []
+    # A SIGSTOP the journal never heard of (a crashed orchestrator, a hand).
+    pid = lab.status()[0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert lab.leftovers() == ["dns: stopped (SIGSTOP)"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lab.leftovers() == ["dns: not running"]

@@ -176,6 +176,55 @@ def test_no_failover_loses_nothing() -> None:
     assert (m.rpo_writes, m.rpo_seconds, m.rto, m.faults) == (0, 0.0, None, [])
 
 
+def budget_dr(tl: Timeline, export_seq: int, *, imported: bool = True) -> None:
+    """Seed 001: writes on pool1 (seqs 101..105 acknowledged at 2..6 s), the
+    site cut at 10 s, every user of pool1 force-moved to pool2 at 30 s and the
+    export of pool1 at ``export_seq`` imported there at 40 s."""
+    tl.acknowledged_writes(P1, [T0 + 2.0 + i for i in range(5)], [101 + i for i in range(5)])
+    tl.acknowledged_writes(P2, [T0 + 3.0], [7])  # another pool's: never counted here
+    tl.ingest("clients-1", signed_in(A, P1))
+    fault(tl, 10.0)
+    moved = {"operation": "move-all", "force": True, "source_pool": P1, "target_pool": P2,
+             "moved": 202, "contacts_lost": 1616}
+    admin(tl, 30.0, 35.0, "user-move", **moved)
+    if imported:
+        export = {"pool": P1, "seq": export_seq, "created": T0 + 3.5}
+        admin(tl, 40.0, 41.0, "user-import", users_restored=202, export=export)
+
+
+@pytest.mark.parametrize(("export_seq", "lost", "age"), [(102, 3, 6.0), (105, 0, 0.0)])
+def test_budget_dr_loses_exactly_the_writes_after_the_restored_export(
+    export_seq: int, lost: int, age: float
+) -> None:
+    tl = timeline()
+    budget_dr(tl, export_seq)
+    m = measure(tl, 60.0)
+    # Seqs 103, 104, 105 (acknowledged at 4, 5, 6 s) are above the export's 102:
+    # the oldest was 6 s old when the site was cut at 10 s.
+    assert (m.rpo_writes, m.rpo_seconds) == (lost, age)
+    (note,) = m.rpo_notes
+    assert f"as of seq {export_seq}: {lost} acknowledged write(s) of the drill lost" in note
+
+
+def test_budget_dr_counts_by_time_when_the_seqs_are_unknown() -> None:
+    tl = timeline()
+    tl.acknowledged_writes(P1, [T0 + 2.0, T0 + 3.0, T0 + 4.0])
+    fault(tl, 10.0)
+    admin(tl, 40.0, 41.0, "user-import", export={"pool": P1, "seq": 1, "created": T0 + 2.5})
+    m = measure(tl, 60.0)
+    assert (m.rpo_writes, m.rpo_seconds) == (2, 7.0)
+    assert "by time" in m.rpo_notes[0]
+
+
+def test_a_forced_move_with_no_import_loses_every_write() -> None:
+    tl = timeline()
+    budget_dr(tl, 0, imported=False)
+    m = measure(tl, 60.0)
+    assert (m.rpo_writes, m.rpo_seconds) == (5, 8.0)
+    assert "no export of pool1.lab.local was imported" in m.rpo_notes[0]
+    assert "1616 contacts counted by the move" in m.rpo_notes[0]
+
+
 def test_a_flapping_client_counts_from_its_first_loss() -> None:
     tl = timeline({A: P1})
     tl.ingest("clients-1", signed_in(A, P1))

@@ -200,11 +200,15 @@ def test_a_site_cut_through_the_fault_agent_is_seen_from_another_service_and_hea
         assert _agent_health(runtime)["faults"] == 1
         rows = {r["name"]: r for r in runtime.status()}
         assert f"cut {fault['id']}" in rows["pool1"]["health"]
+        found = runtime.leftovers()  # the journal's entry, and the chains the agent sees
+        assert any("still in the journal" in f for f in found)
+        assert any(f"pool1: iptables chain sipdrill-{fault['id']}-in" in f for f in found), found
     finally:
         runtime.undo(fault["id"])
     assert _reaches(swarm, runtime, "pool1.lab.local")
     assert FaultJournal(runtime.journal).records() == []
     assert _agent_health(runtime)["faults"] == 0
+    assert runtime.leftovers() == []
     pool1 = swarm.containers.list(filters={"label": [f"sipdrill.lab={runtime.lab}",
                                                      "sipdrill.service=pool1"]})[0]  # fmt: skip
     out = bytes(pool1.exec_run(["sh", "-c", "iptables -S; tc qdisc show"]).output).decode()

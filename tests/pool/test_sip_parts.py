@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from pool_harness import ALICE, BOB, CAROL, DOMAIN, P1, P2
+from pool_harness import ALICE, BOB, CAROL, DOMAIN, P1, P2, P3
 from sipmessage import URI, Request
 
 from sipdrill.pool.metrics import PoolMetrics
@@ -20,6 +20,13 @@ from sipdrill.pool.policy import (
     ServiceMode,
 )
 from sipdrill.pool.settings import PoolSettings
+from sipdrill.pool.sip_context import (
+    POOL_HEADER,
+    SENDER_MODE_HEADER,
+    Pretence,
+    from_pool,
+    strip_pool_claims,
+)
 from sipdrill.pool.sip_partner import PartnerHeartbeat
 from sipdrill.pool.sip_registrar import RegistrarSide
 from sipdrill.pool.state import PartnerMonitor, PartnerState
@@ -72,6 +79,9 @@ class PlainContext:
     def close_flow(self, flow: Flow) -> None:
         self.closed.append(flow)
 
+    def is_pool(self, name: str) -> bool:
+        return name in (P1, P2, P3)
+
 
 class Watcher:
     def __init__(self) -> None:
@@ -90,8 +100,9 @@ class Watcher:
         self.heard.append(("decisions", None))
 
 
-def flow(n: int) -> Flow:
-    return Flow(Kind.TLS, ("127.0.0.1", 5061), ("127.0.0.2", 40000 + n), n)
+def flow(n: int, *peer_names: str, kind: Kind = Kind.TLS) -> Flow:
+    """Flow ``n``; ``peer_names``: what its peer's verified certificate names."""
+    return Flow(kind, ("127.0.0.1", 5061), ("127.0.0.2", 40000 + n), n, peer_names)
 
 
 def register(aor: str, *, expires: int = 600) -> Request:
@@ -202,3 +213,52 @@ def test_partner_heartbeats_and_the_monitor_deadlines() -> None:
     status = heartbeat.status(ctx.clock)
     assert status["heartbeats"] == {"sent": 0, "answered": 0, "failed": 0, "received": 2}
     assert status["last_event"] == {"event": "PartnerUp", "at": 0.0}
+
+
+# -- who sent a request: the certificate, never a header -------------------------------
+def test_a_pool_is_the_one_lab_pool_its_certificate_names() -> None:
+    ctx = PlainContext()
+    assert from_pool(ctx, flow(1, P2, f"fe1.{P2}")) == P2
+    assert from_pool(ctx, flow(2, P3)) == P3  # a pool of the lab, paired or not
+    assert from_pool(ctx, flow(3)) is None  # no certificate: a client
+    assert from_pool(ctx, flow(4, "sip.lab.local")) is None  # names no pool
+    assert from_pool(ctx, flow(5, P2, P3)) is None  # names two: no such certificate here
+    assert from_pool(ctx, flow(6, P1)) is None  # this pool's own name
+    # The names are the transport's verified ones; equality stays the connection's.
+    assert flow(7, P2) == flow(7)
+
+
+def request(*headers: tuple[str, str]) -> Request:
+    req = register(ALICE)
+    for name, value in headers:
+        req.headers.add(name, value)
+    return req
+
+
+def test_pool_claims_a_connection_did_not_prove_are_removed() -> None:
+    both = ((POOL_HEADER, P2), (SENDER_MODE_HEADER, "full"))
+    # A client: both headers go, and it pretended.
+    req = request(*both)
+    assert strip_pool_claims(req, None) is Pretence.CLIENT
+    assert req.headers.get(POOL_HEADER) is None and req.headers.get(SENDER_MODE_HEADER) is None
+    req = request((SENDER_MODE_HEADER, "full"))
+    assert strip_pool_claims(req, None) is Pretence.CLIENT
+    # The pool the certificate names: its sender mode stays; the old header goes.
+    req = request(*both)
+    assert strip_pool_claims(req, P2) is None
+    assert req.headers.get(POOL_HEADER) is None and req.headers.get(SENDER_MODE_HEADER) == "full"
+    # Another pool claiming to be P2.
+    req = request(*both)
+    assert strip_pool_claims(req, P3) is Pretence.WRONG_POOL
+    # Nothing claimed.
+    assert strip_pool_claims(request(), None) is None
+
+
+def test_the_sender_mode_is_believed_only_from_a_pool() -> None:
+    ctx = PlainContext()
+    side, _ = registrar_side(ctx)
+    req = request((SENDER_MODE_HEADER, "full"))
+    assert side.sender_mode(req, flow(1, P2), ALICE) is ServiceMode.FULL
+    # The same header on a client's flow: the pool's own view (not registered
+    # here, and USER_NOT_FOUND) is all there is.
+    assert side.sender_mode(req, flow(2), ALICE) is None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -147,12 +148,16 @@ def test_export_force_move_import_restores_contact_lists(
     pools: dict[str, UserStore], tmp_path: Path, name: str
 ) -> None:
     """The budget-DR drill: nightly export, forced move to the standby pool
-    (contacts lost), import there (contacts back; meetings stay lost)."""
+    (contacts and meetings lost), import there (both back)."""
     p1 = pools[P1]
     p1.update_settings(ALICE, {"note": "façade <&>"})
+    p1.schedule_conference(ALICE, "deck", subject="Review <&>", content=b"\x00slides\xff")
     homed = {u.uri: p1.contacts(u.uri) for u in p1.users(home_pool=P1)}
-    exported = export_cs_user_data(p1, tmp_path / name)
+    meetings = p1.conferences(ALICE)
+    exported = export_cs_user_data(p1, tmp_path / name, domain="lab.local")
     assert (exported.users, exported.contacts) == (len(homed), sum(map(len, homed.values())))
+    assert exported.meetings == sum(len(p1.conferences(u)) for u in homed) >= 2
+    assert exported.seq == p1.high_water_mark()
 
     lost = 0
     for uri in homed:
@@ -160,12 +165,16 @@ def test_export_force_move_import_restores_contact_lists(
     assert lost == exported.contacts
     assert pools[P3].counts().contacts == 0
 
-    result = import_cs_user_data(pools[P3], tmp_path / name)
+    result = import_cs_user_data(pools[P3], tmp_path / name, domain="lab.local", pools=[P1, P3])
     assert (result.users_restored, result.contacts_restored) == (len(homed), lost)
+    assert result.meetings_restored == exported.meetings
     assert result.skipped == ()
+    assert result.export is not None and result.export.seq == exported.seq
     assert {uri: pools[P3].contacts(uri) for uri in homed} == homed
     assert pools[P3].get_user(ALICE).settings == {"note": "façade <&>"}  # type: ignore[union-attr]
-    assert pools[P3].conferences(ALICE) == []
+    assert [(m.conf_id, m.subject, m.content) for m in pools[P3].conferences(ALICE)] == [
+        (m.conf_id, m.subject, m.content) for m in meetings
+    ]
 
     # Importing twice restores the same lists and logs no new change.
     hwm = pools[P3].high_water_mark()
@@ -183,7 +192,14 @@ def test_import_skips_users_not_homed_on_the_pool(
     result = import_cs_user_data(pools[P3], tmp_path / "p1.xml")
     assert result.users_restored == 1
     assert ALICE not in result.skipped and BOB in result.skipped
+    assert result.reasons[BOB] == f"no account on {P3}"
     assert len(pools[P3].contacts(ALICE)) == 2
+    # Imported on the pool the users still live on, nobody is "restored" there
+    # by mistake: the reason says what to do.
+    export_cs_user_data(pools[P2], tmp_path / "p2.xml")
+    pools[P3].upsert_user("sip:carol@lab.local", home_pool=P2)
+    result = import_cs_user_data(pools[P3], tmp_path / "p2.xml")
+    assert result.reasons["sip:carol@lab.local"] == f"homed on {P2}, not {P3}: move them first"
 
 
 @pytest.mark.parametrize(
@@ -191,8 +207,8 @@ def test_import_skips_users_not_homed_on_the_pool(
     [
         b"<UserData version='1'><User uri='sip:a@lab.local'/></UserData>",
         b"<UserData version='7'/>",
-        b"<UserData version='1'><User",
-        b'{"version": 1, "users": [{"uri": "sip:a@lab.local"}]}',
+        b"<UserData version='2'><User",
+        b'{"version": 2, "users": [{"uri": "sip:a@lab.local"}]}',
         b"{not json",
     ],
 )
@@ -203,6 +219,73 @@ def test_a_bad_export_file_changes_nothing(
     path.write_bytes(content)
     _refused(pools, "bad-export", lambda: import_cs_user_data(pools[P1], path))
     _refused(pools, "bad-export", lambda: import_cs_user_data(pools[P1], tmp_path / "none.xml"))
+
+
+def _exported_then_moved(pools: dict[str, UserStore], path: Path) -> None:
+    """P1's users exported to ``path`` and force-moved to P3 (lists lost)."""
+    export_cs_user_data(pools[P1], path, domain="lab.local")
+    for u in pools[P1].users(home_pool=P1):
+        move_cs_user(u.uri, P3, stores=pools, down=[P1], force=True)
+
+
+@pytest.mark.parametrize("name", ["p1.xml", "p1.json"])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        # Cut short at a user's boundary, the document closed again: well-formed,
+        # but the header's counts give it away.
+        ("drop-user", "cut short or edited"),
+        ("truncate", "cut short or damaged"),
+        # One contact's URI changed in transit: only the digest notices.
+        ("flip", "does not match its digest"),
+    ],
+)
+def test_a_truncated_or_damaged_export_is_refused_with_nothing_changed(
+    pools: dict[str, UserStore], tmp_path: Path, name: str, damage: str, says: str
+) -> None:
+    path = tmp_path / name
+    _exported_then_moved(pools, path)
+    data = path.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    elif damage == "flip":
+        data = data.replace(b"sip:bob@lab.local", b"sip:bob@lab.locul", 1)
+    elif name.endswith(".xml"):
+        start = data.index(b"<User ", data.index(b"<User ") + 1)
+        data = data[:start] + data[data.index(b"</User>", start) + len(b"</User>") :]
+    else:
+        doc = json.loads(data)
+        doc["users"].pop()
+        data = json.dumps(doc).encode()
+    path.write_bytes(data)
+
+    before = _state(pools)
+    with pytest.raises(OperationError, match=says) as e:
+        import_cs_user_data(pools[P3], path, domain="lab.local", pools=[P1, P2, P3])
+    assert e.value.code == "bad-export" and str(path) in e.value.message
+    assert _state(pools) == before
+    assert pools[P3].counts().contacts == 0
+
+
+def test_a_foreign_export_is_refused_with_nothing_changed(
+    pools: dict[str, UserStore], tmp_path: Path
+) -> None:
+    path = tmp_path / "p1.xml"
+    _exported_then_moved(pools, path)
+    # Another lab's domain, and a pool this lab does not have.
+    _refused(
+        pools,
+        "foreign-export",
+        lambda: import_cs_user_data(pools[P3], path, domain="other.example", pools=[P1, P3]),
+    )
+    _refused(
+        pools,
+        "foreign-export",
+        lambda: import_cs_user_data(pools[P3], path, domain="lab.local", pools=[P2, P3]),
+    )
+    # Accepted by this lab's own description.
+    result = import_cs_user_data(pools[P3], path, domain="lab.local", pools=[P1, P3])
+    assert result.users_restored == len(pools[P3].users(home_pool=P3))
 
 
 def test_import_into_a_read_only_store_changes_nothing(

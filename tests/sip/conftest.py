@@ -432,6 +432,7 @@ class Harness:
     free_port = staticmethod(free_port)
     require_binary = staticmethod(require_binary)
     run_sipp = staticmethod(run_sipp)
+    read_sipp_stats = staticmethod(read_sipp_stats)
     kamailio = staticmethod(kamailio)
     registrar_process = staticmethod(registrar_process)
     tls_bridge = staticmethod(tls_bridge)

@@ -12,7 +12,7 @@ import pytest
 from sipmessage import Request, Response
 
 from sipdrill.sip.message import Limits, make_response, parse_message
-from sipdrill.sip.tls import client_context, ensure_server_cert, server_context
+from sipdrill.sip.tls import LabCA, client_context, ensure_server_cert, server_context
 from sipdrill.sip.transport import (
     Flow,
     Kind,
@@ -289,6 +289,82 @@ async def test_tls_client_verifies_and_reuses_flow(server, tmp_path: Path) -> No
         assert echo.received[0].kind is Kind.TLS
     finally:
         await client.close()
+
+
+async def test_tls_flows_carry_the_certificate_names_each_side_verified(tmp_path: Path) -> None:
+    ca = LabCA.ensure(tmp_path / "lab")
+    server_cert = ca.issue_server("fe", pool_fqdn="pool1.lab.local", ip_addresses=[HOST])
+    peer_cert = ca.issue_server(
+        "peer", pool_fqdn="pool2.lab.local", front_end_fqdns=["Fe1.Pool2.Lab.Local"]
+    )
+    echo = Echo()
+    server = SipTransport(echo)
+    echo.transport = server
+    mtls = server_context(server_cert, client_ca=ca.ca_path, client_cert_required=False)
+    tls_port = (await server.listen(Kind.TLS, HOST, 0, ssl_context=mtls))[1]
+    tcp_port = (await server.listen(Kind.TCP, HOST, 0))[1]
+    client = SipTransport(lambda rx: None)
+    try:
+        # A peer with a certificate: each side sees the other's verified names.
+        flow = await client.open_flow(
+            Kind.TLS, HOST, tls_port, ssl_context=client_context(ca, cert=peer_cert),
+            server_hostname="pool1.lab.local",
+        )
+        assert flow.peer_names == ("pool1.lab.local",)
+        assert client.send(flow, request(50, transport="TLS"))
+        # A client without one (the lab's clients), and plain TCP: no names.
+        bare = await client.open_flow(
+            Kind.TLS, HOST, tls_port, ssl_context=client_context(ca), reuse=False,
+            server_hostname="pool1.lab.local",
+        )
+        assert client.send(bare, request(51, transport="TLS"))
+        tcp = await client.open_flow(Kind.TCP, HOST, tcp_port)
+        assert tcp.peer_names == ()
+        assert client.send(tcp, request(52, transport="TCP"))
+        await eventually(lambda: len(echo.received) == 3)
+        names = {rx.message.call_id: rx.flow.peer_names for rx in echo.received}
+        assert names == {
+            "call-50": ("pool2.lab.local", "fe1.pool2.lab.local"),
+            "call-51": (),
+            "call-52": (),
+        }
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_tls_client_certificate_from_another_ca_fails_the_handshake(
+    tmp_path: Path,
+) -> None:
+    ca = LabCA.ensure(tmp_path / "lab")
+    server_cert = ca.issue_server("fe", pool_fqdn="pool1.lab.local")
+    forged = LabCA.ensure(tmp_path / "other").issue_server("peer", pool_fqdn="pool2.lab.local")
+    echo = Echo()
+    server = SipTransport(echo)
+    echo.transport = server
+    mtls = server_context(server_cert, client_ca=ca.ca_path, client_cert_required=False)
+    port = (await server.listen(Kind.TLS, HOST, 0, ssl_context=mtls))[1]
+    client = SipTransport(lambda rx: None)
+    try:
+        # Under TLS 1.3 the client has finished its side of the handshake
+        # when the server rejects its certificate: the refusal shows as the
+        # connection closing, and nothing it sent is ever delivered.
+        try:
+            flow = await client.open_flow(
+                Kind.TLS, HOST, port, ssl_context=client_context(ca, cert=forged),
+                server_hostname="pool1.lab.local",
+            )
+        except TransportError:
+            pass
+        else:
+            client.send(flow, request(60, transport="TLS"))
+            await eventually(lambda: not client.is_open(flow))
+        await asyncio.sleep(0.2)
+        assert echo.received == []
+        assert server.connection_count == 0
+    finally:
+        await client.close()
+        await server.close()
 
 
 async def test_tls_wrong_name_fails_verification(server, tmp_path: Path) -> None:
