@@ -58,6 +58,8 @@ from sipdrill.orchestrator.compose import (
     CONTAINER_STATE,
     CONTAINER_TOPOLOGY,
     IMAGE,
+    SERVICE_USER,
+    SETPRIV,
     STATE_VOLUME,
     TOKEN,
     ComposeOptions,
@@ -89,9 +91,11 @@ CA_SECRET = "ca-cert"
 CA_KEY_SECRET = "ca-key"
 TOPOLOGY_CONFIG = "topology"
 
-#: Every lab task's entrypoint (``sh -c``; argv: sipdrill's arguments). The
-#: CA from the secrets into the state volume, then the plan address on the
-#: home network's leg, then sipdrill. ``$$``: the stack file is interpolated.
+#: Every lab task's entrypoint (``sh -c``, as root; argv: sipdrill's
+#: arguments): the CA from the secrets into the state volume, the plan address
+#: on the home network's leg, then sipdrill as the image's unprivileged user
+#: with no capability (as on the docker runtime). ``$$``: the stack file is
+#: interpolated.
 SWARM_ENTRYPOINT = f"""\
 set -e
 ca={CONTAINER_STATE}/ca
@@ -102,6 +106,7 @@ if [ -r /run/secrets/sipdrill-ca.pem ]; then
   mv "$$ca/.key.$$$$" "$$ca/ca-key.pem"
   cp /run/secrets/sipdrill-ca.pem "$$ca/.ca.$$$$"; mv "$$ca/.ca.$$$$" "$$ca/ca.pem"
 fi
+chown -R {SERVICE_USER}:{SERVICE_USER} "$$ca"
 if [ -n "$${{SIPDRILL_PLAN_ADDRESS:-}}" ]; then
   dev=$$(ip -o -4 addr show | python3 -I -S -c "import ipaddress, sys
 net = ipaddress.ip_network(sys.argv[1])
@@ -110,8 +115,10 @@ print(next(l.split()[1] for l in sys.stdin if ipaddress.ip_interface(l.split()[3
   ip addr replace "$$SIPDRILL_PLAN_ADDRESS/$${{SIPDRILL_PLAN_SUBNET#*/}}" dev "$$dev"
   echo "sipdrill: plan address $$SIPDRILL_PLAN_ADDRESS on $$dev" >&2
 fi
-if [ "$${{1:-}}" = clients-slot ]; then shift; exec python3 -c "$$SIPDRILL_SLOT_SCRIPT" "$$@"; fi
-exec sipdrill "$$@"
+if [ "$${{1:-}}" = clients-slot ]; then
+  shift; exec {SETPRIV.format(user=SERVICE_USER)} python3 -c "$$SIPDRILL_SLOT_SCRIPT" "$$@"
+fi
+exec {SETPRIV.format(user=SERVICE_USER)} sipdrill "$$@"
 """
 
 #: A clients replica's users: its Swarm slot, not a lock on a shared volume
@@ -219,8 +226,9 @@ def stack_model(
     services: dict[str, Any] = {}
     for name, service in compose["services"].items():
         svc = copy.deepcopy(service)
-        for key in ("container_name", "depends_on", "ports", "entrypoint", "scale"):
+        for key in ("container_name", "depends_on", "ports", "entrypoint", "scale", "user"):
             svc.pop(key, None)
+        svc["user"] = "root"  # for the entrypoint; it drops to SERVICE_USER
         svc["volumes"] = [v for v in svc["volumes"] if not v.endswith(f"{CONTAINER_TOPOLOGY}:ro")]
         svc["networks"] = sorted(svc["networks"])
         svc["entrypoint"] = ["sh", "-c", SWARM_ENTRYPOINT, "sipdrill"]
@@ -230,7 +238,7 @@ def stack_model(
             replicas = sum(1 for s in specs if s.role is Role.CLIENTS)
             env["SIPDRILL_CLIENT_SLOT"] = "{{.Task.Slot}}"
             env["SIPDRILL_SLOT_SCRIPT"] = SWARM_SLOT_SCRIPT.replace("$", "$$")
-            svc["command"] = ["clients-slot", *svc["command"]]
+            svc["command"] = ["clients-slot", *_without_slots(svc["command"])]
             svc["hostname"] = "clients-{{.Task.Slot}}"
             svc["deploy"] = _deploy(lab, "core", options, replicas=replicas)
         else:
@@ -263,6 +271,19 @@ def stack_model(
     }
 
 
+def _without_slots(args: Sequence[str]) -> list[str]:
+    """A replica's arguments without ``--slots DIR``: its Swarm slot picks its
+    users, not a lock in a volume (a volume is per node)."""
+    out: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a == "--slots":
+            next(it, None)
+        else:
+            out.append(a)
+    return out
+
+
 def agent_service(lab: str, options: StackOptions) -> dict[str, Any]:
     """One fault agent per node: the node's network namespace (its routes to
     the tasks), NET_ADMIN, the node's Docker socket (the containers' network
@@ -286,6 +307,7 @@ def agent_service(lab: str, options: StackOptions) -> dict[str, Any]:
             AGENT_STATE,
         ],
         "init": True,
+        "user": "root",  # the Docker socket, the node's routes
         "cap_add": ["NET_ADMIN"],
         "environment": {
             "SIPDRILL_CONTROL_TOKEN": options.token,

@@ -72,6 +72,9 @@ def test_each_task_claims_its_plan_address_and_nothing_swarm_ignores_is_left() -
     assert pool1["entrypoint"] == ["sh", "-c", SWARM_ENTRYPOINT, "sipdrill"]
     assert pool1["networks"] == ["core", "site1", "site2"]  # a leg on every network
     assert pool1["cap_add"] == ["NET_ADMIN"]
+    # Root for the address and the CA, then the image's user with no capability.
+    assert pool1["user"] == "root"
+    assert SWARM_ENTRYPOINT.rstrip().splitlines()[-1].startswith("exec setpriv --reuid=sipdrill")
     assert pool1["deploy"]["endpoint_mode"] == "dnsrr"
     # Swarm replaces an unhealthy task: two minutes of failed checks first.
     check = pool1["healthcheck"]
@@ -95,6 +98,7 @@ def test_clients_are_replicas_that_pick_their_users_by_task_slot() -> None:
     assert clients["environment"]["SIPDRILL_CLIENT_SLOT"] == "{{.Task.Slot}}"
     assert clients["command"][0] == "clients-slot"
     assert "--count" in clients["command"] and "10" in clients["command"]
+    assert "--slots" not in clients["command"]  # not a lock in a per-node volume
     assert "SIPDRILL_PLAN_ADDRESS" not in clients["environment"]
     assert "$$" not in clients["environment"]["SIPDRILL_SLOT_SCRIPT"].replace("$$", "")
 
