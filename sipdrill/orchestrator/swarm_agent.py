@@ -309,7 +309,15 @@ class AgentCore:
         with self.lock:
             probe = DockerLabFaults(self.lab, self.state_dir / "faults.json", list, log.info)
             found = probe.leftovers("")
-        return [f"{self.node}: {line}" for line in found if not line.startswith(AGENT_SERVICE)]
+        # A task Swarm replaced leaves its exited container: not a fault when
+        # another container of the service runs.
+        running = {r["service"] for r in self.containers() if r["running"]}
+        replaced = tuple(f"{s}: not running" for s in running)
+        return [
+            f"{self.node}: {line}"
+            for line in found
+            if not line.startswith((AGENT_SERVICE, *replaced))
+        ]
 
     def faults(self) -> list[dict[str, Any]]:
         with self.lock:

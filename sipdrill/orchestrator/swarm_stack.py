@@ -101,12 +101,14 @@ set -e
 ca={CONTAINER_STATE}/ca
 mkdir -p "$$ca"
 if [ -r /run/secrets/sipdrill-ca.pem ]; then
-  # Temporary names of this shell's own: the tasks of a node share the volume.
-  (umask 077; cp /run/secrets/sipdrill-ca-key.pem "$$ca/.key.$$$$")
-  mv "$$ca/.key.$$$$" "$$ca/ca-key.pem"
-  cp /run/secrets/sipdrill-ca.pem "$$ca/.ca.$$$$"; mv "$$ca/.ca.$$$$" "$$ca/ca.pem"
+  # Temporary files of this task's own (mktemp: every task's shell has the
+  # same pid): the tasks of a node share the volume.
+  key=$$(mktemp "$$ca/.key.XXXXXX"); cert=$$(mktemp "$$ca/.ca.XXXXXX")
+  cat /run/secrets/sipdrill-ca-key.pem >"$$key"; cat /run/secrets/sipdrill-ca.pem >"$$cert"
+  chmod 644 "$$cert"; chown {SERVICE_USER}:{SERVICE_USER} "$$key" "$$cert"
+  mv "$$key" "$$ca/ca-key.pem"; mv "$$cert" "$$ca/ca.pem"
 fi
-chown -R {SERVICE_USER}:{SERVICE_USER} "$$ca"
+chown {SERVICE_USER}:{SERVICE_USER} "$$ca"
 if [ -n "$${{SIPDRILL_PLAN_ADDRESS:-}}" ]; then
   dev=$$(ip -o -4 addr show | python3 -I -S -c "import ipaddress, sys
 net = ipaddress.ip_network(sys.argv[1])

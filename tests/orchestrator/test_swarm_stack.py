@@ -89,7 +89,7 @@ def test_each_task_claims_its_plan_address_and_nothing_swarm_ignores_is_left() -
     # `$` doubled for the stack's interpolation, and the address added on the home leg.
     assert 'ip addr replace "$$SIPDRILL_PLAN_ADDRESS/' in SWARM_ENTRYPOINT
     # Tasks of one node share the volume: each copies the CA under its own names.
-    assert 'mv "$$ca/.ca.$$$$" "$$ca/ca.pem"' in SWARM_ENTRYPOINT
+    assert 'cert=$$(mktemp "$$ca/.ca.XXXXXX")' in SWARM_ENTRYPOINT
 
 
 def test_clients_are_replicas_that_pick_their_users_by_task_slot() -> None:
