@@ -281,6 +281,8 @@ class AgentCore:
             # The lease first: a fault is never in force without one.
             self.renew(order.lease_seconds)
             self.registry.inject(fault)
+            # And from when it is in force: an inject may take seconds.
+            self.renew(order.lease_seconds)
             log.info("fault %s injected: %s", fault_id, fault.describe())
             return fault.to_record()
 

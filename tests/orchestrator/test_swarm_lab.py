@@ -219,13 +219,13 @@ def test_the_agents_heal_by_themselves_when_the_lease_is_not_renewed(
     lab: tuple[SwarmLab, list[str]], swarm: docker.DockerClient
 ) -> None:
     runtime, _ = lab
-    # An orchestrator with a 3 s lease that "crashes": it stops renewing.
-    short = SwarmLab(runtime.lab, runtime.state_dir, lease=3.0)
+    # An orchestrator with an 8 s lease that "crashes": it stops renewing.
+    short = SwarmLab(runtime.lab, runtime.state_dir, lease=8.0)
     healed_before = _agent_health(runtime)["healed_by_lease"]
     short.inject("cut", "site1")
     short.renewer.close()
     assert not _reaches(swarm, runtime, "pool1.lab.local")
-    assert _until(lambda: _reaches(swarm, runtime, "pool1.lab.local"), 20), "not healed by lease"
+    assert _until(lambda: _reaches(swarm, runtime, "pool1.lab.local"), 30), "not healed by lease"
     assert _agent_health(runtime)["healed_by_lease"] == healed_before + 1
     # The journal's entry is healed already: heal is a no-op that succeeds.
     runtime.heal_all()
