@@ -961,7 +961,10 @@ class SwarmLab:
         return True
 
     def undo(self, fault_id: str) -> None:
-        fault = SwarmFaultRegistry(self.agents(), self.journal).heal_one(fault_id)
+        registry = SwarmFaultRegistry(self.agents(), self.journal)
+        fault = registry.heal_one(fault_id)
+        if not registry.active():
+            self.renewer.close()  # nothing held: nothing to renew
         if fault is not None:
             self.progress(f"fault {fault.kind} healed ({fault_id})")
 

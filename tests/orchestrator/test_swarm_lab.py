@@ -221,6 +221,7 @@ def test_the_agents_heal_by_themselves_when_the_lease_is_not_renewed(
     runtime, _ = lab
     # An orchestrator with an 8 s lease that "crashes": it stops renewing.
     short = SwarmLab(runtime.lab, runtime.state_dir, lease=8.0)
+    runtime.renewer.close()  # this process's other orchestrator must not renew it either
     healed_before = _agent_health(runtime)["healed_by_lease"]
     short.inject("cut", "site1")
     short.renewer.close()
