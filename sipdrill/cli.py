@@ -19,6 +19,7 @@ from sipdrill.clients.cli import serve_clients
 from sipdrill.dns.cli import serve_dns
 from sipdrill.orchestrator import cli as orchestrator_cli
 from sipdrill.orchestrator.chaos.cli import chaos_app
+from sipdrill.orchestrator.swarm_cli import serve_fault_agent
 from sipdrill.pool.cli import serve_pool
 from sipdrill.sip import cli as sip_cli
 from sipdrill.topology_cli import app as topology_app
@@ -54,6 +55,7 @@ serve_app.command("pool")(serve_pool)
 serve_app.command("backup")(serve_backup)
 app.add_typer(admin_app, name="admin")
 serve_app.command("clients")(serve_clients)
+serve_app.command("fault-agent")(serve_fault_agent)
 app.add_typer(orchestrator_cli.lab_app, name="lab")
 app.add_typer(orchestrator_cli.drill_app, name="drill")
 app.add_typer(chaos_app, name="chaos")

@@ -68,11 +68,19 @@ def _runtime(
     state_dir: Path,
     topology_file: Path | None = None,
     progress: Callable[[str], None] = _progress,
+    lease: float | None = None,
 ) -> Runtime:
     """The runtime of a lab: its state lives in ``<state_dir>/<lab>``. The docker
-    runtime needs the topology file (mounted in its containers) to start a lab."""
+    and swarm runtimes need the topology file (in their containers) to start a
+    lab; ``lease``: how long swarm's fault agents keep a fault unrenewed."""
     if kind is RuntimeKind.LOCAL:
         return LocalRuntime(lab, state_dir / lab, progress=progress)
+    if kind is RuntimeKind.SWARM:
+        from sipdrill.orchestrator.swarm_lab import SwarmLab
+
+        return SwarmLab(
+            lab, state_dir / lab, progress=progress, topology_file=topology_file, lease=lease
+        )
     from sipdrill.orchestrator.docker_lab import DockerLab
 
     return DockerLab(lab, state_dir / lab, progress=progress, topology_file=topology_file)
@@ -89,7 +97,7 @@ def _plan(
 ) -> list[ServiceSpec]:
     """The lab plan with the paths its processes see: the host's for the local
     runtime, the containers' for docker (the file is mounted there)."""
-    if kind is RuntimeKind.DOCKER:
+    if kind in (RuntimeKind.DOCKER, RuntimeKind.SWARM):
         return docker_plan(
             t, clients=clients, clients_processes=clients_processes, client_args=client_args
         )
@@ -104,7 +112,7 @@ def _plan(
     )
 
 
-RUNTIME_OPT = typer.Option(RuntimeKind.LOCAL, "--runtime", help="docker or local")
+RUNTIME_OPT = typer.Option(RuntimeKind.LOCAL, "--runtime", help="local, docker or swarm")
 STATE_OPT = typer.Option(DEFAULT_STATE, "--state-dir", help="Where labs keep their state.")
 
 
@@ -200,7 +208,11 @@ def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
         if given.endswith((".yaml", ".yml")) or Path(given).is_file():
             return load_or_exit(Path(given)).topology.name
         return given
-    state_file = "lab.json" if runtime is RuntimeKind.LOCAL else "docker-lab.json"
+    state_file = {
+        RuntimeKind.LOCAL: "lab.json",
+        RuntimeKind.DOCKER: "docker-lab.json",
+        RuntimeKind.SWARM: "swarm-lab.json",
+    }[runtime]
     labs = sorted(d.name for d in state_dir.glob("*") if (d / state_file).is_file())
     where = str(state_dir)
     if not labs and runtime is RuntimeKind.DOCKER:
@@ -214,7 +226,7 @@ def _lab_name(given: str | None, state_dir: Path, runtime: RuntimeKind) -> str:
             + (" or containers on the Docker engine" if runtime is RuntimeKind.DOCKER else "")
             + ": name one "
             "(or its topology file), or start one with `sipdrill lab up TOPOLOGY`"
-            + ("" if runtime is RuntimeKind.DOCKER else " (a docker lab? add --runtime docker)")
+            + ("" if runtime is not RuntimeKind.LOCAL else " (a docker lab? add --runtime docker)")
         )
     raise _fail(f"{len(labs)} labs in {where} ({', '.join(labs)}): name the one you mean")
 
@@ -275,6 +287,18 @@ def lab_status(
     if not rows:
         raise _fail(f"no lab {lab!r} is running from {state_dir}")
     _print_status(rows)
+    if runtime is RuntimeKind.SWARM:
+        _on_lab(lab, runtime, state_dir, lambda rt: _print_nodes(rt.nodes()))  # type: ignore[attr-defined]
+
+
+def _print_nodes(rows: list[dict[str, Any]]) -> None:
+    """The swarm's nodes and what runs on each (the lab's placement)."""
+    table = Table(title="nodes")
+    for col in rows[0] if rows else ():
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    _console().print(table)
 
 
 def _print_status(rows: list[dict[str, Any]]) -> None:
@@ -282,7 +306,7 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
     # pid for processes (local runtime), container for docker.
     columns = [
         c
-        for c in ("name", "role", "address", "pid", "container", "health")
+        for c in ("name", "role", "address", "pid", "node", "container", "health")
         if any(c in r for r in rows)
     ]
     for col in columns:
@@ -310,6 +334,10 @@ def lab_fault(
     loss_percent: float | None = typer.Option(None, "--loss-percent", help="degrade: loss"),
     runtime: RuntimeKind = RUNTIME_OPT,
     state_dir: Path = STATE_OPT,
+    lease: float = typer.Option(
+        900.0, "--lease", min=1, help="swarm: the fault agents heal it after this many "
+        "seconds unless renewed (this command exits; nothing renews it)",
+    ),
 ) -> None:
     """Inject a fault by hand; `sipdrill lab heal` (or `lab down`) undoes it."""
     given = {
@@ -323,7 +351,7 @@ def lab_fault(
     name = _lab_name(name, state_dir, runtime)
     try:
         request = parse_fault_request(kind, target, params, runtime)
-        fault = _runtime(runtime, name, state_dir).apply(request)
+        fault = _runtime(runtime, name, state_dir, lease=lease).apply(request)
     except (FaultError, OperationError) as exc:
         raise _fail(str(exc)) from None
     _console().print(f"fault {fault['id']}: {kind} on {target}")

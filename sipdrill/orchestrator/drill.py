@@ -201,7 +201,7 @@ class Drill(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,60}$")
     description: str = ""
     topology: str = Field(description="path of the topology file, relative to the drill file")
-    runtime: Literal["docker", "local"] = "local"
+    runtime: Literal["docker", "local", "swarm"] = "local"
     timers: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the topology's timers for this drill"
     )

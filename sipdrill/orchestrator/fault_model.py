@@ -85,6 +85,21 @@ RUNTIME_FAULTS: dict[RuntimeKind, dict[FaultKind, str]] = {
         FaultKind.DNS_OUTAGE: "the DNS server drops queries (mode drop) or answers SERVFAIL, "
         "via its API",
     },
+    # The same faults as docker's, applied by the fault agent on the node of
+    # each target (orchestrator/swarm_agent.py). Not disconnect (a swarm task
+    # cannot leave its service's networks) nor crash, stop, restart (swarm
+    # replaces a task that stops: a new container, nothing to undo).
+    RuntimeKind.SWARM: {
+        FaultKind.CUT: "silent drop on every interface (iptables in, tc out), by the fault "
+        "agent on each target's node",
+        FaultKind.PARTITION: "the target and `peer` drop each other's every address (each "
+        "side by its node's agent)",
+        FaultKind.DEGRADE: "delay_ms, jitter_ms, loss_percent on the way out (NFQUEUE), by "
+        "the node's agent",
+        FaultKind.PAUSE: "docker pause by the node's agent; undo unpauses",
+        FaultKind.DNS_OUTAGE: "the DNS server drops queries (mode drop) or answers SERVFAIL, "
+        "via its API (by its node's agent)",
+    },
 }
 
 
@@ -130,7 +145,7 @@ def parse_fault_request(
             runtime,
             f"not supported; the {runtime} runtime can do: {', '.join(can_do)}{hint}",
         )
-    if runtime is RuntimeKind.DOCKER:  # the local runtime has always ignored them
+    if runtime is not RuntimeKind.LOCAL:  # the local runtime has always ignored them
         extra = sorted(set(params) - set(PARAMETERS.get(fault, ())))
         if extra:
             raise FaultError(fault, runtime, f"unexpected parameters {extra} for {fault}")

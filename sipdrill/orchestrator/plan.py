@@ -22,10 +22,15 @@ class Role(StrEnum):
 class RuntimeKind(StrEnum):
     DOCKER = "docker"
     LOCAL = "local"
+    SWARM = "swarm"
 
 
 #: DNS listens on 53 in containers; the local runtime uses an unprivileged port.
-DNS_PORT = {RuntimeKind.DOCKER: addresses.DNS_PORT, RuntimeKind.LOCAL: addresses.LOCAL_DNS_PORT}
+DNS_PORT = {
+    RuntimeKind.DOCKER: addresses.DNS_PORT,
+    RuntimeKind.SWARM: addresses.DNS_PORT,
+    RuntimeKind.LOCAL: addresses.LOCAL_DNS_PORT,
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""The fault agent's lease and API without a Docker engine: faults healed
+only once the lease has run out, the lease kept across a restart, a shorter
+renewal shortening it, the token required (the docker test drives it for real)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+from sipdrill.orchestrator.fault_model import FaultKind
+from sipdrill.orchestrator.faults import DockerFault
+from sipdrill.orchestrator.swarm_agent import AgentCore, agent_app
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRuntime:
+    """What the agent needs of the engine when no fault touches it."""
+
+    class client:
+        class networks:
+            @staticmethod
+            def get(name: str) -> Any:
+                raise docker.errors.NotFound(name)
+
+    def lab_containers(self, lab: str) -> list[Any]:
+        return []
+
+
+class Recorded(DockerFault):
+    kind = FaultKind.CUT
+    undone = 0
+
+    def _inject(self) -> None:
+        pass
+
+    def _undo(self) -> None:
+        type(self).undone += 1
+
+
+def _core(tmp_path: Path, clock: Clock) -> AgentCore:
+    return AgentCore("lab", "node1", tmp_path, FakeRuntime(), routes=False, clock=clock)  # type: ignore[arg-type]
+
+
+def test_faults_are_healed_when_the_lease_runs_out_and_not_before(tmp_path: Path) -> None:
+    clock = Clock()
+    core = _core(tmp_path, clock)
+    core.renew(30)
+    Recorded.undone = 0
+    core.registry.inject(Recorded(core.runtime, ["c1"]))  # type: ignore[arg-type]
+    clock.now += 29
+    assert core.check_lease() == 0 and Recorded.undone == 0
+    core.renew(30)  # the orchestrator is alive
+    clock.now += 29
+    assert core.check_lease() == 0
+    clock.now += 2
+    assert core.check_lease() == 1 and Recorded.undone == 1
+    assert core.healed_by_lease == 1 and core.registry.active() == []
+    assert core.check_lease() == 0  # nothing left to heal
+
+
+def test_the_lease_survives_a_restart_and_a_shorter_renewal_shortens_it(tmp_path: Path) -> None:
+    clock = Clock()
+    core = _core(tmp_path, clock)
+    core.renew(900)
+    again = _core(tmp_path, clock)
+    assert again.lease_left() == 900
+    again.renew(3)
+    assert again.lease_left() == 3
+
+
+def test_the_api_wants_the_token_and_a_well_formed_id(tmp_path: Path) -> None:
+    core = _core(tmp_path, Clock())
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=agent_app(core, "secret"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+            assert (await http.get("/health")).status_code == 200  # no token: health only
+            assert (await http.get("/faults")).status_code == 401
+            auth = {"Authorization": "Bearer secret"}
+            assert (await http.get("/faults", headers=auth)).json()["faults"] == []
+            body = {"kind": "cut", "services": ["pool1"]}
+            r = await http.put("/faults/not-hex!", json=body, headers=auth)
+            assert r.status_code == 422
+            r = await http.put("/faults/0123abcd", json=body, headers=auth)
+            assert r.status_code == 409  # no task of pool1 on this node
+            assert "no running task of pool1 on node node1" in r.json()["message"]
+            r = await http.post("/lease", json={"seconds": 5}, headers=auth)
+            assert r.json()["lease_left"] == 5
+            r = await http.delete("/faults/0123abcd", headers=auth)
+            assert r.json() == {"healed": False}
+
+    asyncio.run(main())
