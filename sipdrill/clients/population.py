@@ -86,15 +86,14 @@ def parse_patterns(patterns: Iterable[str]) -> list[tuple[str, str]]:
 
 def proportional_order(users: Sequence[User]) -> list[User]:
     """``users`` interleaved across their home pools so that every prefix holds
-    each pool's share of them: no pool more than one user behind, none two
-    ahead (pools in order of first appearance, users of a pool in their given
-    order).
+    each pool's share of them within two users, about one in practice (pools
+    in order of first appearance, users of a pool in their given order).
 
     The m-th user comes from the pool furthest behind its share of m (pool k,
     with w_k of the n users, is owed m * w_k / n), ties to the earlier pool:
-    the largest-deficit rule, which keeps every pool's deficit at most one at
-    every prefix; a pool may run ahead by a little over one (sizes 1, 1, 1,
-    11, 11 at the 16th user: 1.04), as the tests check.
+    the largest-deficit rule. It is not Tijdeman's optimal sequence: a pool
+    may be a little over one user off its share (sizes 1, 1, 1, 11, 11 at the
+    16th user: 1.04), never two, as the tests check.
     """
     by_pool: dict[str, list[User]] = {}
     for user in users:
