@@ -29,9 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sipdrill.orchestrator.timeline import CallRecord, Mark, MarkKind, Timeline
+
+if TYPE_CHECKING:
+    from sipdrill.orchestrator.measure import Distribution
 
 __all__ = [
     "AUTO_PHASES",
@@ -116,28 +119,13 @@ def _pinned(marks: Sequence[Mark], step_phases: Mapping[int, str]) -> list[Phase
     return out
 
 
-@dataclass(frozen=True)
-class SetupTimes:
-    count: int
-    min: float | None = None
-    p50: float | None = None
-    p90: float | None = None
-    p95: float | None = None
-    p99: float | None = None
-    max: float | None = None
-    mean: float | None = None
+def _setup(values: list[float]) -> Distribution:
+    # The drill's own distribution (nearest rank), so a call's setup time reads
+    # like every other measurement; ``missing`` stays 0 (unanswered calls are
+    # the success ratio's).
+    from sipdrill.orchestrator.measure import distribution
 
-
-def _setup(values: list[float]) -> SetupTimes:
-    from sipdrill.orchestrator.measure import percentile
-
-    got = sorted(values)
-    if not got:
-        return SetupTimes(0)
-    return SetupTimes(
-        len(got), got[0], percentile(got, 0.5), percentile(got, 0.9), percentile(got, 0.95),
-        percentile(got, 0.99), got[-1], sum(got) / len(got),
-    )
+    return distribution(values)
 
 
 @dataclass
@@ -148,7 +136,7 @@ class CallStats:
     unfinished: int = 0
     dropped: int = 0
     success_ratio: float | None = None
-    setup: SetupTimes = field(default_factory=lambda: SetupTimes(0))
+    setup: Distribution = field(default_factory=lambda: _setup([]))
     #: Failed calls by their status ("none": no final answer came).
     failures: dict[str, int] = field(default_factory=dict)
     #: Calls placed in resiliency mode (the caller on its backup registrar).
