@@ -74,7 +74,7 @@ from sipdrill.orchestrator.docker_runtime import (
 )
 from sipdrill.orchestrator.fault_model import FaultRequest, journal_path, parse_fault_request
 from sipdrill.orchestrator.local_runtime import spec_from_dict
-from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, with_running_clients
 from sipdrill.orchestrator.runtime import InjectedFault
 from sipdrill.topology import Topology, load_topology
 
@@ -504,24 +504,7 @@ class DockerLab:
     def live_specs(self, planned: Sequence[ServiceSpec] = ()) -> list[ServiceSpec]:
         """The plan as a drill reaches it: every clients replica at the address
         Docker gave it (the plan's clients addresses, and ``planned``, are not used)."""
-        specs = self._specs()
-        out = [s for s in specs if s.role is not Role.CLIENTS]
-        template = next((s for s in specs if s.role is Role.CLIENTS), None)
-        if template is None:
-            return out
-        for row in self.status():
-            if row["role"] == Role.CLIENTS.value and row["address"]:
-                out.append(
-                    ServiceSpec(
-                        name=row["name"],
-                        role=Role.CLIENTS,
-                        network=template.network,
-                        address=row["address"],
-                        args=template.args,
-                        control_port=template.control_port,
-                    )
-                )
-        return out
+        return with_running_clients(self._specs(), self.status())
 
     # --- a drill on a running lab -------------------------------------------
 

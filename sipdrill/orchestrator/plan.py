@@ -4,8 +4,10 @@ addresses and a few ports differ (the address plan: :mod:`sipdrill.addresses`)."
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from sipdrill import addresses
 from sipdrill.addresses import CONTROL_PORT
@@ -176,3 +178,29 @@ def lab_plan(
             )
         )
     return specs
+
+
+def with_running_clients(
+    specs: Sequence[ServiceSpec], rows: Iterable[Mapping[str, Any]]
+) -> list[ServiceSpec]:
+    """``specs`` with the clients as they run: one spec per running clients
+    replica (``rows`` of a runtime's status), at the address the engine gave
+    it, with the planned clients' arguments (container runtimes, where
+    replicas are not in the plan)."""
+    out = [s for s in specs if s.role is not Role.CLIENTS]
+    template = next((s for s in specs if s.role is Role.CLIENTS), None)
+    if template is None:
+        return out
+    for row in rows:
+        if row["role"] == Role.CLIENTS.value and row["address"]:
+            out.append(
+                ServiceSpec(
+                    name=row["name"],
+                    role=Role.CLIENTS,
+                    network=template.network,
+                    address=row["address"],
+                    args=template.args,
+                    control_port=template.control_port,
+                )
+            )
+    return out

@@ -53,7 +53,7 @@ from sipdrill.orchestrator.fault_model import (
     raise_heal_errors,
 )
 from sipdrill.orchestrator.local_runtime import spec_from_dict
-from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, with_running_clients
 from sipdrill.orchestrator.runtime import InjectedFault
 from sipdrill.orchestrator.swarm_agent import ROUTE_PROTO
 from sipdrill.orchestrator.swarm_stack import (
@@ -859,24 +859,7 @@ class SwarmLab:
     def live_specs(self, planned: Sequence[ServiceSpec] = ()) -> list[ServiceSpec]:
         """The plan as a drill reaches it: every clients replica at its
         address on the core network (routed by its node's agent)."""
-        specs = self._specs()
-        out = [s for s in specs if s.role is not Role.CLIENTS]
-        template = next((s for s in specs if s.role is Role.CLIENTS), None)
-        if template is None:
-            return out
-        for row in self.status():
-            if row["role"] == Role.CLIENTS.value and row["address"]:
-                out.append(
-                    ServiceSpec(
-                        name=row["name"],
-                        role=Role.CLIENTS,
-                        network=template.network,
-                        address=row["address"],
-                        args=template.args,
-                        control_port=template.control_port,
-                    )
-                )
-        return out
+        return with_running_clients(self._specs(), self.status())
 
     # --- faults --------------------------------------------------------------
 
