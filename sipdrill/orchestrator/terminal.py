@@ -151,10 +151,13 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
         table.add_column("per client (s)", no_wrap=True)
         for col in ("n", "missing", "p50", "p95", "max"):
             table.add_column(col, justify="right", no_wrap=True)
+        unreached = []
         for name in SHOWN:
             d = dists.get(name)
             if not d or (d["count"] == 0 and d["missing"] == 0):
                 continue
+            if d["count"] == 0:
+                unreached.append(name)
             table.add_row(
                 name,
                 str(d["count"]),
@@ -162,6 +165,14 @@ def print_summary(report: Report, out_dir: Path | None, console: Console | None 
                 *("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p95", "max")),
             )
         c.print(table)
+        if unreached:
+            # A column of "missing" alone reads as a failure; in budget DR (no
+            # backup registrar, no failback) it is the design.
+            c.print(
+                f"no affected client reached {', '.join(unreached)}: the design has no such "
+                "state, or it failed (see the expectations)",
+                highlight=False,
+            )
         rpo = "unknown" if m["rpo_writes"] is None else f"{m['rpo_writes']} write(s) lost"
         if m["rpo_writes"] and m.get("rpo_seconds") is not None:
             rpo += f", the oldest {m['rpo_seconds']:.1f} s old"

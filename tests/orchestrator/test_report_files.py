@@ -244,6 +244,20 @@ def test_summary_is_compact_and_keeps_tables_whole_when_piped() -> None:
     assert sum(1 for ln in text.splitlines() if "Invoke-CsPoolFailOver" in ln) == 1
 
 
+def test_summary_says_which_metrics_no_client_reached() -> None:
+    """A row of "missing" alone (budget DR: no resiliency, no home) is explained."""
+    report = synthetic_report(40)
+    dists = report.measurements["distributions"]
+    out = io.StringIO()
+    print_summary(report, Path("reports/x"), Console(file=out, width=160, soft_wrap=False))
+    assert "no affected client reached" not in out.getvalue()
+    dists["home"] = {**dists["home"], "count": 0, "missing": 12, "p50": None, "p95": None,
+                     "max": None}
+    out = io.StringIO()
+    print_summary(report, Path("reports/x"), Console(file=out, width=160, soft_wrap=False))
+    assert "no affected client reached home:" in out.getvalue()
+
+
 def test_compare_side_by_side_and_the_regression_gate(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
