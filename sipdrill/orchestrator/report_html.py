@@ -180,14 +180,24 @@ def curve_svg(curve: dict[str, Any], markers: Sequence[tuple[float, str, str]]) 
         )
         legend.append(f'<span><i class="sw" style="background:{colour}"></i>{_e(key)}</span>')
         base = top
-    for at, label, colour in markers:
+    # Labels of markers close in time (an import and a DNS repoint 0.1 s
+    # apart) go on the next free row instead of over each other.
+    row_ends: list[float] = []
+    for at, label, colour in sorted(markers):
         if times[0] <= at <= times[-1]:
             x = p.x(at)
             body.append(
                 f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{H - BOTTOM}" '
                 f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/>'
             )
-            body.append(f'<text x="{x + 3:.1f}" y="{TOP + 10}" fill="{colour}">{_e(label)}</text>')
+            row = next((i for i, end in enumerate(row_ends) if end < x), len(row_ends))
+            if row == len(row_ends):
+                row_ends.append(0.0)
+            row_ends[row] = x + 3 + 6.5 * len(label)  # ~6.5 px a character at 11 px
+            body.append(
+                f'<text x="{x + 3:.1f}" y="{TOP + 10 + 12 * row}" fill="{colour}">'
+                f"{_e(label)}</text>"
+            )
     return (
         svg(body, "clients by mode over time") + '<div class="legend">' + "".join(legend) + "</div>"
     )
@@ -225,7 +235,7 @@ def _markers(report: Report) -> list[tuple[float, str, str]]:
             out.append((f["healed_at"], f"heal {f['id']}", "#1a7f37"))
     for s in report.steps:
         if s.action == "admin" and s.status == "passed":
-            op = s.detail.get("operation") or s.description.split(" ")[0]
+            op = s.detail.get("operation") or s.description
             out.append((s.started_at, str(op)[:28], "#0969da"))
     return out
 

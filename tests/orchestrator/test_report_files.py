@@ -301,3 +301,24 @@ def test_sweep_plots_no_point_where_a_repeat_never_recovered() -> None:
 
     assert _mean([10.0, 20.0]) == 15.0
     assert _mean([10.0, None]) is None and _mean([]) is None
+
+
+def test_marker_labels_close_in_time_do_not_overlap() -> None:
+    """An import and a DNS repoint 0.1 s apart (budget DR) were drawn over each other."""
+    import re
+
+    from sipdrill.orchestrator.report_html import curve_svg
+
+    curve = _curve_of(synthetic_report(10))
+    svg = curve_svg(curve, [(5.0, "user-import", "#0969da"), (5.1, "dns-repoint", "#0969da"),
+                            (30.0, "heal x", "#1a7f37")])
+    ys = {label: y for y, label in re.findall(r'<text x="[\d.]+" y="([\d.]+)" fill="#[0-9a-f]+">'
+                                              r"([^<]+)</text>", svg)}
+    assert ys["user-import"] != ys["dns-repoint"]
+    assert ys["heal x"] == ys["user-import"]  # far apart: the first row again
+
+
+def _curve_of(report: Report) -> dict[str, object]:
+    from sipdrill.orchestrator.report_html import _curve
+
+    return _curve(report)
