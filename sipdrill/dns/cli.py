@@ -49,6 +49,9 @@ def serve_dns(
         None, "--client-view", help="NETWORK=VIEW: queries from NETWORK get VIEW; repeatable."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Disable the answer cache."),
+    no_batch_io: bool = typer.Option(
+        False, "--no-batch-io", help="One recvfrom/sendto per query even with sipdrill_mmsg."
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve the topology's zone: authoritative, UDP and TCP, with live changes
@@ -70,6 +73,8 @@ def serve_dns(
         overrides["client_views"] = dict(pairs)
     if no_cache:
         overrides["answer_cache_size"] = 0
+    if no_batch_io:
+        overrides["udp_batch_io"] = False
     try:
         settings = DnsServerSettings(**overrides)
     except ValidationError as exc:

@@ -102,12 +102,13 @@ class DnsMetrics:
         counts = self.query_counts
         counts[key] = counts.get(key, 0) + 1
 
-    def observe(self, transport: str, seconds: float) -> None:
+    def observe(self, transport: str, seconds: float, count: int = 1) -> None:
+        """``count`` answers that each took ``seconds`` (a batch sent at once)."""
         hist = self.latency.get(transport)
         if hist is None:
             hist = self.latency[transport] = _Latency()
-        hist.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist.total += seconds
+        hist.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
+        hist.total += seconds * count
 
     def drop(self, reason: str) -> None:
         self.dropped.labels(reason).inc()

@@ -71,6 +71,7 @@ class DnsService:
             tcp_max_connections=settings.tcp_max_connections,
             tcp_max_message=settings.tcp_max_message,
             udp_rcvbuf=settings.udp_rcvbuf,
+            batch_io=settings.udp_batch_io,
         )
         self._control: tuple[str, int] | None = None
         self._token: str | None = settings.token.get_secret_value() if settings.token else None

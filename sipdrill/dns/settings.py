@@ -75,6 +75,10 @@ class DnsServerSettings(BaseSettings):
         description="Longer TCP length prefixes close the connection.",
     )
     udp_rcvbuf: int = Field(default=4 * 1024 * 1024, ge=0, description="SO_RCVBUF for storms.")
+    udp_batch_io: bool = Field(
+        default=True,
+        description="recvmmsg/sendmmsg batches when the optional sipdrill_mmsg is installed.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -318,6 +318,17 @@ def registrar(
     event_loop: str = typer.Option(
         "asyncio", "--loop", help="asyncio, or uvloop if installed (optional)."
     ),
+    fast_path: bool = typer.Option(
+        True,
+        "--fast-path/--no-fast-path",
+        help="Answer the common REGISTER over UDP without building messages "
+        "(sipdrill.sip.fastpath; same bindings and answers).",
+    ),
+    batch_io: bool = typer.Option(
+        True,
+        "--batch-io/--no-batch-io",
+        help="With --workers > 1: recvmmsg/sendmmsg on UDP when sipdrill_mmsg is installed.",
+    ),
     log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the generic RFC 3261 registrar on UDP/TCP/TLS until SIGINT/SIGTERM."""
@@ -358,6 +369,8 @@ def registrar(
         expires_min=expires_min,
         expires_max=expires_max,
         digest_algorithms=tuple(a.upper() for a in digest_algorithm),
+        fast_path=fast_path,
+        batch_io=batch_io,
     )
     cert = None
     if any(spec.kind.value == "tls" for spec in listens):

@@ -30,6 +30,7 @@ from sipdrill.sip import grammar
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MAX_CSEQ",
     "REASON_PHRASES",
     "IndexedHeaders",
     "Limits",
@@ -40,9 +41,11 @@ __all__ = [
     "SipMessageError",
     "SipParseError",
     "best_effort_400",
+    "header_name",
     "make_response",
     "parse_message",
     "serialize",
+    "stateless_tag",
 ]
 
 Message = Request | Response
@@ -312,7 +315,7 @@ def _ctl_free(text: str) -> bool:
 
 _SUPPORTED_SCHEMES = frozenset({"sip", "sips", "tel"})
 # RFC 3261 20.16: the sequence number must be below 2**31.
-_MAX_CSEQ = 2**31 - 1
+MAX_CSEQ = 2**31 - 1
 # Headers that must appear exactly once; a second copy makes the
 # message ambiguous (which To tag? which CSeq?), so it is rejected.
 _SINGLETONS = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
@@ -401,6 +404,15 @@ def _header_name(raw: str, is_response: bool) -> str:
         if len(_VALID_NAMES) < _VALID_NAMES_MAX:
             _VALID_NAMES[raw] = canonical
     return canonical
+
+
+def header_name(raw: str) -> str | None:
+    """The canonical spelling of the request header name ``raw`` (as sent, up to
+    the colon), or None where :func:`parse_message` would refuse it."""
+    try:
+        return _header_name(raw, False)
+    except SipMessageError:
+        return None
 
 
 def _unfold(
@@ -531,7 +543,7 @@ def _check_mandatory(message: ParsedRequest | ParsedResponse, is_response: bool)
         cseq = message.cseq
     except ValueError:
         raise _fail(is_response, "Bad CSeq") from None
-    if cseq.sequence > _MAX_CSEQ:
+    if cseq.sequence > MAX_CSEQ:
         raise _fail(is_response, "Bad CSeq")
     max_forwards = hdrs.get("Max-Forwards")
     # Max-Forwards is optional here (lenient towards old UAs), but a
@@ -554,7 +566,7 @@ def serialize(message: Message) -> bytes:
     return bytes(message)
 
 
-def _stateless_tag(call_id: str, from_value: str, branch: str) -> str:
+def stateless_tag(call_id: str, from_value: str, branch: str) -> str:
     # A deterministic To tag means a retransmitted request gets a response
     # with the same tag even from a stateless responder, without an RNG.
     # Not a secret, just unique enough: a 64-bit BLAKE2b costs half a SHA-256.
@@ -601,9 +613,7 @@ def make_response(
     rh.add("From", from_value)
     to_value = qh.get("To", "") or ""
     if status > 100 and to_value and not _to_has_tag(request, to_value):
-        tag = to_tag or _stateless_tag(
-            qh.get("Call-ID", "") or "", from_value, _top_branch(request)
-        )
+        tag = to_tag or stateless_tag(qh.get("Call-ID", "") or "", from_value, _top_branch(request))
         to_value = f"{to_value};tag={tag}"
     rh.add("To", to_value)
     rh.add("Call-ID", qh.get("Call-ID", "") or "")
@@ -646,7 +656,7 @@ def best_effort_400(
         return None
     vias, from_value, to_value, call_id, cseq = salvaged
     if not _has_tag(to_value):
-        to_value = f"{to_value};tag={_stateless_tag(call_id, from_value, '')}"
+        to_value = f"{to_value};tag={stateless_tag(call_id, from_value, '')}"
     lines = [f"SIP/2.0 {error.status_code} {error.reason}"]
     lines += [f"Via: {v}" for v in vias]
     lines.append(f"From: {from_value}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -270,6 +270,8 @@ class Registrar:
             for b in self._bindings.get(aor.lower(), {}).values()
             if now is None or b.expires_at > now
         ]
+        if len(found) < 2:
+            return found  # nearly every AoR: no q to parse
         return sorted(found, key=lambda b: (-b.q, -b.registered_at))
 
     def aors(self) -> Iterator[str]:
@@ -361,6 +363,42 @@ class Registrar:
             raise _BadRequest(400, "Bad Contact") from None
         # The raw value can stand for the binding only if it is the one contact.
         echo = raw[0] if len(raw) == 1 and len(contacts) == 1 else ""
+        return self._bind(aor, contacts, echo, header_expires, call_id, cseq, now, source)
+
+    def bind_plain(
+        self,
+        aor: str,
+        contact: Address | None,
+        text: str,
+        header_expires: int | None,
+        call_id: str,
+        cseq: int,
+        now: float,
+        source: object = None,
+    ) -> list[tuple[str, str]] | None:
+        """A REGISTER already taken apart (sipdrill.sip.fastpath): bind ``contact``
+        (spelled ``text``; None for a query) and return the 200's Contact and
+        Flow-Timer headers, or None, with nothing changed, when the answer is
+        not a 200 and :meth:`handle` has to give it. The caller has checked
+        what :meth:`handle` checks before binding (domain, no auth, no policy)."""
+        if contact is not None:
+            try:
+                self._bind(aor, (contact,), text, header_expires, call_id, cseq, now, source)
+            except _BadRequest:
+                return None
+        return self._ok_headers(aor, now)
+
+    def _bind(
+        self,
+        aor: str,
+        contacts: Sequence[Address],
+        echo: str,
+        header_expires: int | None,
+        call_id: str,
+        cseq: int,
+        now: float,
+        source: object,
+    ) -> list[RegistrarEvent]:
         plans: list[tuple[Address, str, int, str | None]] = []
         for contact in contacts:
             spelled = param_name(contact.parameters, "expires")
@@ -434,6 +472,9 @@ class Registrar:
         return binding
 
     def _ok(self, request: Request, aor: str, now: float) -> Response:
+        return make_response(request, 200, headers=self._ok_headers(aor, now))
+
+    def _ok_headers(self, aor: str, now: float) -> list[tuple[str, str]]:
         bindings = self.lookup(aor)
         headers: list[tuple[str, str]] = []
         for b in bindings:
@@ -442,7 +483,7 @@ class Registrar:
             headers.append(("Contact", text))
         if self.flow_timer is not None and any("reg-id" in b.contact.parameters for b in bindings):
             headers.append(("Flow-Timer", str(self.flow_timer)))
-        return make_response(request, 200, headers=headers)
+        return headers
 
     def _answer(
         self,

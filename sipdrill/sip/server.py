@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from sipmessage import Request, Response
 
 from sipdrill.errors import SipError
+from sipdrill.sip import fastpath
 from sipdrill.sip.digest import DigestAuthenticator
 from sipdrill.sip.message import make_response
 from sipdrill.sip.registrar import Authenticator, Registrar
@@ -180,6 +181,9 @@ class SipService:
         self.loop: asyncio.AbstractEventLoop | None = None
         # The core object, when the service was built around one (the registrar).
         self.registrar: Registrar | None = None
+        # REGISTERs over UDP answered by sipdrill.sip.fastpath where it can:
+        # set by registrar_service, whose handler is the registrar alone.
+        self.register_fast_path = False
 
     def add_timer_core(
         self, core: TimerCore, on_output: Callable[[object], None] | None = None
@@ -208,6 +212,8 @@ class SipService:
             self._transport = SipTransport(self._on_message, limits=self.limits)
             self._driver = TimerDriver(self.transactions, self._on_timer_events)
             self._extra_drivers = [TimerDriver(c, out) for c, out in self._extra_cores]
+            if self.register_fast_path and self.registrar is not None:
+                self._transport.datagram_shortcut = self._register_shortcut
         bound: list[tuple[Kind, Addr]] = []
         try:
             for spec in listens:
@@ -248,6 +254,26 @@ class SipService:
         self._driver.poke()
         for driver in self._extra_drivers:
             driver.poke()
+
+    def _register_shortcut(self, data: bytes, flow: Flow) -> bytes | None:
+        registrar = self.registrar
+        if registrar is None or "REGISTER" not in self.methods:
+            return None
+        answer = fastpath.answer_register(
+            registrar,
+            self.transactions,
+            data,
+            flow,
+            self._now(),
+            self.server_name,
+            self.transport.limits.message,
+        )
+        if answer is not None:
+            assert self._driver is not None
+            self._driver.poke()
+            for driver in self._extra_drivers:
+                driver.poke()
+        return answer
 
     def _on_timer_events(self, output: object) -> None:
         if isinstance(output, list):
@@ -326,6 +352,10 @@ class RegistrarConfig:
     expires_min: int = 300
     expires_max: int = 900
     digest_algorithms: tuple[str, ...] = ("MD5", "SHA-256")
+    #: REGISTERs over UDP through sipdrill.sip.fastpath where it can (not with auth).
+    fast_path: bool = True
+    #: recvmmsg/sendmmsg on a worker's share of a UDP listener (with sipdrill_mmsg).
+    batch_io: bool = True
 
 
 class _ExpiryTimers:
@@ -373,7 +403,9 @@ def build_registrar_service(
     registrar = Registrar(
         config.domain, config.expires_default, config.expires_min, config.expires_max, auth
     )
-    return registrar_service(registrar, limits=limits)
+    if limits is None and not config.batch_io:
+        limits = TransportLimits(udp_batch_io=False)
+    return registrar_service(registrar, limits=limits, fast_path=config.fast_path)
 
 
 def registrar_service(
@@ -381,17 +413,22 @@ def registrar_service(
     *,
     limits: TransportLimits | None = None,
     timers: TimerConfig | None = None,
+    fast_path: bool = True,
 ) -> SipService:
     """A :class:`SipService` around any :class:`Registrar` (with its policy/auth hooks).
 
     Binding expiry is driven by the service; ``service.registrar`` is the
     registrar, whose bindings carry the :class:`Flow` they came in on.
+    ``fast_path``: answer the common REGISTER over UDP without building
+    messages (:mod:`sipdrill.sip.fastpath`; same bindings and answer, and
+    anything it does not take goes the full way).
     """
     service = SipService(
         registrar_handler(registrar), methods=("REGISTER",), limits=limits, timers=timers
     )
     service.add_timer_core(_ExpiryTimers(registrar))
     service.registrar = registrar
+    service.register_fast_path = fast_path
     return service
 
 

@@ -381,6 +381,19 @@ def cert_names(cert_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tupl
     )
 
 
+def peer_dns_names(peercert: object) -> tuple[str, ...]:
+    """The DNS names (subjectAltName) of a verified peer certificate, as
+    ``getpeercert()`` gives it (empty or None when none was verified): lower
+    case, without a trailing dot, each once."""
+    if not isinstance(peercert, dict):
+        return ()
+    names: dict[str, None] = {}
+    for entry in peercert.get("subjectAltName", ()):
+        if len(entry) == 2 and entry[0] == "DNS":
+            names[str(entry[1]).rstrip(".").lower()] = None
+    return tuple(names)
+
+
 def server_context(
     cert: ServiceCert | str | os.PathLike[str],
     key: str | os.PathLike[str] | None = None,

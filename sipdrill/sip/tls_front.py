@@ -18,11 +18,15 @@ TLS is split off:
   session cache would be per process);
 * a worker does the handshake and the record layer; for each connection it
   makes a Unix stream socket pair and passes one end, with the client's and
-  the listener's addresses, to the SIP process over a control socket
-  (``SCM_RIGHTS``). From then on it only relays bytes, both ways (a side
-  that stops reading is closed once 1 MiB waits for it, as SipTransport
-  closes a peer that does not read), and closes each side when the other
-  closes;
+  the listener's addresses and the DNS names of the certificate the client
+  presented and the worker verified (asked for as the pool's own context
+  does, not required: clients have none, pools present theirs), to the SIP process
+  over a control socket (``SCM_RIGHTS``). The names become the flow's
+  ``Flow.peer_names``, so a pool reaching this pool through a worker is
+  trusted as that pool (mutual TLS), as without workers. From then on the
+  worker only relays bytes, both ways (a side that stops reading is closed
+  once 1 MiB waits for it, as SipTransport closes a peer that does not
+  read), and closes each side when the other closes;
 * the SIP process adopts the plaintext end as a TLS flow from the client's
   address (:meth:`SipTransport.adopt_stream`): framing, keep-alives,
   timeouts, connection reuse for requests to the client and every piece of
@@ -30,8 +34,9 @@ TLS is split off:
 
 The cost is one relay hop per message (two Unix socket writes and reads),
 small beside a handshake. A worker that dies takes its connections with it
-(the clients see a closed flow and reconnect, to another worker); the front
-exits when the SIP process closes the control socket.
+(the clients see a closed flow and reconnect, to another worker) and the
+front forks a new one in its place (from the same context: same ticket key);
+the front and its workers exit when the SIP process closes the control socket.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -52,23 +59,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sipdrill.sip.tls import server_context
+from sipdrill.sip.tls import peer_dns_names, server_context
 
 __all__ = ["TlsFront", "main"]
 
 log = logging.getLogger("sipdrill.sip.tls_front")
 
 Addr = tuple[str, int]
-Adopt = Callable[[socket.socket, Addr, Addr], None]
+#: ``adopt(sock, remote, local, peer_names)``: a plaintext flow for the SIP process.
+Adopt = Callable[[socket.socket, Addr, Addr, tuple[str, ...]], None]
+#: Room for a control message: two addresses and a certificate's names.
+_CONTROL_MAX = 16384
 
 
-def _pack(remote: Addr, local: Addr) -> bytes:
-    return f"{remote[0]} {remote[1]} {local[0]} {local[1]}".encode("ascii")
+def _pack(remote: Addr, local: Addr, names: tuple[str, ...] = ()) -> bytes:
+    return json.dumps([remote[0], remote[1], local[0], local[1], list(names)]).encode()
 
 
-def _unpack(data: bytes) -> tuple[Addr, Addr]:
-    rhost, rport, lhost, lport = data.decode("ascii").split(" ")
-    return (rhost, int(rport)), (lhost, int(lport))
+def _unpack(data: bytes) -> tuple[Addr, Addr, tuple[str, ...]]:
+    rhost, rport, lhost, lport, names = json.loads(data)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError("names must be strings")
+    return (str(rhost), int(rport)), (str(lhost), int(lport)), tuple(names)
 
 
 class TlsFront:
@@ -84,6 +96,7 @@ class TlsFront:
         key: Path,
         workers: int,
         adopt: Adopt,
+        client_ca: Path | None = None,
         handshake_timeout: float = 5.0,
         backlog: int = 1024,
     ) -> None:
@@ -104,6 +117,9 @@ class TlsFront:
         self.address: Addr = listener.getsockname()[:2]
         self._listener = listener
         self._cert, self._key = cert, key
+        # Ask clients for a certificate from this CA and accept none (as the
+        # pool's own context): pools present theirs, clients have none.
+        self._client_ca = client_ca
         self._control: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,6 +129,7 @@ class TlsFront:
         """Start the front process; flows arrive through ``adopt`` from now on."""
         self._loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ca = [] if self._client_ca is None else ["--client-ca", str(self._client_ca)]
         try:
             self._proc = subprocess.Popen(
                 [
@@ -120,6 +137,7 @@ class TlsFront:
                     "--listen-fd", str(self._listener.fileno()),
                     "--control-fd", str(theirs.fileno()),
                     "--cert", str(self._cert), "--key", str(self._key),
+                    *ca,
                     "--workers", str(self.workers),
                     "--handshake-timeout", str(self.handshake_timeout),
                 ],
@@ -144,7 +162,7 @@ class TlsFront:
         assert control is not None
         for _ in range(64):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(control, 256, 4)
+                data, fds, _flags, _addr = socket.recv_fds(control, _CONTROL_MAX, 4)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -157,8 +175,8 @@ class TlsFront:
                 return
             socks = [socket.socket(fileno=fd) for fd in fds]
             try:
-                remote, local = _unpack(data)
-            except (ValueError, UnicodeDecodeError):
+                remote, local, names = _unpack(data)
+            except (ValueError, TypeError):
                 log.warning("a TLS front message without addresses: %r", data[:64])
                 for sock in socks:
                     sock.close()
@@ -168,12 +186,23 @@ class TlsFront:
             if socks:
                 socks[0].setblocking(False)
                 self.adopted += 1
-                self.adopt(socks[0], remote, local)
+                self.adopt(socks[0], remote, local, names)
 
     def _stop_reading(self) -> None:
         if self._control is not None and self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._control.fileno())
+
+    def worker_pids(self) -> list[int]:
+        """The front's workers now (Linux: read from /proc)."""
+        if self._proc is None:
+            return []
+        pid = self._proc.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
 
     async def close(self) -> None:
         self._stop_reading()
@@ -382,9 +411,11 @@ class _Worker:
     def _hand_over(self, conn: _Conn) -> None:
         remote = conn.sock.getpeername()[:2]
         local = conn.sock.getsockname()[:2]
+        # getpeercert() is empty unless a certificate was presented and verified.
+        names = peer_dns_names(conn.obj.getpeercert())
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            socket.send_fds(self.control, [_pack(remote, local)], [theirs.fileno()])
+            socket.send_fds(self.control, [_pack(remote, local, names)], [theirs.fileno()])
         except OSError as exc:
             log.warning("cannot pass a TLS connection to the SIP process: %s", exc)
             mine.close()
@@ -436,12 +467,38 @@ class _Worker:
             sock.close()
 
 
+#: A worker that dies sooner than this after its start is replaced only after this long.
+_RESTART_PAUSE = 1.0
+
+
+def _fork_worker(
+    listener: socket.socket, control: socket.socket, ctx: ssl.SSLContext, handshake_timeout: float
+) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _Worker(listener, control, ctx, handshake_timeout).run()
+        except BaseException:  # report and leave: the front sees the exit
+            log.exception("TLS worker failed")
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _control_closed(control: socket.socket) -> bool:
+    """The SIP process never writes on the control socket: readable means it closed it."""
+    readable, _, _ = select.select([control], [], [], 0)
+    return bool(readable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="TLS workers in front of a SIP process")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
+    parser.add_argument("--client-ca", default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--handshake-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
@@ -451,42 +508,51 @@ def main(argv: list[str] | None = None) -> int:
     listener.setblocking(False)
     control = socket.socket(fileno=args.control_fd)
     control.setblocking(True)  # a busy SIP process slows the accepts: back-pressure
-    # One context, made before the fork: every worker has its ticket key.
-    ctx = server_context(Path(args.cert), Path(args.key))
-    children: list[int] = []
+    # One context, made before the fork: every worker has its ticket key, and so
+    # does a worker forked later to replace one that died.
+    ctx = server_context(
+        Path(args.cert), Path(args.key), client_ca=args.client_ca, client_cert_required=False
+    )
+    started: dict[int, float] = {}  # worker pid -> when it was forked
     for _ in range(max(1, args.workers)):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _Worker(listener, control, ctx, args.handshake_timeout).run()
-            except BaseException:  # report and leave: the front sees the exit
-                log.exception("TLS worker failed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    listener.close()
-    control.close()
+        started[_fork_worker(listener, control, ctx, args.handshake_timeout)] = time.monotonic()
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
-        for pid in children:
+        nonlocal stopping
+        stopping = True
+        for pid in list(started):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # The front keeps the listener and the control socket, to hand them to a
+    # replacement worker; it never accepts or sends on them.
     worst = 0
-    for pid in children:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                status = 0
-                break
-            except InterruptedError:
+    while started:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        lived = time.monotonic() - started.pop(pid, time.monotonic())
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or _control_closed(control):
+            worst = max(worst, code if code > 0 else 0)
+            continue
+        # Killed or crashed while the SIP process still wants TLS: its clients
+        # were reset and reconnect to the others; put a new worker in its place.
+        log.warning("TLS worker %d died (%s); starting another", pid,
+                    f"exit {code}" if code >= 0 else f"signal {-code}")
+        if lived < _RESTART_PAUSE:
+            time.sleep(_RESTART_PAUSE)  # one that dies at once is not restarted in a loop
+            if stopping or _control_closed(control):
                 continue
-        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
+        started[_fork_worker(listener, control, ctx, args.handshake_timeout)] = time.monotonic()
+    listener.close()
+    control.close()
     return 0 if worst == 0 else 1
 
 

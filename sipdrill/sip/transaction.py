@@ -574,13 +574,17 @@ class ServerTransaction(_Transaction):
 
     def __init__(
         self,
-        request: Request,
+        request: Request | None,
         config: TimerConfig,
         reliable: bool,
         peer: Peer | None,
         key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(key or _branch_key(request, server=True), config, reliable, peer)
+        if key is None:
+            if request is None:
+                raise TransactionError(reason="a server transaction needs its request or key")
+            key = _branch_key(request, server=True)
+        super().__init__(key, config, reliable, peer)
         # Held until start() hands it to the TU: a UDP transaction lives on for
         # 32 s (Timer J) answering retransmissions from last_response, and tens
         # of thousands of parsed requests kept that long only fed the collector.
@@ -622,14 +626,15 @@ class ServerTransaction(_Transaction):
         return []
 
     def send_response(self, response: Response, now: float) -> list[TransactionEvent]:
-        old = self._transition(_tu_input(response.code))
-        data = serialize(response)
-        self.last_response = data
-        return [self._send(data), *self._after_response(old, response, now)]
+        return self.send_encoded(response.code, serialize(response), now)
 
-    def _after_response(
-        self, old: TxState, response: Response, now: float
-    ) -> list[TransactionEvent]:
+    def send_encoded(self, code: int, data: bytes, now: float) -> list[TransactionEvent]:
+        """:meth:`send_response` for a response already serialized (status ``code``)."""
+        old = self._transition(_tu_input(code))
+        self.last_response = data
+        return [self._send(data), *self._after_response(old, now)]
+
+    def _after_response(self, old: TxState, now: float) -> list[TransactionEvent]:
         raise NotImplementedError
 
     def transport_error(self, reason: str, now: float) -> list[TransactionEvent]:
@@ -700,9 +705,7 @@ class ServerInviteTransaction(ServerTransaction):
             return []
         return super()._on_request(inp, old, request, now)
 
-    def _after_response(
-        self, old: TxState, response: Response, now: float
-    ) -> list[TransactionEvent]:
+    def _after_response(self, old: TxState, now: float) -> list[TransactionEvent]:
         if self.state is TxState.COMPLETED:
             if not self.reliable:
                 self._start_timer(Timer.G, now, self.config.t1)
@@ -744,9 +747,7 @@ class ServerNonInviteTransaction(ServerTransaction):
         S.COMPLETED: frozenset({Timer.J}),
     }
 
-    def _after_response(
-        self, old: TxState, response: Response, now: float
-    ) -> list[TransactionEvent]:
+    def _after_response(self, old: TxState, now: float) -> list[TransactionEvent]:
         if self.state is TxState.COMPLETED:
             self._start_timer(Timer.J, now, 0.0 if self.reliable else self.config.timeout)
             return self._zero_timers(now)
@@ -825,6 +826,29 @@ class TransactionManager:
         tx = ServerTransaction.create(request, self.config, reliable=reliable, peer=peer, key=key)
         self._server[key] = tx
         return self._after(tx, tx.start(now), client=False)
+
+    def answered(
+        self,
+        key: TransactionKey,
+        code: int,
+        data: bytes,
+        now: float,
+        *,
+        reliable: bool,
+        peer: Peer | None = None,
+    ) -> list[TransactionEvent]:
+        """A new non-INVITE request (``key``) its TU answered as it arrived, with ``data``
+        (status ``code``): the server transaction :meth:`receive_request` and
+        :meth:`send_response` would leave, filed without the parsed request
+        (the registrar's fast path never builds one). Its retransmissions are
+        answered from it, as any other's."""
+        if key in self._server:
+            raise TransactionError(reason=f"Server transaction {key} already exists")
+        if key.method in ("INVITE", "ACK"):
+            raise TransactionError(reason="answered() is for non-INVITE requests")
+        tx = ServerNonInviteTransaction(None, self.config, reliable, peer, key)
+        self._server[key] = tx
+        return self._after(tx, tx.send_encoded(code, data, now), client=False)
 
     def send_response(
         self, key: TransactionKey, response: Response, now: float

@@ -70,6 +70,7 @@ from sipdrill.sip.message import (
     parse_message,
     serialize,
 )
+from sipdrill.sip.tls import peer_dns_names
 
 __all__ = [
     "Addr",
@@ -84,9 +85,15 @@ __all__ = [
     "Unreadable",
     "limit_tls_read_buffers",
     "read_message",
+    "stamped_via",
 ]
 
 log = logging.getLogger("sipdrill.sip.transport")
+
+try:  # optional recvmmsg/sendmmsg (ext/mmsg, built by `make install`)
+    import sipdrill_mmsg as _mmsg
+except ImportError:
+    _mmsg = None
 
 Addr = tuple[str, int]
 
@@ -173,10 +180,16 @@ class TransportLimits:
     # process) that the kernel default (~200 KiB, ~450 REGISTERs) drops.
     # Capped by net.core.rmem_max.
     udp_receive_buffer: int = 1024 * 1024
+    # A worker's share of a UDP listener (_SharedUdp) reads with recvmmsg and
+    # sends a wake-up's answers with one sendmmsg, when sipdrill_mmsg is there.
+    udp_batch_io: bool = True
 
 
 Handler = Callable[[Received], None]
 FlowCallback = Callable[[Flow], None]
+DatagramShortcut = Callable[[bytes, Flow], bytes | None]
+"""``(datagram, flow) -> answer``: the whole exchange for a datagram it recognises,
+or None to let the datagram take the ordinary path (parse, ``handler``)."""
 
 
 def _addr(raw: object) -> Addr:
@@ -222,14 +235,7 @@ def _verified_peer_names(transport: asyncio.BaseTransport) -> tuple[str, ...]:
     certificate that fails verification fails the handshake before asyncio
     calls ``connection_made``, so whatever is here was verified.
     """
-    cert = transport.get_extra_info("peercert")
-    if not cert:
-        return ()
-    names: dict[str, None] = {}
-    for entry in cert.get("subjectAltName", ()):
-        if len(entry) == 2 and entry[0] == "DNS":
-            names[str(entry[1]).rstrip(".").lower()] = None
-    return tuple(names)
+    return peer_dns_names(transport.get_extra_info("peercert"))
 
 
 def _stamp_via(request: Request, remote: Addr) -> None:
@@ -241,10 +247,19 @@ def _stamp_via(request: Request, remote: Addr) -> None:
     vias = request.headers.getlist("Via")
     if not vias:
         return
-    top = vias[0]
-    first, sep, rest = top.partition(",")
+    new = stamped_via(vias[0], remote)
+    if new is not None:
+        vias = list(vias)
+        vias[0] = new
+        request.headers.setlist("Via", vias)
+
+
+def stamped_via(value: str, remote: Addr) -> str | None:
+    """The first Via header value ``value`` with ``received``/``rport`` stamped for a
+    request from ``remote`` (see :func:`_stamp_via`), or None when it stays as it is."""
+    first, sep, rest = value.partition(",")
     if '"' in first:
-        return  # a quoted parameter may hide a comma: leave such a Via alone
+        return None  # a quoted parameter may hide a comma: leave such a Via alone
     host, port = remote
     new = first.rstrip()
     has_rport = _RPORT_RE.search(new) is not None
@@ -253,14 +268,12 @@ def _stamp_via(request: Request, remote: Addr) -> None:
     if not _RECEIVED_RE.search(new):
         m = _SENT_BY_RE.match(new)
         if m is None:
-            return
+            return None
         if has_rport or m.group(1).strip("[]") != host:
             new += f";received={host}"
     if new == first.rstrip():
-        return
-    vias = list(vias)
-    vias[0] = new + (sep + rest if sep else "")
-    request.headers.setlist("Via", vias)
+        return None
+    return new + (sep + rest if sep else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,11 +410,60 @@ class _SharedUdp(_Udp):
             sock.setblocking(False)
         self.local = _addr(shared.getsockname())
         self._open = True
-        owner.loop.add_reader(shared.fileno(), self._read_shared)
+        self.batched = owner.limits.udp_batch_io and _mmsg is not None
+        # Answers of the datagrams being read, sent together at the end (batched).
+        self._outbox: list[tuple[bytes, Addr]] | None = None
+        owner.loop.add_reader(
+            shared.fileno(), self._read_shared_batch if self.batched else self._read_shared
+        )
         owner.loop.add_reader(inbox.fileno(), self._read_inbox)
 
     def usable(self) -> bool:
         return self._open
+
+    def _read_shared_batch(self) -> None:
+        """:meth:`_read_shared` with one recvmmsg, and one sendmmsg for the answers."""
+        assert _mmsg is not None
+        try:
+            batch = _mmsg.recv(self.shared.fileno(), self.BATCH, 65535)
+        except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+            log.debug("udp %s: %s", self.local, exc)
+            return
+        if not batch:
+            return
+        shards = len(self.peers)
+        stats = self.owner.stats
+        self._outbox = []
+        try:
+            for data, addr in batch:
+                target = shard.shard_of(data, shards)
+                if target == self.me:
+                    self.datagram_received(data, addr)
+                    continue
+                try:
+                    self.peers[target].send(shard.pack(_addr(addr), data))
+                    stats["forwarded"] += 1
+                except OSError:
+                    stats["forward_dropped"] += 1
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, None
+        if not out or not self._open:
+            return
+        assert _mmsg is not None
+        try:
+            sent = _mmsg.send(self.shared.fileno(), out)
+        except (OSError, ValueError, OverflowError) as exc:
+            # The first answer could not go: one by one, so that the rest still do.
+            log.info("udp %s: batch send failed (%s), one by one", self.local, exc)
+            for data, remote in out:
+                with contextlib.suppress(OSError):
+                    self.shared.sendto(data, remote)
+            return
+        if sent < len(out):  # a full send buffer: UDP, the peers retransmit
+            self.owner.stats["send_dropped"] += len(out) - sent
 
     def _read_shared(self) -> None:
         shards = len(self.peers)
@@ -425,6 +487,15 @@ class _SharedUdp(_Udp):
                 stats["forward_dropped"] += 1
 
     def _read_inbox(self) -> None:
+        if self.batched:
+            self._outbox = []
+        try:
+            self._read_inbox_frames()
+        finally:
+            if self.batched:
+                self._flush()
+
+    def _read_inbox_frames(self) -> None:
         for _ in range(self.BATCH):
             try:
                 frame = self.inbox.recv(65536)
@@ -441,7 +512,10 @@ class _SharedUdp(_Udp):
             self.datagram_received(payload, remote)
 
     def _sendto(self, data: bytes, remote: Addr) -> None:
-        self.shared.sendto(data, remote)
+        if self._outbox is not None:
+            self._outbox.append((data, remote))
+        else:
+            self.shared.sendto(data, remote)
 
     def close(self) -> None:
         if self._open:
@@ -460,11 +534,14 @@ class _Stream(asyncio.Protocol, _Endpoint):
         outbound: bool,
         sni: str | None = None,
         addresses: tuple[Addr, Addr] | None = None,
+        peer_names: tuple[str, ...] = (),
     ) -> None:
         self.owner = owner
         # (local, remote) of a flow whose socket is not the client's own: a
-        # plaintext pipe from a TLS worker (sipdrill.sip.tls_front).
+        # plaintext pipe from a TLS worker (sipdrill.sip.tls_front), with the
+        # names of the certificate the worker verified.
         self.addresses = addresses
+        self.peer_names = peer_names
         self.serial = serial
         self.kind = kind
         self.outbound = outbound
@@ -490,13 +567,12 @@ class _Stream(asyncio.Protocol, _Endpoint):
         self.transport = transport
         if self.addresses is not None:
             self.local, self.remote = self.addresses
+            names = self.peer_names
         else:
             self.local = _addr(transport.get_extra_info("sockname"))
             self.remote = _addr(transport.get_extra_info("peername"))
-        self.flow = Flow(
-            self.kind, self.local, self.remote, self.serial,
-            _verified_peer_names(transport) if self.kind is Kind.TLS else (),
-        )
+            names = _verified_peer_names(transport) if self.kind is Kind.TLS else ()
+        self.flow = Flow(self.kind, self.local, self.remote, self.serial, names)
         if not self.owner._admit(self):
             log.warning(
                 "%s %s: connection from %s refused: %d connections open",
@@ -662,6 +738,9 @@ class SipTransport:
         self.limits = limits or TransportLimits()
         self.on_pong = on_pong
         self.on_flow_closed = on_flow_closed
+        # Tried first on every datagram (see DatagramShortcut): the registrar's
+        # REGISTER fast path (sipdrill.sip.fastpath).
+        self.datagram_shortcut: DatagramShortcut | None = None
         self.loop = asyncio.get_running_loop()
         self.stats: dict[str, int] = {
             "received": 0,
@@ -674,6 +753,7 @@ class SipTransport:
             "handler_errors": 0,
             "forwarded": 0,
             "forward_dropped": 0,
+            "send_dropped": 0,
         }
         self._serials = itertools.count(1)
         self._endpoints: dict[int, _Endpoint] = {}
@@ -728,10 +808,18 @@ class SipTransport:
         self._servers.append((kind, server))
         return _addr(server.sockets[0].getsockname())
 
-    def adopt_stream(self, sock: socket.socket, kind: Kind, remote: Addr, local: Addr) -> None:
+    def adopt_stream(
+        self,
+        sock: socket.socket,
+        kind: Kind,
+        remote: Addr,
+        local: Addr,
+        peer_names: tuple[str, ...] = (),
+    ) -> None:
         """Serve an accepted connection whose socket carries ``kind``'s plaintext
         for a peer at ``remote`` (a TLS worker's pipe, see sipdrill.sip.tls_front):
-        a flow like one accepted by :meth:`listen`, with the peer's addresses."""
+        a flow like one accepted by :meth:`listen`, with the peer's addresses and
+        the DNS names of the certificate the worker verified (``Flow.peer_names``)."""
         if self._closing:
             sock.close()
             return
@@ -740,7 +828,15 @@ class SipTransport:
         async def connect() -> None:
             try:
                 await self.loop.connect_accepted_socket(
-                    lambda: _Stream(self, serial, kind, False, addresses=(local, remote)), sock
+                    lambda: _Stream(
+                        self,
+                        serial,
+                        kind,
+                        False,
+                        addresses=(local, remote),
+                        peer_names=peer_names,
+                    ),
+                    sock,
                 )
             except OSError as exc:
                 log.info("%s %s: cannot adopt a flow from %s: %s", kind, local, remote, exc)
@@ -976,9 +1072,21 @@ class SipTransport:
         if isinstance(event, KeepAlivePong):
             self._pong(Flow(Kind.UDP, udp.local, remote, udp.serial))
             return
-        self._deliver(
-            Kind.UDP, event.data, remote, Flow(Kind.UDP, udp.local, remote, udp.serial), udp
-        )
+        flow = Flow(Kind.UDP, udp.local, remote, udp.serial)
+        shortcut = self.datagram_shortcut
+        if shortcut is not None:
+            try:
+                answer = shortcut(event.data, flow)
+            except Exception:
+                self.stats["handler_errors"] += 1
+                log.exception("udp: the shortcut failed on a datagram from %s", remote)
+                return
+            if answer is not None:
+                self.stats["received"] += 1
+                if udp.write(answer, remote):
+                    self.stats["sent"] += 1
+                return
+        self._deliver(Kind.UDP, event.data, remote, flow, udp)
 
     def _deliver(
         self, kind: Kind, data: bytes, remote: Addr, flow: Flow, endpoint: _Endpoint

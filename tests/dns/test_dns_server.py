@@ -16,14 +16,18 @@ from dns_clients import tcp, udp, udp_query
 
 from sipdrill.dns.core import DnsCore
 from sipdrill.dns.errors import ConfigError
-from sipdrill.dns.server import DnsServer
+from sipdrill.dns.server import BATCH_IO, DnsServer
 from sipdrill.dns.zone import RecordChange
 
 SRV = "_sipinternaltls._tcp.lab.local"
 
 
-@pytest.fixture
-async def server(core: DnsCore) -> AsyncIterator[DnsServer]:
+@pytest.fixture(params=["batched", "one-by-one"])
+async def server(core: DnsCore, request: pytest.FixtureRequest) -> AsyncIterator[DnsServer]:
+    """Each test twice: UDP through recvmmsg/sendmmsg (sipdrill_mmsg, when
+    installed) and through recvfrom/sendto, the fallback."""
+    if request.param == "batched" and not BATCH_IO:
+        pytest.skip("sipdrill_mmsg is not installed (pip install ext/mmsg)")
     srv = DnsServer(
         core,
         [("127.0.0.1", 0)],
@@ -32,8 +36,10 @@ async def server(core: DnsCore) -> AsyncIterator[DnsServer]:
         tcp_write_timeout=1.0,
         tcp_max_connections=8,
         tcp_max_message=4096,
+        batch_io=request.param == "batched",
     )
     await srv.start()
+    assert srv._udp[0].batched == (request.param == "batched")
     try:
         yield srv
     finally:

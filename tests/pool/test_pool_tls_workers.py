@@ -63,3 +63,25 @@ async def test_requests_from_the_pool_and_its_closing_reach_the_client(tmp_path:
         await ua.next_request("NOTIFY", within=6)
         await asyncio.wait_for(ua.closed.wait(), 3)
         assert (await lab.status(P2))["registrations"]["resiliency"] == 0
+
+
+async def test_the_partner_is_trusted_through_the_workers(tmp_path: Path) -> None:
+    """The workers pass the names of the certificate they verified with the flow:
+    the partner's heartbeats, received through them, count (mutual TLS)."""
+    async with two_pools(tmp_path, tls_workers=1) as lab:
+
+        async def heard() -> bool:
+            return all(lab.pools[p].sip.heartbeats["received"] > 0 for p in (P1, P2))
+
+        await wait_for(heard, 5, step=0.1)
+
+        async def both_up() -> bool:  # (P1 may have called P2 down while P2 started)
+            states = [(await lab.status(p))["partner"]["state"] for p in (P1, P2)]
+            return states == ["up", "up"]
+
+        await wait_for(both_up, 10, step=0.2)
+        for fqdn in (P1, P2):
+            claims = lab.pools[fqdn].metrics.registry.get_sample_value(
+                "sipdrill_pool_untrusted_pool_claims_total", {"reason": "client"}
+            )
+            assert not claims

@@ -211,7 +211,7 @@ def options_ping(port: int, me: int, host: str = HOST) -> bytes:
     ).encode()
 
 
-async def wait_udp_sip(port: int, within: float = 10.0) -> None:
+async def wait_udp_sip(port: int, within: float = 30.0) -> None:
     """Until something answers an OPTIONS on 127.0.0.1:port over UDP."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

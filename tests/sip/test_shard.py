@@ -93,10 +93,15 @@ def test_frames_round_trip() -> None:
             unpack(bad)
 
 
-async def test_each_worker_handles_what_it_owns_and_passes_on_the_rest() -> None:
+@pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "one-by-one"])
+async def test_each_worker_handles_what_it_owns_and_passes_on_the_rest(batched: bool) -> None:
     """Two workers' transports read one listener; each request is handled once, by its
-    owner, and answered from the listener's address."""
-    from sipdrill.sip.transport import SipTransport
+    owner, and answered from the listener's address: with recvmmsg/sendmmsg
+    (sipdrill_mmsg) and with the recvfrom/sendto fallback."""
+    from sipdrill.sip.transport import SipTransport, TransportLimits, _mmsg
+
+    if batched and _mmsg is None:
+        pytest.skip("sipdrill_mmsg is not installed (pip install ext/mmsg)")
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener.bind((HOST, 0))
@@ -117,9 +122,10 @@ async def test_each_worker_handles_what_it_owns_and_passes_on_the_rest() -> None
         return handle
 
     for me in range(2):
-        transport = SipTransport(handler_for(me))
+        transport = SipTransport(handler_for(me), limits=TransportLimits(udp_batch_io=batched))
         transports.append(transport)
         transport.attach_shard(shared[me], pairs[me][1], senders, me)
+        assert transport._udp[-1].batched == batched  # type: ignore[attr-defined]
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind((HOST, 0))
     client.setblocking(False)

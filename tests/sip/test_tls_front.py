@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sipdrill.sip.tls import client_context, ensure_server_cert
+from sipdrill.sip.tls import LabCA, client_context, ensure_server_cert
 from sipdrill.sip.tls_front import TlsFront, _pack, _unpack
 from sipdrill.sip.transport import Flow, Kind, Received, SipTransport
 
@@ -25,11 +27,13 @@ OPTIONS = (
 )
 
 
-def test_addresses_survive_the_control_message() -> None:
+def test_addresses_and_names_survive_the_control_message() -> None:
     pair = (("127.0.0.5", 40000), ("127.0.0.1", 5061))
-    assert _unpack(_pack(*pair)) == pair
-    v6 = (("::1", 1), ("fe80::1", 65535))
+    assert _unpack(_pack(*pair)) == (*pair, ())
+    v6 = (("::1", 1), ("fe80::1", 65535), ("pool2.lab.local", "fe1.pool2.lab.local"))
     assert _unpack(_pack(*v6)) == v6
+    with pytest.raises(ValueError):
+        _unpack(b'["h", 1, "l", 2, [3]]')
 
 
 @dataclass
@@ -48,10 +52,20 @@ async def side(tmp_path: Path) -> AsyncIterator[Side]:
     closed: list[Flow] = []
     transport = SipTransport(received.append, on_flow_closed=closed.append)
 
-    def adopt(sock: socket.socket, remote: tuple[str, int], local: tuple[str, int]) -> None:
-        transport.adopt_stream(sock, Kind.TLS, remote, local)
+    def adopt(
+        sock: socket.socket, remote: tuple[str, int], local: tuple[str, int], names: tuple[str, ...]
+    ) -> None:
+        transport.adopt_stream(sock, Kind.TLS, remote, local, names)
 
-    front = TlsFront(HOST, 0, cert=cert.cert_path, key=cert.key_path, workers=2, adopt=adopt)
+    front = TlsFront(
+        HOST,
+        0,
+        cert=cert.cert_path,
+        key=cert.key_path,
+        workers=2,
+        adopt=adopt,
+        client_ca=cert.ca_path,
+    )
     front.start()
     s = Side(transport, front, cert.ca_path, received, closed)
     try:
@@ -131,3 +145,42 @@ async def test_a_certificate_for_another_name_is_refused(side: Side) -> None:
             *side.front.address, ssl=client_context(side.ca), server_hostname="other.lab.local"
         )
     assert side.front.adopted == 0
+
+
+async def test_the_verified_certificate_names_travel_with_the_flow(side: Side) -> None:
+    """A peer presenting a certificate from the lab CA (a pool) arrives with its names;
+    a client without one arrives with none."""
+    peer = LabCA.load(side.ca.parent).issue_server(
+        "pool2", pool_fqdn="pool2.lab.local", front_end_fqdns=["fe1.pool2.lab.local"]
+    )
+    for ctx, names in (
+        (client_context(side.ca, cert=peer), ("pool2.lab.local", "fe1.pool2.lab.local")),
+        (client_context(side.ca), ()),
+    ):
+        _reader, writer = await asyncio.open_connection(
+            *side.front.address, ssl=ctx, server_hostname=NAME
+        )
+        writer.write(OPTIONS.format(n=len(side.received)).encode())
+        await _until(lambda n=len(side.received): len(side.received) == n + 1)
+        assert set(side.received[-1].flow.peer_names) >= set(names)
+        assert bool(side.received[-1].flow.peer_names) == bool(names)
+        writer.close()
+
+
+async def test_a_dead_worker_is_replaced(side: Side) -> None:
+    """Kill one worker: handshakes go on (on the other), and a new worker appears."""
+    await _until(lambda: len(side.front.worker_pids()) == 2)
+    before = side.front.worker_pids()
+    os.kill(before[0], signal.SIGKILL)
+    await _until(
+        lambda: len(now := side.front.worker_pids()) == 2 and before[0] not in now, within=10
+    )
+    ctx = client_context(side.ca)
+    for n in range(6):  # both workers, new and old, take connections
+        _reader, writer = await asyncio.open_connection(
+            *side.front.address, ssl=ctx, server_hostname=NAME
+        )
+        writer.write(OPTIONS.format(n=100 + n).encode())
+        await _until(lambda n=n: len(side.received) == n + 1)
+        writer.close()
+    assert side.front.adopted == 6
