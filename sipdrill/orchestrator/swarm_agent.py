@@ -20,18 +20,43 @@ a clients replica) via the task's docker_gwbridge address, so the
 orchestrator on the node reaches the control APIs as it does on the docker
 runtime (the node is not on the overlays).
 
+**Across nodes.** A task claims its plan address itself (Swarm gives none),
+and Docker's overlay answers ARP only for the addresses it assigned: a task
+on another node cannot resolve a claimed address. Each agent reads the
+overlays' gossip (``docker network inspect --verbose``: every task of every
+node on the network, its Docker address and its node's address) and, for
+each task of *another* node that has a plan address (the stack gives the
+agent the plan: ``SIPDRILL_PLAN_ADDRESSES``):
+
+* in every lab container of its node on that task's home network, a route
+  ``PLAN/32 via <the task's Docker address>`` (``proto 93``): the frame goes
+  to the task's own MAC, which Docker's overlay knows on every node, and the
+  task accepts it (the plan address is its own);
+* in its node's namespace, a host route to that task (plan address, or core
+  address for a clients replica) via the task's node address, so an
+  orchestrator on any node reaches every control API; the task's node
+  forwards it to the task by that node's own agent's route.
+
+Why routes in the tasks and not neighbour entries in the overlay's own
+namespace: that namespace (``/run/docker/netns/1-<id>``) is made after the
+agent starts, and a container sees later mounts of a private host mount
+only with mount propagation, which hosts (this one) do not give.
+
 Its API (bearer token: the lab's) is thin over :class:`AgentCore`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +71,7 @@ from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError
 from sipdrill.orchestrator import labels
 from sipdrill.orchestrator.compose import CLIENTS_SERVICE
-from sipdrill.orchestrator.docker_runtime import DockerRuntime
+from sipdrill.orchestrator.docker_runtime import DockerRuntime, generation
 from sipdrill.orchestrator.fault_model import FaultKind
 from sipdrill.orchestrator.faults import (
     Cut,
@@ -124,6 +149,87 @@ class LeaseOrder(BaseModel):
     seconds: float = Field(gt=0, le=86400)
 
 
+@dataclass(frozen=True)
+class RemoteTask:
+    """A lab task on another node, as the overlays' gossip tells it."""
+
+    service: str  # pool1, clients-2
+    network: str  # <lab>_<network>
+    endpoint: str  # its Docker-assigned address on that network
+    host: str  # its node's address
+
+
+def task_service(lab: str, task_name: str) -> str | None:
+    """``<lab>_pool1.1.<task id>`` -> ``pool1``; a clients replica ->
+    ``clients-<slot>``; None for what is not a task of the lab."""
+    if not task_name.startswith(f"{lab}_"):
+        return None
+    parts = task_name.removeprefix(f"{lab}_").split(".")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return None
+    if parts[0] == CLIENTS_SERVICE:
+        return f"{CLIENTS_SERVICE}-{parts[1]}"
+    return parts[0]
+
+
+def parse_gossip(lab: str, network: Mapping[str, Any], local: Sequence[str]) -> list[RemoteTask]:
+    """The other nodes' tasks in one ``network inspect --verbose`` answer
+    (``local``: this node's container names, left out)."""
+    found = []
+    for svc in (network.get("Services") or {}).values():
+        for t in svc.get("Tasks") or []:
+            name = str(t.get("Name", ""))
+            service = task_service(lab, name)
+            host = str((t.get("Info") or {}).get("Host IP", ""))
+            endpoint = str(t.get("EndpointIP", ""))
+            if service is None or name in local or not host or not endpoint:
+                continue
+            found.append(RemoteTask(service, str(network.get("Name", "")), endpoint, host))
+    return found
+
+
+def plan_routes(
+    remote: Sequence[RemoteTask],
+    plan: Mapping[str, str],
+    subnets: Mapping[str, ipaddress.IPv4Network],
+) -> dict[str, tuple[str, str]]:
+    """Plan address of each remote task -> (its home network, its Docker
+    address there): what the node's containers on that network route via."""
+    out: dict[str, tuple[str, str]] = {}
+    for t in remote:
+        address = plan.get(t.service)
+        net = subnets.get(t.network)
+        if address and net is not None and ipaddress.ip_address(address) in net:
+            out[address] = (t.network, t.endpoint)
+    return out
+
+
+def remote_host_routes(
+    lab: str, remote: Sequence[RemoteTask], plan: Mapping[str, str]
+) -> dict[str, str]:
+    """Address of each remote task the orchestrator reaches (plan address, or
+    a clients replica's core address) -> its node's address."""
+    out = {}
+    for t in remote:
+        address = plan.get(t.service)
+        if not address and t.service.startswith(f"{CLIENTS_SERVICE}-"):
+            address = t.endpoint if t.network == f"{lab}_core" else ""
+        if address:
+            out[address] = t.host
+    return out
+
+
+def parse_plan(text: str) -> dict[str, str]:
+    """``pool1=10.0.1.11,dns=10.0.0.53`` (the stack's SIPDRILL_PLAN_ADDRESSES)."""
+    out = {}
+    for item in text.split(","):
+        name, sep, address = item.strip().partition("=")
+        if sep and name and address:
+            ipaddress.ip_address(address)  # ValueError names it
+            out[name] = address
+    return out
+
+
 def service_name(c: Container) -> str:
     """The lab service of a task's container: ``pool1``, ``clients-3``."""
     service = str(c.labels.get(labels.SERVICE, c.name))
@@ -145,6 +251,7 @@ class AgentCore:
         *,
         routes: bool = True,
         clock: Any = time.time,
+        plan: Mapping[str, str] | None = None,
     ) -> None:
         self.lab = lab
         self.node = node
@@ -158,6 +265,12 @@ class AgentCore:
         self.lease_path = state_dir / "lease.json"
         self.lease_until = self._load_lease()
         self.routes: dict[str, str] = {}  # address -> via
+        #: service -> plan address, for the tasks of other nodes.
+        self.plan = dict(plan or {})
+        #: container generation -> {plan address: via} in force in its namespace.
+        self.neighbours: dict[str, dict[str, str]] = {}
+        self.remote: list[RemoteTask] = []
+        self.subnets: dict[str, ipaddress.IPv4Network] = {}
         self.healed_by_lease = 0
 
     # --- lease -------------------------------------------------------------
@@ -339,6 +452,8 @@ class AgentCore:
                 )
             if address:
                 wanted[address] = row["gateway"]
+        for address, host in remote_host_routes(self.lab, self.remote, self.plan).items():
+            wanted.setdefault(address, host)
         return wanted
 
     def sync_routes(self) -> None:
@@ -348,22 +463,88 @@ class AgentCore:
         for address in [a for a in self.routes if a not in wanted]:
             _ip("route", "del", f"{address}/32", "proto", str(ROUTE_PROTO))
             self.routes.pop(address, None)
+        local = {row["gateway"] for row in self.containers()}
         for address, via in wanted.items():
             if self.routes.get(address) == via:
                 continue
+            # A task of this node: by docker_gwbridge; of another node: by the
+            # node's address, wherever the kernel finds it.
+            dev = ["dev", GWBRIDGE] if via in local else []
             ok = _ip(
-                "route",
-                "replace",
-                f"{address}/32",
-                "via",
-                via,
-                "dev",
-                GWBRIDGE,
-                "proto",
-                str(ROUTE_PROTO),
+                "route", "replace", f"{address}/32", "via", via, *dev, "proto", str(ROUTE_PROTO)
             )
             if ok:
                 self.routes[address] = via
+
+    # --- across nodes -------------------------------------------------------
+
+    def read_gossip(self) -> None:
+        """The other nodes' tasks, from every lab overlay this node is on."""
+        client = self.runtime.client
+        local = [c.name for c in self.runtime.lab_containers(self.lab)]
+        remote: list[RemoteTask] = []
+        subnets: dict[str, ipaddress.IPv4Network] = {}
+        for net in client.networks.list(filters={"driver": "overlay"}):
+            if not str(net.name).startswith(f"{self.lab}_"):
+                continue
+            try:
+                info = client.api.inspect_network(net.id, verbose=True)
+            except DockerException:  # gone meanwhile
+                continue
+            for cfg in (info.get("IPAM") or {}).get("Config") or []:
+                with contextlib.suppress(ValueError, TypeError):
+                    subnet = ipaddress.ip_network(cfg.get("Subnet", ""))
+                    if isinstance(subnet, ipaddress.IPv4Network):
+                        subnets[str(net.name)] = subnet
+            remote += parse_gossip(self.lab, info, local)
+        self.remote, self.subnets = remote, subnets
+
+    def sync_neighbours(self) -> None:
+        """In each lab container of this node, a route to every plan address
+        of another node's task on a network the container is on."""
+        routes = plan_routes(self.remote, self.plan, self.subnets)
+        seen = set()
+        for c in self.runtime.lab_containers(self.lab):
+            if c.labels.get(labels.ROLE) == "agent" or not c.attrs["State"].get("Running"):
+                continue
+            key = generation(c)
+            seen.add(key)
+            nets = c.attrs.get("NetworkSettings", {}).get("Networks") or {}
+            own = c.labels.get(ADDRESS_LABEL, "")
+            wanted = {
+                address: via
+                for address, (network, via) in routes.items()
+                if network in nets and address != own
+            }
+            if self.neighbours.get(key) == wanted:
+                continue
+            if c.attrs["State"].get("Paused"):
+                continue  # no exec in a paused container: the next tick
+            keep = " ".join(f"{a}" for a in wanted)
+            script = "".join(
+                f"ip route replace {a}/32 via {v} proto {ROUTE_PROTO}\n"
+                for a, v in sorted(wanted.items())
+            ) + (
+                f"ip -o route show proto {ROUTE_PROTO} | while read dst rest; do\n"
+                f'  case " {keep} " in *" $dst "*) ;; '
+                f"*) ip route del $dst proto {ROUTE_PROTO} ;; esac\n"
+                "done\n"
+            )
+            try:
+                result = c.exec_run(["sh", "-c", script], user="0")
+            except DockerException as exc:
+                log.warning("routes in %s: %s", c.name, exc)
+                continue
+            if result.exit_code == 0:
+                self.neighbours[key] = wanted
+                if wanted:
+                    log.info(
+                        "%s: routes to %d task(s) of other nodes", service_name(c), len(wanted)
+                    )
+            else:
+                log.warning("routes in %s: %s", c.name, bytes(result.output or b"").decode())
+        for key in set(self.neighbours) - seen:
+            del self.neighbours[key]
 
     def drop_routes(self) -> None:
         for address in list(self.routes):
@@ -376,6 +557,9 @@ class AgentCore:
         """What the agent's background thread does every second."""
         self.check_lease()
         try:
+            if self.routes_enabled:
+                self.read_gossip()
+                self.sync_neighbours()
             self.sync_routes()
         except DockerException as exc:
             log.warning("routes: %s", exc)
@@ -470,7 +654,8 @@ def run_agent(lab: str, listen: str, state_dir: Path, node: str, token: str | No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fault-agent %(message)s")
     host, _, port = listen.rpartition(":")
     runtime = DockerRuntime.from_env(netns_method="exec")
-    core = AgentCore(lab, node, state_dir, runtime)
+    plan = parse_plan(os.environ.get("SIPDRILL_PLAN_ADDRESSES", ""))
+    core = AgentCore(lab, node, state_dir, runtime, plan=plan)
     if core.registry.active():
         log.info(
             "found %d fault(s) in the journal, lease %.1f s left",

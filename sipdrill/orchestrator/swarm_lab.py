@@ -62,6 +62,7 @@ from sipdrill.orchestrator.swarm_stack import (
     StackOptions,
     overlay_networks,
     placement_warnings,
+    refuse_front_ends,
     stack_model,
 )
 from sipdrill.topology import load_topology
@@ -541,6 +542,7 @@ class SwarmLab:
         if self.topology_file is None:
             raise OperationError("no-topology", "the swarm runtime needs the topology file", 400)
         topology = load_topology(self.topology_file).topology
+        refuse_front_ends(topology, self.topology_file)  # before anything is deployed
         started = time.monotonic()
         with swarm_engine() as rt:
             overlays = overlay_networks(topology, self.lab)
@@ -963,7 +965,9 @@ class SwarmLab:
             nodes = {t["node"] for t in agents.tasks(rt) if t["service"] == AGENT_SERVICE}
             for node in sorted(nodes):
                 try:
-                    found += list(agents.call(rt, node, "GET", "/leftovers", wait=5.0))
+                    # The probe execs into every lab container of the node: on a
+                    # loaded node (two nodes' tasks on two cores) well over 5 s.
+                    found += list(agents.call(rt, node, "GET", "/leftovers", wait=30.0))
                 except FaultError as exc:
                     found.append(exc.message)
         for spec in (s for s in self._specs() if s.role is Role.DNS):

@@ -19,9 +19,9 @@ What differs from the Compose file, and why:
   server then serves the topology's records unchanged, and every part that
   reaches a pool at its plan address (clients after SRV, pools calling pools,
   Backup Services) works as on the docker runtime. On one node the overlay's
-  bridge answers ARP for it; across nodes each node's fault agent would have
-  to publish it in the overlay's neighbour table (docs/runtimes.md says what
-  is and is not done).
+  bridge answers ARP for it; across nodes each node's fault agent routes its
+  node's containers to the plan addresses of other nodes' tasks via their
+  Docker addresses (:mod:`sipdrill.orchestrator.swarm_agent`).
 * **No start order**: Swarm has no ``depends_on``; every role retries until
   what it needs answers, health checks say when it is ready, and a task that
   exits is started again (``restart_policy``).
@@ -50,8 +50,12 @@ import copy
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from sipdrill.errors import FileIssue, OperationError
 from sipdrill.orchestrator import labels
 from sipdrill.orchestrator.compose import (
     CLIENTS_SERVICE,
@@ -69,6 +73,7 @@ from sipdrill.orchestrator.compose import (
 )
 from sipdrill.orchestrator.plan import Role, ServiceSpec
 from sipdrill.topology import Topology
+from sipdrill.yamlfile import Lines, dotted
 
 #: The node label that places a site's services: ``sipdrill.site=<site>``.
 SITE_LABEL = "sipdrill.site"
@@ -207,10 +212,45 @@ def _files() -> dict[str, Any]:
     }
 
 
+def front_ends_issue(topology: Topology, file: str | Path) -> FileIssue | None:
+    """Why the swarm runtime cannot run ``topology`` (read from ``file``, for
+    the line): a pool of several front ends. They share the pool's store (its
+    Back End) in one state directory, and a swarm lab's state volumes are per
+    node: front ends placed on two nodes would each have a store of its own.
+    None when every pool has one front end."""
+    for i, pool in enumerate(topology.pools):
+        if len(pool.front_ends) > 1:
+            where: list[str | int] = ["pools", i, "front_ends"]
+            try:
+                line = Lines(yaml.compose(Path(file).read_text(encoding="utf-8"))).line(where)
+            except (OSError, yaml.YAMLError):
+                line = None
+            return FileIssue(
+                str(file),
+                line,
+                dotted(where),
+                f"pool {pool.fqdn} has {len(pool.front_ends)} front ends; the swarm runtime "
+                "runs one front end per pool (a pool's front ends share its store in one "
+                "state directory, and a swarm lab's volumes are per node)",
+                "run this topology with --runtime docker or --runtime local, or give "
+                "each pool one front end for --runtime swarm",
+            )
+    return None
+
+
+def refuse_front_ends(topology: Topology, file: str | Path) -> None:
+    """OperationError ``swarm-front-ends`` for a topology the swarm runtime
+    cannot run (:func:`front_ends_issue`), before anything is deployed."""
+    issue = front_ends_issue(topology, file)
+    if issue is not None:
+        raise OperationError("swarm-front-ends", str(issue), 400)
+
+
 def stack_model(
     topology: Topology, specs: Sequence[ServiceSpec], options: StackOptions
 ) -> dict[str, Any]:
     """The stack file (as a dict) that runs ``specs`` (a docker lab plan)."""
+    refuse_front_ends(topology, options.topology_file)
     lab = options.lab
     compose = compose_model(
         topology,
@@ -252,7 +292,8 @@ def stack_model(
         svc["environment"] = env
         svc["healthcheck"] = {**svc["healthcheck"], **SWARM_HEALTH}
         services[name] = svc
-    services[AGENT_SERVICE] = agent_service(lab, options)
+    plan = {s.name: s.address for s in specs if s.role is not Role.CLIENTS}
+    services[AGENT_SERVICE] = agent_service(lab, options, plan)
     volumes = {
         STATE_VOLUME: {"labels": labels.lab_labels(lab)},
         AGENT_VOLUME: {"labels": labels.lab_labels(lab)},
@@ -286,10 +327,14 @@ def _without_slots(args: Sequence[str]) -> list[str]:
     return out
 
 
-def agent_service(lab: str, options: StackOptions) -> dict[str, Any]:
+def agent_service(
+    lab: str, options: StackOptions, plan: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """One fault agent per node: the node's network namespace (its routes to
     the tasks), NET_ADMIN, the node's Docker socket (the containers' network
-    namespaces, through ``docker exec`` as the docker runtime does)."""
+    namespaces, through ``docker exec`` as the docker runtime does), and the
+    plan's addresses (``plan``: service -> address), which it routes the
+    tasks of other nodes by."""
     port = options.agent_port
     probe = (
         f'import socket; s = socket.create_connection(("127.0.0.1", {port}), 3); '
@@ -315,16 +360,24 @@ def agent_service(lab: str, options: StackOptions) -> dict[str, Any]:
             "SIPDRILL_CONTROL_TOKEN": options.token,
             "SIPDRILL_AGENT_NODE": "{{.Node.Hostname}}",
             "SIPDRILL_AGENT_NODE_ID": "{{.Node.ID}}",
+            "SIPDRILL_PLAN_ADDRESSES": ",".join(
+                f"{k}={v}" for k, v in sorted((plan or {}).items())
+            ),
         },
         "labels": labels.lab_labels(lab, role="agent", service=AGENT_SERVICE),
         "networks": ["hostnet"],
         "volumes": ["/var/run/docker.sock:/var/run/docker.sock", f"{AGENT_VOLUME}:{AGENT_STATE}"],
+        # Swarm replaces a task whose check fails `retries` times in a row: with
+        # 30 s to start and 5 failures, three nodes' agents on this loaded 2-core
+        # machine (load 20-40) were replaced in a loop before they answered
+        # (each took ~70 s to import and listen). A hung agent is still
+        # found out at once by the orchestrator's calls ("does not answer").
         "healthcheck": {
             "test": ["CMD", "python3", "-I", "-S", "-c", probe],
             "interval": "2s",
-            "timeout": "5s",
-            "retries": 5,
-            "start_period": "30s",
+            "timeout": "10s",
+            "retries": 30,
+            "start_period": "120s",
         },
         "stop_grace_period": "20s",  # it heals its faults before it goes
         "deploy": {

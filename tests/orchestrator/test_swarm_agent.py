@@ -10,6 +10,7 @@ from typing import Any
 
 import docker
 import httpx
+import pytest
 
 from sipdrill.orchestrator.fault_model import FaultKind
 from sipdrill.orchestrator.faults import DockerFault
@@ -101,3 +102,63 @@ def test_the_api_wants_the_token_and_a_well_formed_id(tmp_path: Path) -> None:
             assert r.json() == {"healed": False}
 
     asyncio.run(main())
+
+
+# --- across nodes: the overlays' gossip to routes ------------------------------
+
+GOSSIP = {
+    "Name": "lab_site2",
+    "Services": {
+        "lab_pool2": {
+            "Tasks": [
+                {"Name": "lab_pool2.1.abc", "EndpointIP": "10.9.2.200",
+                 "Info": {"Host IP": "10.224.0.3"}},
+            ]
+        },
+        "lab_clients": {
+            "Tasks": [
+                {"Name": "lab_clients.2.def", "EndpointIP": "10.9.2.201",
+                 "Info": {"Host IP": "10.224.0.3"}},
+                {"Name": "lab_clients.1.ghi", "EndpointIP": "10.9.2.202",
+                 "Info": {"Host IP": "10.224.0.1"}},
+            ]
+        },
+        # A container started by hand on the attachable overlay: not the lab's.
+        "": {"Tasks": [{"Name": "probe", "EndpointIP": "10.9.2.203",
+                        "Info": {"Host IP": "10.224.0.3"}}]},
+    },
+}  # fmt: skip
+
+
+def test_the_gossip_gives_the_other_nodes_tasks_and_their_routes() -> None:
+    from sipdrill.orchestrator.swarm_agent import (
+        RemoteTask,
+        parse_gossip,
+        parse_plan,
+        plan_routes,
+        remote_host_routes,
+        task_service,
+    )
+
+    assert task_service("lab", "lab_clients.3.x") == "clients-3"
+    assert task_service("lab", "other_pool1.1.x") is None
+    remote = parse_gossip("lab", GOSSIP, local=["lab_clients.1.ghi"])
+    assert remote == [
+        RemoteTask("pool2", "lab_site2", "10.9.2.200", "10.224.0.3"),
+        RemoteTask("clients-2", "lab_site2", "10.9.2.201", "10.224.0.3"),
+    ]
+    plan = parse_plan("pool1=10.9.1.11, pool2=10.9.2.11,dns=10.9.0.53")
+    assert plan["pool2"] == "10.9.2.11"
+    import ipaddress
+
+    subnets = {"lab_site2": ipaddress.IPv4Network("10.9.2.0/24")}
+    # pool2's plan address via its Docker address on its home network.
+    assert plan_routes(remote, plan, subnets) == {"10.9.2.11": ("lab_site2", "10.9.2.200")}
+    # Not its home network: no route there (the address is not in that subnet).
+    assert plan_routes(remote, plan, {"lab_site2": ipaddress.IPv4Network("10.9.3.0/24")}) == {}
+    # The orchestrator's routes: by the task's node; a replica by its core address only.
+    assert remote_host_routes("lab", remote, plan) == {"10.9.2.11": "10.224.0.3"}
+    core = [RemoteTask("clients-2", "lab_core", "10.9.0.201", "10.224.0.3")]
+    assert remote_host_routes("lab", core, plan) == {"10.9.0.201": "10.224.0.3"}
+    with pytest.raises(ValueError):
+        parse_plan("pool1=not-an-address")

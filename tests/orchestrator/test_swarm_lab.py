@@ -13,7 +13,6 @@ is and left alone.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from docker_labkit import LAB_PREFIX, build_image, docker_problem
+from docker_labkit import LAB_PREFIX, REQUIRED, docker_marks, lab_problem
 from test_docker_lab import topology_on_free_subnets
 
 from sipdrill.errors import FaultError
@@ -37,17 +36,10 @@ from sipdrill.orchestrator.swarm_lab import STACK_LABEL, SwarmLab
 from sipdrill.orchestrator.swarm_stack import AGENT_SERVICE
 from sipdrill.topology import load_topology
 
-_PROBLEM = docker_problem()
-if _PROBLEM and "no image" in _PROBLEM and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
-    build_image()
-    _PROBLEM = docker_problem()
-_REQUIRED = os.environ.get("SIPDRILL_REQUIRE_DOCKER") == "1"
+_PROBLEM = lab_problem(compose=False)
+_REQUIRED = REQUIRED
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_PROBLEM) and not _REQUIRED, reason=f"docker tests: {_PROBLEM}"),
-]
+pytestmark = docker_marks(_PROBLEM, slow=True)
 
 #: The swarm's own networks (ingress) come from here, away from the labs'.
 ADDR_POOL = "10.230.0.0/16"

@@ -112,6 +112,12 @@ def test_the_fault_agent_is_global_on_the_host_network_with_the_docker_socket() 
     assert agent["command"][:2] == ["serve", "fault-agent"]
     assert "0.0.0.0:18777" in agent["command"]
     assert agent["environment"]["SIPDRILL_AGENT_NODE"] == "{{.Node.Hostname}}"
+    # The plan's addresses, which it routes other nodes' tasks by (not the clients').
+    from sipdrill.orchestrator.swarm_agent import parse_plan
+
+    plan = parse_plan(agent["environment"]["SIPDRILL_PLAN_ADDRESSES"])
+    assert set(plan) == {"dns", "pool1", "backup-pool1", "pool2", "backup-pool2"}
+    assert plan["pool1"] == _model()["services"]["pool1"]["environment"]["SIPDRILL_PLAN_ADDRESS"]
 
 
 def test_placement_on_labelled_nodes_and_a_warning_for_a_site_with_none() -> None:
