@@ -4,8 +4,10 @@ One plan for the orchestrator (which starts the processes there), the
 processes themselves (which bind there) and everything that reaches them
 (administrator commands, pools calling pools, Backup Services):
 
-- a pool runs on its first front end's address: SIP on the pool's ports,
-  its control API on ``pool.control_port``;
+- a pool runs one process per front end, each on its front end's address:
+  SIP on the pool's ports, its control API on ``pool.control_port``; "the
+  pool's" control API is its first front end's (administrators, the Backup
+  Service and other pools reach the pool there);
 - its Backup Service sits next to it, at that address + 100, port 8080;
 - DNS listens on the topology's DNS address, port 53 (5353 where the lab
   cannot bind privileged ports), its control API on 8080;
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from sipdrill.topology import Pool, Topology
+from sipdrill.topology import FrontEnd, Pool, Topology
 
 #: The control API port of DNS, Backup Services and clients (per address, so no
 #: clashes); a pool's is its ``control_port`` (8080 unless the topology says otherwise).
@@ -46,6 +48,35 @@ def _pool(topology: Topology, pool: Pool | str) -> Pool:
 def pool_host(topology: Topology, pool: Pool | str, *, loopback: bool = False) -> str:
     """Where the pool process listens: its first front end (KeyError: no such pool)."""
     return host(topology, _pool(topology, pool).front_ends[0].address, loopback=loopback)
+
+
+def front_end(topology: Topology, pool: Pool | str, name: str | None) -> FrontEnd:
+    """The pool's front end ``name`` (its FQDN, or its first label: ``fe2``); None:
+    the first (KeyError: no such pool or front end)."""
+    p = _pool(topology, pool)
+    if name is None:
+        return p.front_ends[0]
+    key = name.lower()
+    for fe in p.front_ends:
+        if key in (fe.fqdn, fe.fqdn.split(".", 1)[0]):
+            return fe
+    raise KeyError(name)
+
+
+def front_end_host(
+    topology: Topology, pool: Pool | str, name: str | None, *, loopback: bool = False
+) -> str:
+    """Where the front end ``name`` of the pool listens."""
+    return host(topology, front_end(topology, pool, name).address, loopback=loopback)
+
+
+def front_end_sip_addresses(
+    topology: Topology, pool: Pool | str, *, loopback: bool = False
+) -> list[tuple[str, int]]:
+    """SIP over TLS of every front end of the pool, in topology order (the
+    order of the pool FQDN's A records)."""
+    p = _pool(topology, pool)
+    return [(host(topology, fe.address, loopback=loopback), p.sip_tls_port) for fe in p.front_ends]
 
 
 def pool_sip_address(

@@ -533,8 +533,18 @@ def _semantic_issues(t: Topology, fname: str, lines: Lines) -> list[TopologyIssu
         if p.edition is Edition.ENTERPRISE and n_fe > MAX_ENTERPRISE_FRONT_ENDS:
             err(
                 ["pools", i, "front_ends"],
-                f"an Enterprise pool has at most {MAX_ENTERPRISE_FRONT_ENDS} front ends",
-                "split the pool",
+                f"an Enterprise pool has at most {MAX_ENTERPRISE_FRONT_ENDS} front ends, "
+                f"not {n_fe}",
+                f"list at most {MAX_ENTERPRISE_FRONT_ENDS} front ends, or split the users "
+                "between two pools",
+            )
+        if p.edition is Edition.ENTERPRISE and n_fe == 2:
+            err(
+                ["pools", i, "front_ends"],
+                "a two-front-end pool stays up on one server only because the Back End "
+                "breaks the tie; Microsoft recommends at least three",
+                "add a third front end, or use two paired Standard Edition pools",
+                severity="warning",
             )
     # Addresses and FQDNs: no collisions anywhere.
     seen_addr: dict[ipaddress.IPv4Address, str] = {t.dns.address: "dns.address"}

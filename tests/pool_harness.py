@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -43,8 +44,22 @@ CAROL = "sip:carol@lab.local"
 DAVE = "sip:dave@lab.local"
 ERIN = "sip:erin@lab.local"
 
-# One /16 per test process: 127.<n>.<site>.<host>.
-LOOPBACK_NET = f"127.{random.randint(100, 250)}.0.0/16"
+
+def _loopback_net() -> str:
+    """One /16 per test process: 127.<n>.<site>.<host>, n random in 100-250 so
+    that two checkouts rarely meet; pytest-xdist workers draw from disjoint
+    slices of that range, so two workers of one run never do."""
+    low, high = 100, 250
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(worker.removeprefix("gw"))
+        width = (high - low + 1) // count
+        low, high = low + index * width, low + (index + 1) * width - 1
+    return f"127.{random.randint(low, high)}.0.0/16"
+
+
+LOOPBACK_NET = _loopback_net()
 
 
 def make_topology(

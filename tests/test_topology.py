@@ -82,7 +82,7 @@ def test_base_is_valid() -> None:
     assert loaded.warnings == []
 
 
-@pytest.mark.parametrize("name", ["paired-pools.yaml", "budget-dr.yaml"])
+@pytest.mark.parametrize("name", ["paired-pools.yaml", "budget-dr.yaml", "enterprise.yaml"])
 def test_shipped_topologies_are_valid(name: str) -> None:
     loaded = load_topology(ROOT / "topologies" / name)
     assert loaded.topology.all_users()
@@ -408,3 +408,43 @@ def test_mutated_documents_give_located_errors(mutation: tuple[list[str | int], 
     except TopologyError as exc:
         for issue in exc.issues:
             assert issue.line is not None and 1 <= issue.line <= len(text.splitlines())
+
+
+def _with_front_ends(n: int) -> str:
+    fes = "\n".join(
+        f"      - {{fqdn: fe{k}.pool1.lab.local, address: 172.30.1.{10 + k}}}"
+        for k in range(1, n + 1)
+    )
+    return BASE.replace("      - {fqdn: fe1.pool1.lab.local, address: 172.30.1.11}", fes)
+
+
+def test_thirteen_front_ends_are_refused() -> None:
+    text = _with_front_ends(13)
+    e = next(e for e in errors_of(text) if e.field == "pools[0].front_ends")
+    assert "at most 12" in e.message and "not 13" in e.message
+    assert e.line == line_of(text, "front_ends:")
+    assert "split" in e.fix
+
+
+def test_twelve_front_ends_are_a_pool() -> None:
+    pool = parse_topology(_with_front_ends(12), "lab.yaml").topology.pool("pool1.lab.local")
+    assert len(pool.front_ends) == 12
+
+
+def test_two_front_ends_warn() -> None:
+    loaded = parse_topology(_with_front_ends(2), "lab.yaml")
+    (w,) = loaded.warnings
+    assert w.field == "pools[0].front_ends" and "at least three" in w.message
+
+
+def test_pool_fqdn_resolves_to_every_front_end() -> None:
+    t = parse_topology(_with_front_ends(3), "lab.yaml").topology
+    records = t.dns_records(address_map=t.loopback_map())
+    pool_a = [r.data for r in records if r.name == "pool1.lab.local" and r.rtype == "A"]
+    # DNS load balancing: every front end, in topology order (clients try them so).
+    assert pool_a == ["127.77.1.11", "127.77.1.12", "127.77.1.13"]
+    for k in (1, 2, 3):
+        (own,) = [r.data for r in records if r.name == f"fe{k}.pool1.lab.local"]
+        assert own == f"127.77.1.{10 + k}"
+    srv_targets = {r.data.split()[-1] for r in records if r.rtype == "SRV"}
+    assert srv_targets == {"pool1.lab.local.", "pool2.lab.local."}

@@ -370,9 +370,11 @@ async def pool_failback(
         )
     timer.step("checks")
 
-    if home_states.get(home, FailoverState.ACTIVE) not in SERVED_BY_BACKUP:
+    home_state = home_states.get(home, FailoverState.ACTIVE)
+    if home_state not in SERVED_BY_BACKUP or home_state is FailoverState.FAILING_OVER:
         # The home pool was down during a disaster-mode failover and never
-        # heard of it: bring its view up to date first. Its Backup Service
+        # heard of it, or was cut between its start and its end (seen in a
+        # chaos run): bring its view up to date first. Its Backup Service
         # (the fence) may be telling it the same thing right now, as the pool
         # comes back: whoever is second finds the pool already moved on.
         for event in ("failover_started", "failover_completed"):

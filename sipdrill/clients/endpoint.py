@@ -56,6 +56,7 @@ import random
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
@@ -201,10 +202,57 @@ class Target:
     transport: Kind
     address: str | None = None
     source: str = ""
+    #: Every address ``host`` resolved to, in DNS order (an Enterprise pool's
+    #: front ends): where to move when the one at ``address`` fails. The DNS
+    #: answer's own tuple, shared by its targets.
+    front_ends: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
         return f"{self.address or self.host}:{self.port}"
+
+    def other_front_ends(self) -> list[Target]:
+        """The pool's other front ends, in DNS order after this one (a
+        front-end move: the same pool, so not a pool failover)."""
+        addrs = self.front_ends
+        if len(addrs) < 2 or self.address not in addrs:
+            return []
+        i = addrs.index(self.address)
+        return [
+            Target(
+                self.host,
+                self.port,
+                self.transport,
+                addrs[(i + k) % len(addrs)],
+                FRONT_END_MOVE,
+                addrs,
+            )
+            for k in range(1, len(addrs))
+        ]
+
+
+#: The source of a target tried because the front end before it failed.
+FRONT_END_MOVE = "front-end move"
+
+
+def dns_order(addresses: tuple[str, ...], turn: int) -> list[str]:
+    """The A records in DNS order, rotated by ``turn``: what a round-robin DNS
+    server hands the query it answers ``turn``-th (DNS load balancing spreads
+    the clients over the front ends; a failed front end is followed by the next
+    one)."""
+    n = len(addresses)
+    if n < 2:
+        return list(addresses)
+    start = turn % n
+    return [addresses[(start + k) % n] for k in range(n)]
+
+
+def default_dns_turn(user: UserSpec) -> int:
+    """A client's first round-robin turn when its adapter gives none: fixed by
+    its URI, so that which front end a client starts on never depends on how
+    the clients' draws from a shared RNG interleaved in time (a seeded drill
+    puts the same clients on the same front ends every run)."""
+    return zlib.crc32(user.uri.encode())
 
 
 @dataclass(frozen=True)
@@ -479,6 +527,7 @@ class Endpoint:
         "_contact_rr",
         "_cycle_started",
         "_dead",
+        "_dns_turn",
         "_expires",
         "_instance",
         "_interval_retries",
@@ -488,6 +537,7 @@ class Endpoint:
         "_out",
         "_pending_host",
         "_pool",
+        "_pool_address",
         "_queue",
         "_redirects",
         "_refresh_at",
@@ -521,8 +571,11 @@ class Endpoint:
         rng: random.Random,
         *,
         cache: TtlCache | None = None,
+        dns_turn: int | None = None,
     ) -> None:
         self.user = user
+        #: The round-robin turn of this client's next A lookup (see dns_order).
+        self._dns_turn = default_dns_turn(user) if dns_turn is None else dns_turn
         self.profile = profile
         self.clock = clock
         self.rng = rng
@@ -561,6 +614,8 @@ class Endpoint:
         self._interval_retries = 0
         self._srv_ports: dict[str, int] = {}
         self._pool: str | None = None
+        #: The front end (``ip:port``) of the last registration's pool.
+        self._pool_address: str | None = None
         self._pending_host: Target | None = None
         self._expires = 0
         self._refresh_at: float | None = None
@@ -882,11 +937,16 @@ class Endpoint:
                     pending, Failure.BAD_TARGET, f"{pending.host} does not resolve ({status})", now
                 )
                 return
-            addrs = list(answer.addresses)
-            self.rng.shuffle(addrs)
             self._queue[:0] = [
-                Target(pending.host, pending.port, pending.transport, a, pending.source)
-                for a in addrs
+                Target(
+                    pending.host,
+                    pending.port,
+                    pending.transport,
+                    a,
+                    pending.source,
+                    answer.addresses,
+                )
+                for a in self._rotate(answer.addresses)
             ]
             return
         order = self.profile.order()
@@ -901,11 +961,17 @@ class Endpoint:
             self._expand_srv(answer, name, now)
             return
         kind = self.profile.transport
-        addrs = list(answer.addresses)
-        self.rng.shuffle(addrs)
         self._queue[:0] = [
-            Target(qname, self.profile.port_for(kind), kind, a, qname) for a in addrs
+            Target(qname, self.profile.port_for(kind), kind, a, qname, answer.addresses)
+            for a in self._rotate(answer.addresses)
         ]
+
+    def _rotate(self, addresses: tuple[str, ...]) -> list[str]:
+        if len(addresses) < 2:
+            return list(addresses)
+        turn = self._dns_turn
+        self._dns_turn = turn + 1
+        return dns_order(addresses, turn)
 
     def _expand_srv(self, answer: DnsAnswer, name: LookupName, now: float) -> None:
         kind = name.transport or self.profile.transport
@@ -1034,10 +1100,13 @@ class Endpoint:
         status: int | None = None,
         first: Sequence[Target] = (),
     ) -> None:
-        """Registered, and the registrar or flow failed (or redirected us): sign in again."""
+        """Registered, and the registrar or flow failed (or redirected us): sign in
+        again, first on the pool's other front ends (unless redirected)."""
         target = self._target
         if target is not None:
             self._target_event(target, failure, reason, now, status)
+            if not first:
+                first = target.other_front_ends()
         self._drop_flow()
         self._lost_at = now
         self._transition(Trigger.SERVICE_LOST, reason)
@@ -1269,8 +1338,10 @@ class Endpoint:
         outage = None if self._lost_at is None else now - self._lost_at
         since = None if refresh or self._cycle_started is None else now - self._cycle_started
         previous = self._pool
+        previous_address = self._pool_address
         if not refresh:
             self._pool = target.host
+            self._pool_address = target.where
         new_mode = Mode.RESILIENCY_MODE if limited else Mode.FULL_SERVICE
         self._transition(trigger, f"{response.code} from {target.host}")
         self._emit(
@@ -1282,6 +1353,10 @@ class Endpoint:
             outage=outage,
             since_sign_in=since,
             previous_pool=None if refresh else previous,
+            previous_address=None if refresh else previous_address,
+            front_end_move=(
+                not refresh and previous == target.host and previous_address != target.where
+            ),
         )
         self._lost_at = None
         if not refresh:

@@ -113,7 +113,9 @@ class Registered(ClientEvent):
 
     ``outage``: seconds since the client lost service (None when it had not:
     a first sign-in or a refresh). ``since_sign_in``: seconds since this
-    sign-in attempt started (None for a refresh).
+    sign-in attempt started (None for a refresh). ``front_end_move``: it came
+    back on another front end of the pool it was on (``previous_pool``), not
+    on another pool.
     """
 
     KIND: ClassVar[str] = "Registered"
@@ -124,6 +126,11 @@ class Registered(ClientEvent):
     outage: float | None = None
     since_sign_in: float | None = None
     previous_pool: str | None = None
+    #: The front end (``ip:port``) of the previous registration.
+    previous_address: str | None = None
+    #: Registered on another front end of the same pool as before: a
+    #: front-end move, not a pool failover.
+    front_end_move: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

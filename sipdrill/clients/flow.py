@@ -12,9 +12,17 @@ watches with ``add_reader`` (no asyncio transport object either):
   (``SSLContext.wrap_bio``), driven from the read callback: the same OpenSSL
   handshake and verification (chain and host name), none of the asyncio
   machinery around it;
-* received bytes go into the incoming BIO at most :data:`BIO_CHUNK` at a
-  time (a memory BIO keeps the largest size it ever held: the pool's first
-  flight, ~1.7 KB with an RSA certificate, would otherwise stay allocated);
+* the two memory BIOs are the thread's, shared by every flow (a memory BIO
+  keeps the largest size it ever held, and each pair is two OpenSSL BIOs with
+  a lock each: 3.4-4.5 KB a connection). Sharing is safe because every
+  OpenSSL call here leaves both empty: what is written into the incoming BIO
+  is read until OpenSSL wants more (a partial record waits in the SSL
+  object's own buffer), and whatever the call wrote into the outgoing one is
+  read out (and sent, or dropped for a flow that is gone) before anything
+  else runs. Received bytes still go in :data:`BIO_CHUNK` at a time;
+* a TLS session can be offered for resumption (``session``): the runner keeps
+  one per endpoint and server name, as SChannel does (see
+  :class:`~sipdrill.clients.runner.ClientRunner`);
 * writes go straight to the socket; only what the kernel does not take is
   buffered (and the socket watched for writability) until it drains;
 * framing is :class:`~sipdrill.sip.framing.StreamFramer` (client role: a
@@ -26,6 +34,9 @@ Measured (3,000 TLS 1.2 connections, OpenSSL 3.0, RSA 2048 certificate): RSS
 per connection 29.6 KB with ``SSLProtocol``, 23.8 KB with memory BIOs over an
 asyncio transport, 22.8 KB with 512-byte BIO writes; OpenSSL's own state is
 ~20 KB of that (``SSL_MODE_RELEASE_BUFFERS`` is already set by CPython).
+With the BIOs shared (2,000 connections in one process, docs/decisions.md):
+22.5 -> 19.0 KB against a server that asks for no certificate, 27.7 -> 23.2
+KB against a pool (which asks for one: the client keeps ~5 KB more state).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import os
 import socket
 import ssl
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
@@ -63,6 +75,18 @@ BIO_CHUNK = 512
 _RECV = 16384
 #: Plaintext read from the SSLObject at a time.
 _READ = 4096
+
+
+class _SharedBios(threading.local):
+    """The thread's incoming and outgoing memory BIOs, shared by its flows
+    (OpenSSL releases the GIL in its calls: flows in other threads get their own)."""
+
+    def __init__(self) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+
+
+_BIOS = _SharedBios()
 
 
 class FlowSink(Protocol):
@@ -123,6 +147,7 @@ class StreamFlow:
         limits: Limits = DEFAULT_LIMITS,
         max_write_buffer: int = 1024 * 1024,
         index: int = -1,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.sink = sink
         self.kind = kind
@@ -148,10 +173,15 @@ class StreamFlow:
         self._where = ""
         # A TLS flow without a context is refused by connect(), as a failed connect.
         if kind is Kind.TLS and ssl_context is not None:
-            self._in: ssl.MemoryBIO | None = ssl.MemoryBIO()
-            self._out: ssl.MemoryBIO | None = ssl.MemoryBIO()
+            bios = _BIOS
+            self._in: ssl.MemoryBIO | None = bios.incoming
+            self._out: ssl.MemoryBIO | None = bios.outgoing
             self._ssl: ssl.SSLObject | None = ssl_context.wrap_bio(
-                self._in, self._out, server_side=False, server_hostname=server_hostname
+                self._in,
+                self._out,
+                server_side=False,
+                server_hostname=server_hostname,
+                session=session,
             )
         else:
             self._in = self._out = None
@@ -161,6 +191,22 @@ class StreamFlow:
     def closed(self) -> bool:
         """The socket is closed (or was never connected)."""
         return self.sock is None
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session (to offer on the next connect to the same server);
+        None on TCP and once the flow is gone."""
+        return self._ssl.session if self._ssl is not None else None
+
+    @property
+    def server_hostname(self) -> str:
+        """The TLS server name asked for and verified ("" on TCP and once gone)."""
+        return (self._ssl.server_hostname or "") if self._ssl is not None else ""
+
+    @property
+    def session_reused(self) -> bool:
+        """The handshake resumed the session it was offered (an abbreviated handshake)."""
+        return self._ssl is not None and self._ssl.session_reused
 
     # -- the socket ------------------------------------------------------------
     def _readable(self) -> None:
@@ -190,17 +236,24 @@ class StreamFlow:
         if self._ssl is None:
             self._plaintext(data)
             return
-        assert self._in is not None
-        if len(data) <= BIO_CHUNK:
-            self._in.write(data)
-            self._pump()
-            return
-        view = memoryview(data)
-        for start in range(0, len(data), BIO_CHUNK):
-            if self.sock is None:
+        incoming = self._in
+        assert incoming is not None
+        try:
+            if len(data) <= BIO_CHUNK:
+                incoming.write(data)
+                self._pump()
                 return
-            self._in.write(view[start : start + BIO_CHUNK])
-            self._pump()
+            view = memoryview(data)
+            for start in range(0, len(data), BIO_CHUNK):
+                if self.sock is None:
+                    return
+                incoming.write(view[start : start + BIO_CHUNK])
+                self._pump()
+        finally:
+            # The BIO is every flow's: what this flow's OpenSSL did not take (it
+            # failed or closed mid-way) must not reach the next flow's.
+            if incoming.pending:
+                incoming.read()
 
     def _write(self, data: bytes) -> bool:
         sock = self.sock
@@ -257,6 +310,8 @@ class StreamFlow:
         self.open = False
         if self._on_done is not None:
             self._done(ConnectionResetError("closed during the handshake"))
+        if self._out is not None and self._out.pending:  # unsent, and every flow's BIO
+            self._out.read()
         # Free OpenSSL's state now, not when the last reference goes.
         self._ssl = self._in = self._out = None
         self._framer = None
@@ -305,6 +360,7 @@ class StreamFlow:
             except ssl.SSLError as exc:
                 self.sink.stats["tls_errors"] += 1
                 log.info("%s %s: TLS error from %s: %s", self.kind, self.local, self.remote, exc)
+                self._flush()  # the alert; the outgoing BIO is every flow's
                 self.abort()
                 return
             if not chunk:  # SSLObject.read returns b"" after the peer's close_notify
@@ -318,9 +374,13 @@ class StreamFlow:
             self.close()
 
     def _flush(self) -> None:
+        """Send what OpenSSL wrote; dropped for a flow that is gone, since the
+        outgoing BIO is every flow's."""
         out = self._out
-        if out is not None and out.pending and self.sock is not None:
-            self._write(out.read())
+        if out is not None and out.pending:
+            data = out.read()
+            if self.sock is not None:
+                self._write(data)
 
     # -- connection state ------------------------------------------------------
     def _established(self) -> None:
@@ -523,6 +583,7 @@ class StreamFlow:
                 ok = self._write(data)
         except (ssl.SSLError, ValueError) as exc:
             log.info("%s %s -> %s: write failed: %s", self.kind, self.local, self.remote, exc)
+            self._flush()
             self.abort()
             return False
         if ok and self._wbuf is not None and len(self._wbuf) > self.max_write_buffer:
@@ -586,6 +647,7 @@ async def open_stream(
     limits: Limits = DEFAULT_LIMITS,
     max_write_buffer: int = 1024 * 1024,
     index: int = -1,
+    session: ssl.SSLSession | None = None,
 ) -> StreamFlow:
     """:meth:`StreamFlow.connect` as a coroutine: the open flow, or it raises
     :class:`~sipdrill.sip.transport.TransportError` (the cause chained)."""
@@ -600,6 +662,7 @@ async def open_stream(
         limits=limits,
         max_write_buffer=max_write_buffer,
         index=index,
+        session=session,
     )
     done: asyncio.Future[TransportError | None] = loop.create_future()
 

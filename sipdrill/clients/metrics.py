@@ -129,6 +129,13 @@ class ClientMetrics:
             buckets=CALL_SETUP_BUCKETS,
             registry=self.registry,
         )
+        self.tls_handshakes = Counter(
+            "sipdrill_client_tls_handshakes",
+            "TLS handshakes completed, by server name and kind: resumed (the session kept "
+            "from the last connection to that server) or full",
+            ["server", "kind"],
+            registry=self.registry,
+        )
         self.events = Counter(
             "sipdrill_client_events", "Events emitted, by kind", ["event"], registry=self.registry
         )
@@ -166,6 +173,9 @@ class ClientMetrics:
         elif isinstance(event, CallEnded):
             outcome = "dropped" if event.dropped else "ended-ok" if event.ok else "ended-error"
             self._child(self.calls, outcome).inc()
+
+    def tls_handshake(self, server: str, resumed: bool) -> None:
+        self._child(self.tls_handshakes, server, "resumed" if resumed else "full").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -272,6 +272,12 @@ class ClientRunner:
         self._connects_since_trim = 0
         self.trims = 0
         self._gc_thresholds: tuple[int, int, int] | None = None
+        # TLS resumption (see _open_stream): per server (name, port), its bit
+        # and the last session it gave; per endpoint, the bits of the servers
+        # it has had a session with.
+        self._tls_servers: dict[tuple[str, int], int] = {}
+        self._tls_sessions: dict[int, ssl.SSLSession] = {}
+        self._tls_known: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -303,11 +309,20 @@ class ClientRunner:
             )
         if cfg.connect_concurrency > 0:
             self._slots = cfg.connect_concurrency
-        self.endpoints = [self._new_endpoint(u) for u in cfg.users]
+        # Round-robin DNS as if each pool's clients asked in turn, from a
+        # seeded start: every front end of a pool gets its share of clients,
+        # and the same ones in every run of a seeded drill.
+        turns: Counter[str] = Counter()
+        first = cfg.seed or 0
+        self.endpoints = []
+        for u in cfg.users:
+            self.endpoints.append(self._new_endpoint(u, first + turns[u.home_pool]))
+            turns[u.home_pool] += 1
         n = len(self.endpoints)
         self._flow = [None] * n
         self._fconn = [0] * n
         self._deadline = [None] * n
+        self._tls_known = [0] * n
         self._by_user = {u.user_part: i for i, u in enumerate(cfg.users)}
         self._key = [(Mode.SIGNED_OUT, "", u.home_pool or "") for u in cfg.users]
         self._tally = Counter(self._key)
@@ -317,9 +332,11 @@ class ClientRunner:
             self._gc_thresholds = gc.get_threshold()
             gc.set_threshold(*GC_THRESHOLDS)
 
-    def _new_endpoint(self, user: UserSpec) -> Endpoint:
+    def _new_endpoint(self, user: UserSpec, dns_turn: int | None = None) -> Endpoint:
         assert self._clock is not None
-        return Endpoint(user, self.config.profile, self._clock, self.rng, cache=self._cache)
+        return Endpoint(
+            user, self.config.profile, self._clock, self.rng, cache=self._cache, dns_turn=dns_turn
+        )
 
     def start(self) -> None:
         """Sign every signed-out endpoint in, at the configured ramp rate."""
@@ -690,6 +707,22 @@ class ClientRunner:
         kind = target.transport
         tls = kind is Kind.TLS
         limits = self.transport.limits
+        # A Lync client (SChannel) resumes its TLS session when it reconnects to
+        # the server it had it with (its cache is keyed on the target name) and
+        # does a full handshake with any other: a failover to the backup pool is
+        # a full handshake, a reconnect to the same pool (or a failback) offers
+        # the session that pool gave it. The decision is per endpoint (it offers
+        # a session only to a server it has had one with); the session offered
+        # is the last one that server gave any endpoint of this process. A
+        # session per endpoint would cost ~5.4 KB each (CPython hands out a
+        # decoded copy of it, the pool's certificate included: 54 MB for
+        # 10,000); the server's work is the same either way (a ticket it
+        # issued, decrypted and accepted, or refused for a full handshake).
+        session = None
+        if tls:
+            bit = self._tls_servers.get((target.host, target.port), 0)
+            if bit and self._tls_known[index] & bit:
+                session = self._tls_sessions.get(bit)
         flow = StreamFlow(
             self,
             kind,
@@ -698,6 +731,7 @@ class ClientRunner:
             limits=limits.message,
             max_write_buffer=limits.max_write_buffer,
             index=index,
+            session=session,
         )
         hold = (
             self._loop.call_later(self.config.connect_slot_hold, self._slot_held_long_enough, flow)
@@ -728,7 +762,25 @@ class ClientRunner:
         if error is not None:
             self._connect_failed(pending.index, pending.conn, pending.endpoint, error)
             return
+        if flow.kind is Kind.TLS:
+            self._tls_handshake_done(pending.index, flow)
         self._adopt(pending.index, pending.conn, pending.endpoint, flow, flow.local)
+
+    def _tls_handshake_done(self, index: int, flow: StreamFlow) -> None:
+        """Count the handshake as resumed or full; keep the session for the next connect."""
+        reused = flow.session_reused
+        self.stats["tls_resumed" if reused else "tls_full"] += 1
+        host = flow.server_hostname
+        self.metrics.tls_handshake(host, reused)
+        key = (host, flow.remote[1])
+        bit = self._tls_servers.get(key)
+        if bit is None:
+            bit = self._tls_servers[key] = 1 << len(self._tls_servers)
+        self._tls_known[index] |= bit
+        if not reused:  # a new session (and ticket): the one to offer from now on
+            session = flow.session
+            if session is not None:
+                self._tls_sessions[bit] = session
 
     def _connect_failed(self, index: int, conn: int, ep: Endpoint, exc: BaseException) -> None:
         failure = classify_connect_error(exc)

@@ -28,8 +28,11 @@ from sipdrill.orchestrator.timeline import Timeline
 
 __all__ = ["Capture", "fidelity"]
 
-#: Event and wire must agree within this (docs/measurements.md).
-AGREEMENT_MS = 10.0
+#: Event and wire must agree within this (docs/measurements.md): the report gives
+#: reconnect times in tenths of a second, so an event this close to its 200 OK is
+#: the wire at the report's resolution. A quiet machine gives p99 0.5-7 ms; with the
+#: suite's workers on both cores a client's loop was once 69 ms late.
+AGREEMENT_MS = 100.0
 #: A Registered event is matched with the last 200 OK for that user at most this
 #: long before it (or, clocks being what they are, a little after).
 _WINDOW = 1.0

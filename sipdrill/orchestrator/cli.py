@@ -418,6 +418,14 @@ def drill_run(
     out_dir = report_dir / f"{loaded.drill.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if capture and kind is not RuntimeKind.LOCAL:
         raise _fail("--capture records the local runtime's loopback lab; use --runtime local")
+    if kind is RuntimeKind.SWARM:
+        from sipdrill.orchestrator.swarm_stack import front_ends_issue
+
+        issue = front_ends_issue(loaded.topology, loaded.topology_path)
+        if issue is not None:  # the lab cannot be run: exit 2, before anything starts
+            # The issue says "FILE:LINE: error: FIELD: ...", as a bad drill file's do.
+            _console(stderr=True).print(f"[red]{issue}[/red]", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
     report = run_drill(loaded, kind, clients, state_dir, out_dir, keep=keep, capture=capture)
     if junit is not None:
         from sipdrill.orchestrator.junit import write_junit
@@ -474,6 +482,121 @@ def drill_compare(
         for r in result.regressions:
             console.print(f"[red]slower:[/red] {r}", highlight=False)
         raise typer.Exit(1)
+
+
+@drill_app.command("compare-designs")
+def drill_compare_designs(
+    designs: list[str] = typer.Option(
+        [],
+        "--design",
+        help="Run only these (paired, backup-registrar, budget-dr; repeat the option); "
+        "default: all three.",
+    ),
+    hold: float = typer.Option(
+        0.0,
+        "--hold",
+        min=0,
+        max=3600,
+        help="Seconds the outage is held before the first recovery (the administrators' "
+        "reaction; 0 in the shipped drills).",
+    ),
+    lync_timers: bool = typer.Option(
+        False,
+        "--lync-timers",
+        help="Lync's default timers (failover detection 120 s, failback 240 s, keep-alive "
+        "120 s, sync 120 s) and the zone's DNS TTL instead of the drills' shortened ones: "
+        "minutes per design, not seconds.",
+    ),
+    loopback_network: str | None = typer.Option(
+        None,
+        "--loopback-network",
+        help="The labs' loopback /16 (default: the topologies', 127.77.0.0/16); another one "
+        "when a lab of the same topology may be running.",
+        metavar="NET",
+    ),
+    state_dir: Path = STATE_OPT,
+    report_dir: Path = typer.Option(
+        Path("reports"), "--report-dir", help="Where the comparison folder is made."
+    ),
+    tables_only: Path | None = typer.Option(
+        None,
+        "--tables-only",
+        help="Run nothing: rebuild the table of a comparison folder from its reports.",
+        metavar="DIR",
+    ),
+) -> None:
+    """Run the seeds' three resiliency designs (paired pools with pool
+    failover, backup registrar only, budget DR) one after another on the local
+    runtime, with calls in every one, and put them in one table: time to
+    limited service, to full service, to home, RTO, RPO, calls during the
+    outage (designs.md, designs.html, designs.svg beside each design's own
+    report). Exit 0 when every design's drill passed, 1 otherwise, 130 if
+    interrupted."""
+    from sipdrill.orchestrator.designs import design_row as row_of
+    from sipdrill.orchestrator.designs import load_results, run_designs, write_tables
+
+    display = _summary_console()
+
+    def progress(message: str) -> None:
+        display.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
+
+    try:
+        if tables_only is not None:
+            results = load_results(tables_only)
+            rows = [row_of(r, f, str(folder)) for r, f, folder in results]
+            write_tables(tables_only, rows, [f for _r, f, _ in results])
+            out = tables_only
+        else:
+            out = report_dir / f"designs-{time.strftime('%Y%m%d-%H%M%S')}"
+            # The shipped drills: this checkout's, or the one sipdrill runs from.
+            repo = Path.cwd()
+            if not (repo / "scenarios").is_dir():
+                repo = Path(__file__).resolve().parents[2]
+
+            def run_one(loaded: LoadedDrill, folder: Path) -> Report:
+                # Each design its own state folder: two designs share a topology.
+                lab_state = state_dir / folder.name
+                return run_drill(loaded, RuntimeKind.LOCAL, None, lab_state, folder, summary=False)
+
+            rows = run_designs(
+                repo,
+                out,
+                run_one,
+                progress,
+                keys=designs,
+                hold=hold,
+                lync_timers=lync_timers,
+                loopback_network=loopback_network,
+            )
+    except ConfigFileError as exc:
+        for issue in exc.issues:
+            _console(stderr=True).print(f"[red]{issue}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OperationError as exc:
+        raise _fail(exc.message) from None
+    _print_designs(display, rows)
+    display.print(
+        f"designs: {out / 'designs.html'}, {out / 'designs.md'}, {out / 'designs.svg'}",
+        highlight=False,
+    )
+    statuses = {r.status for r in rows}
+    if "interrupted" in statuses:
+        raise typer.Exit(130)
+    if statuses != {"passed"}:
+        raise typer.Exit(1)
+
+
+def _print_designs(console: Console, rows: list[Any]) -> None:
+    from sipdrill.orchestrator.designs import COLUMNS
+
+    table = Table(box=None, pad_edge=False, show_lines=True)
+    table.add_column("design", max_width=28)
+    table.add_column("status")
+    for _key, heading in COLUMNS:
+        table.add_column(heading, max_width=26)
+    for r in rows:
+        table.add_row(r.title, r.status, *(r.cells[k].text for k, _h in COLUMNS))
+    console.print(table)
 
 
 @drill_app.command("sweep")

@@ -29,6 +29,7 @@ from sipdrill.orchestrator.fault_model import (
     FaultJournal,
     FaultKind,
     FaultRequest,
+    pool_target,
     raise_heal_errors,
 )
 from sipdrill.orchestrator.faults import (
@@ -48,7 +49,7 @@ from sipdrill.orchestrator.faults import (
     Restart,
     Stop,
 )
-from sipdrill.orchestrator.plan import Role, ServiceSpec
+from sipdrill.orchestrator.plan import Role, ServiceSpec, pool_targets
 from sipdrill.orchestrator.runtime import InjectedFault
 
 Progress = Callable[[str], None]
@@ -119,12 +120,22 @@ class DockerLabFaults:
 
     def _targets(self, rt: DockerRuntime, target: str, kind: str) -> list[str]:
         """Container names for a service (``pool1``; ``clients`` is every
-        replica, ``clients-2`` one), or for a site or ``core`` (every
-        container whose plan address is on it)."""
+        replica, ``clients-2`` one), a pool or front end (``pool1/fe2``: its
+        container; ``pool1`` of several front ends: all of them, for cut and
+        crash, as the local runtime: :func:`~sipdrill.orchestrator.fault_model.pool_target`),
+        or for a site or ``core`` (every container whose plan address is on it)."""
         specs = self.specs()
         containers = {service_of(c): c.name for c in rt.lab_containers(self.lab)}
         if target in containers:
             return [containers[target]]
+        pool = pool_target(specs, target, kind, RUNTIME)
+        if pool is not None:
+            missing = [s for s in pool if s not in containers]
+            if missing:
+                raise FaultError(
+                    kind, RUNTIME, f"{target}: lab {self.lab} has no container for {missing[0]}"
+                )
+            return sorted(containers[s] for s in pool)
         if target == CLIENTS_SERVICE:
             found = [n for s, n in containers.items() if s.startswith(f"{CLIENTS_SERVICE}-")]
         else:
@@ -140,6 +151,7 @@ class DockerLabFaults:
                 kind,
                 RUNTIME,
                 f"unknown target {target!r}; services: {', '.join(sorted(containers))}; "
+                f"pools and front ends: {', '.join(pool_targets(specs))}; "
                 f"networks (every service on it): {', '.join(sites)}",
             )
         return sorted(found)

@@ -22,7 +22,7 @@ from sipdrill.errors import DrillFileError, FileIssue, TopologyError
 from sipdrill.orchestrator.call_metrics import AUTO_PHASES, CALL_VALUES
 from sipdrill.orchestrator.fault_model import RUNTIME_FAULTS, FaultKind
 from sipdrill.orchestrator.measure import CLIENT_METRICS, DRILL_METRICS, STATS, is_known_metric
-from sipdrill.orchestrator.plan import RuntimeKind, short_name
+from sipdrill.orchestrator.plan import RuntimeKind, pool_fault_targets, short_name
 from sipdrill.topology import Topology, parse_topology
 from sipdrill.yamlfile import dotted, load_model
 
@@ -59,6 +59,9 @@ class ClientsSpec(_Model):
     processes: int = Field(default=1, ge=1, le=64)
     workload: list[Literal["im", "presence", "conference", "call"]] = []
     calls: CallsSpec = CallsSpec()
+    seed: int | None = Field(
+        default=None, description="The clients' RNG seed (SRV and front-end draws, backoff)."
+    )
 
     @model_validator(mode="after")
     def _calls_need_the_workload(self) -> ClientsSpec:
@@ -67,10 +70,11 @@ class ClientsSpec(_Model):
         return self
 
     def process_args(self) -> tuple[str, ...]:
-        """What ``sipdrill serve clients`` needs for this workload."""
+        """What ``sipdrill serve clients`` needs for this workload (and seed)."""
+        seeded: tuple[str, ...] = () if self.seed is None else ("--seed", str(self.seed))
         if not self.workload:
-            return ()
-        args: tuple[str, ...] = ("--workload", ",".join(self.workload))
+            return seeded
+        args: tuple[str, ...] = (*seeded, "--workload", ",".join(self.workload))
         if "call" in self.workload:
             c = self.calls
             args += (
@@ -273,7 +277,7 @@ def load_drill(path: str | Path) -> LoadedDrill:
 
     pools = {p.fqdn for p in topology.pools}
     sites = {s.name for s in topology.sites}
-    services = {"dns"} | {short_name(p.fqdn) for p in topology.pools}
+    services = {"dns"} | set(pool_fault_targets(topology))
     services |= {f"backup-{short_name(p.fqdn)}" for p in topology.pools if p.backup}
     fault_ids: set[str] = set()
     measures: set[str] = set()

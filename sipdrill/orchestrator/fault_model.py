@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError
-from sipdrill.orchestrator.plan import RuntimeKind
+from sipdrill.orchestrator.plan import RuntimeKind, ServiceSpec, pool_targets
 
 
 class FaultKind(StrEnum):
@@ -51,6 +51,32 @@ class FaultKind(StrEnum):
 
 
 DnsOutageMode = Literal["drop", "servfail"]
+
+#: The kinds a site or a pool of several front ends takes as a target (every
+#: process or container of it, as one fault); any other kind takes one front end.
+SITE_FAULTS = (FaultKind.CUT, FaultKind.CRASH)
+
+
+def pool_target(
+    specs: Sequence[ServiceSpec], target: str, kind: str, runtime: str
+) -> list[str] | None:
+    """The services a pool or front-end target hits (:func:`pool_targets`),
+    or None when ``target`` names neither. ``pool1`` of several front ends
+    takes the SITE_FAULTS kinds only: FaultError naming its front ends for
+    any other. Shared by the local and docker runtimes (same targets, same
+    messages); a runtime matches its own service names first."""
+    names = pool_targets(specs).get(target)
+    if names is None:
+        return None
+    if len(names) > 1 and kind not in SITE_FAULTS:
+        fes = ", ".join(f"{target}/{n.rsplit('-', 1)[-1]}" for n in names)
+        raise FaultError(
+            kind,
+            runtime,
+            f"{target} is a pool of {len(names)} front ends: {kind} takes one ({fes}), "
+            f"or use {' or '.join(SITE_FAULTS)} on the pool",
+        )
+    return list(names)
 
 #: The parameters each kind takes (the drill file's and ``lab fault``'s names).
 PARAMETERS: dict[FaultKind, tuple[str, ...]] = {

@@ -29,6 +29,7 @@ import httpx
 from sipdrill.control.files import write_atomically
 from sipdrill.errors import FaultError, OperationError
 from sipdrill.orchestrator.fault_model import (
+    SITE_FAULTS,
     DnsOutageMode,
     FaultJournal,
     FaultKind,
@@ -36,19 +37,18 @@ from sipdrill.orchestrator.fault_model import (
     FaultRequest,
     journal_path,
     parse_fault_request,
+    pool_target,
 )
 from sipdrill.orchestrator.local_faults import (
     LOCAL_FAULT_KINDS,
     LocalDnsOutage,
     Processes,
 )
-from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec
+from sipdrill.orchestrator.plan import Role, RuntimeKind, ServiceSpec, pool_targets
 from sipdrill.orchestrator.runtime import InjectedFault
 
 Progress = Callable[[str], None]
 
-#: The kinds a site target takes (every process of the site, as one fault).
-SITE_FAULTS = (FaultKind.CUT, FaultKind.CRASH)
 
 #: Children started by this process, shared by every LocalRuntime object: a
 #: runtime object made after another one failed must still reap its children.
@@ -110,6 +110,7 @@ def spec_from_dict(d: dict[str, Any]) -> ServiceSpec:
         depends_on=tuple(d["depends_on"]),
         control_port=d["control_port"],
         pool=d["pool"],
+        front_end=d.get("front_end"),
         env=tuple((str(k), str(v)) for k, v in d["env"]),
     )
 
@@ -317,6 +318,11 @@ class LocalRuntime:
 
     def _targets(self, state: LabState, request: FaultRequest) -> list[str]:
         kind, target = request.kind, request.target
+        specs = [spec_from_dict(r.spec) for r in state.processes.values()]
+        if target not in state.processes:
+            names = pool_target(specs, target, kind, self.kind)
+            if names is not None:
+                return names
         members = [n for n, r in state.processes.items() if r.spec["network"] == target]
         if target not in state.processes and members and kind in SITE_FAULTS:
             return members  # a site: the fault hits every process in it
@@ -326,6 +332,7 @@ class LocalRuntime:
                 kind,
                 self.kind,
                 f"unknown target {target!r}; services: {', '.join(state.processes)}; "
+                f"pools and front ends: {', '.join(pool_targets(specs))}; "
                 f"sites ({', '.join(SITE_FAULTS)}): {', '.join(sites)}",
             )
         spec = spec_from_dict(state.processes[target].spec)
@@ -426,7 +433,19 @@ class LocalRuntime:
 
     def dns_outage(self, name: str, mode: DnsOutageMode | None) -> None:
         state = self._state()
-        spec = spec_from_dict(state.processes[name].spec)
+        record = state.processes[name]
+        spec = spec_from_dict(record.spec)
+        if record.stopped or _stopped(record.pid):
+            raise FaultError(
+                FaultKind.DNS_OUTAGE, self.kind,
+                f"{name} is stopped (a cut on it is in place): heal that first",
+            )
+        # A crash's heal starts the server again without waiting for it (a chaos
+        # schedule may cut it again at once), so it may still be starting up now.
+        try:
+            self._wait_healthy(spec, state.token, 30.0)
+        except OperationError as exc:
+            raise FaultError(FaultKind.DNS_OUTAGE, self.kind, exc.message) from exc
         headers = {"Authorization": f"Bearer {state.token}"}
         with httpx.Client(timeout=5.0, headers=headers) as http:
             if mode is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sipdrill import addresses
 from sipdrill.addresses import CONTROL_PORT
-from sipdrill.topology import Topology
+from sipdrill.topology import FrontEnd, Pool, Topology
 
 
 class Role(StrEnum):
@@ -47,6 +47,7 @@ class ServiceSpec:
     depends_on: tuple[str, ...] = ()
     control_port: int = CONTROL_PORT
     pool: str | None = None  # the pool FQDN for pool and backup roles
+    front_end: str | None = None  # the front end's FQDN, for the pool role
     env: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -56,6 +57,44 @@ class ServiceSpec:
 
 def short_name(pool_fqdn: str) -> str:
     return pool_fqdn.split(".", 1)[0]
+
+
+def front_end_services(pool: Pool) -> list[tuple[str, FrontEnd]]:
+    """The service of each front end of ``pool``: ``pool1`` for a pool of one
+    (as the lab always had), ``pool1-fe1``, ``pool1-fe2``... for more."""
+    name = short_name(pool.fqdn)
+    if len(pool.front_ends) == 1:
+        return [(name, pool.front_ends[0])]
+    return [(f"{name}-{short_name(fe.fqdn)}", fe) for fe in pool.front_ends]
+
+
+def pool_fault_targets(topology: Topology) -> dict[str, list[str]]:
+    """Fault targets naming pools and front ends, and the services each hits:
+    ``pool1`` (every front end of the pool: the pool lost) and ``pool1/fe2``
+    (that front end alone)."""
+    out: dict[str, list[str]] = {}
+    for pool in topology.pools:
+        services = front_end_services(pool)
+        out[short_name(pool.fqdn)] = [name for name, _ in services]
+        for name, fe in services:
+            out[f"{short_name(pool.fqdn)}/{short_name(fe.fqdn)}"] = [name]
+    return out
+
+
+def pool_targets(specs: Iterable[ServiceSpec]) -> dict[str, list[str]]:
+    """The pool and front-end fault targets of a lab plan (every runtime
+    resolves them with this): ``pool1`` -> the service of every front end of
+    the pool, in plan order (the pool lost); ``pool1/fe2`` -> that front
+    end's alone. :func:`pool_fault_targets` is the same from a topology."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.role is not Role.POOL or not spec.pool:
+            continue
+        pool = short_name(spec.pool)
+        out.setdefault(pool, []).append(spec.name)
+        if spec.front_end:
+            out[f"{pool}/{short_name(spec.front_end)}"] = [spec.name]
+    return out
 
 
 def lab_plan(
@@ -68,8 +107,9 @@ def lab_plan(
     clients_processes: int = 1,
     client_args: tuple[str, ...] = (),
 ) -> list[ServiceSpec]:
-    """The processes for ``topology``: DNS, one pool process per pool (on its
-    first front end), one Backup Service per paired pool, and clients
+    """The processes for ``topology``: DNS, one pool process per front end
+    (sharing the pool's state directory, its Back End), one Backup Service per
+    paired pool, and clients
     (``client_args``: more arguments for each clients process, a workload).
 
     Paths (``topology_path``, ``state_dir``) are as the process sees them: the
@@ -101,29 +141,37 @@ def lab_plan(
     ]
     for pool in topology.pools:
         name = short_name(pool.fqdn)
-        specs.append(
-            ServiceSpec(
-                name=name,
-                role=Role.POOL,
-                network=pool.site,
-                address=addresses.pool_host(topology, pool, loopback=local),
-                pool=pool.fqdn,
-                depends_on=("dns",),
-                control_port=pool.control_port,
-                args=(
-                    "serve",
-                    "pool",
-                    *common,
-                    *addressing,
-                    "--pool",
-                    pool.fqdn,
-                    "--state-dir",
-                    f"{state_dir}/{name}",
-                    "--ca",
-                    ca_dir,
-                ),
+        several = len(pool.front_ends) > 1
+        fe_services = front_end_services(pool)
+        for index, (fe_name, fe) in enumerate(fe_services):
+            specs.append(
+                ServiceSpec(
+                    name=fe_name,
+                    role=Role.POOL,
+                    network=pool.site,
+                    address=addresses.host(topology, fe.address, loopback=local),
+                    pool=pool.fqdn,
+                    front_end=fe.fqdn,
+                    # The pool's first front end makes its store (the Back End)
+                    # before the others open it: one after another, on every
+                    # runtime that orders its starts (Compose's depends_on too).
+                    depends_on=("dns", fe_services[0][0]) if index else ("dns",),
+                    control_port=pool.control_port,
+                    args=(
+                        "serve",
+                        "pool",
+                        *common,
+                        *addressing,
+                        "--pool",
+                        pool.fqdn,
+                        *(("--front-end", fe.fqdn) if several else ()),
+                        "--state-dir",
+                        f"{state_dir}/{name}",
+                        "--ca",
+                        ca_dir,
+                    ),
+                )
             )
-        )
         if pool.backup:
             specs.append(
                 ServiceSpec(
@@ -132,7 +180,7 @@ def lab_plan(
                     network=pool.site,
                     address=addresses.backup_host(topology, pool, loopback=local),
                     pool=pool.fqdn,
-                    depends_on=(name,),
+                    depends_on=(fe_services[0][0],),
                     args=(
                         "serve",
                         "backup",

@@ -36,6 +36,7 @@ UserUri = Annotated[str, Path(description="The user's SIP URI.", examples=["sip:
 class Health(BaseModel):
     status: str
     pool: str
+    front_end: str | None = None
 
 
 #: The largest sequence number (SQLite's INTEGER).
@@ -201,7 +202,7 @@ def create_pool_app(pool: "PoolService", *, cms_router: APIRouter | None = None)
 
     @app.get("/health")
     async def health() -> Health:
-        return Health(status="ok", pool=pool.fqdn)
+        return Health(status="ok", pool=pool.fqdn, front_end=pool.front_end.fqdn)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

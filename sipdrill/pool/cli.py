@@ -27,6 +27,11 @@ def serve_pool(
         ..., "--topology", "-t", exists=True, dir_okay=False, help="The topology YAML file."
     ),
     pool: str = typer.Option(..., "--pool", help="FQDN of the pool to run."),
+    front_end: str | None = typer.Option(
+        None, "--front-end",
+        help="The front end of the pool this process is (FQDN or first label, e.g. fe2); "
+        "default: the first. Every front end of a pool shares its --state-dir.",
+    ),
     state_dir: Path = typer.Option(
         ..., "--state-dir", help="Where the pool keeps its user store and failover state."
     ),
@@ -42,8 +47,7 @@ def serve_pool(
         0, "--tls-workers", min=0, max=64,
         help="Processes doing the TLS handshakes and records in front of the pool's SIP "
         "process (one per core absorbs a TLS storm faster); 0: the pool's process does it. "
-        "Pools reaching a pool through workers are taken for clients (their certificates "
-        "stay in the workers): for benches, not for a paired lab.",
+        "A worker that dies is replaced; pools are still recognised by their certificates.",
     ),
 ) -> None:
     """Run a Front End pool: registrar (home and backup), presence, IM and
@@ -54,6 +58,7 @@ def serve_pool(
     loaded = load_or_exit(topology)
     settings = PoolSettings(
         pool=pool,
+        front_end=front_end,
         state_dir=state_dir,
         ca_dir=ca,
         loopback=loopback,

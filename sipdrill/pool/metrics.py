@@ -48,6 +48,11 @@ class PoolMetrics:
             ["state"],
             registry=r,
         )
+        self.quorum_stops = Counter(
+            "sipdrill_pool_quorum_stops",
+            "Times this front end stopped its SIP service because the pool lost its quorum.",
+            registry=r,
+        )
         self.redirects = Counter(
             "sipdrill_pool_redirects", "301 answers sending a user to their pools.", registry=r
         )

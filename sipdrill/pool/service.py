@@ -1,7 +1,8 @@
 """The Front End pool process: ``sipdrill serve pool``.
 
-One :class:`PoolService` per pool, listening on the pool's first front-end
-address (its loopback stand-in with ``--loopback``): SIP on TLS 5061 and
+One :class:`PoolService` per front end of a pool, listening on that front
+end's address (its loopback stand-in with ``--loopback``; ``--front-end``,
+the first by default): SIP on TLS 5061 and
 TCP/UDP 5060 (:mod:`.sip_side`), and the HTTP control API with Prometheus
 ``/metrics`` on ``pool.control_port`` (:mod:`.api`), both in one asyncio
 loop. In-process (tests)::
@@ -24,6 +25,17 @@ The rest is in parts beside it: :mod:`.settings`, :mod:`.cms_replica` (the
 CMS replica), :mod:`.moves` (Move-CsUser), :mod:`.replication` (the Backup
 Service's feed), :mod:`.failover_events` (pool failover and failback),
 :mod:`.import_export` (Export/Import-CsUserData).
+
+Enterprise pools with several front ends: every front end is such a
+process, serving every user of the pool (Lync 2013's routing groups, three
+replicas per user, simplified away) over the pool's one state directory,
+its Back End: one SQLite store that every front end opens, the failover
+state file and the CMS replica. Each front end asks its siblings' control
+APIs whether they are up and keeps the pool's quorum (:mod:`.quorum`): below
+it, it stops its SIP service (the pool is down, as Lync's "Local Pool
+Manager has been disconnected from Pool Manager") and starts it again when
+enough siblings are back. Only the first front end runs the scheduled
+user-data export.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import ssl
 import time
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, FastAPI
 
 from sipdrill import addresses
@@ -58,6 +71,7 @@ from sipdrill.pool.policy import (
     check_feature,
     registrar_decision,
 )
+from sipdrill.pool.quorum import FrontEndQuorum, QuorumLost, QuorumRegained
 from sipdrill.pool.settings import PoolSettings
 from sipdrill.pool.sip_side import PoolSip
 from sipdrill.pool.state import (
@@ -69,7 +83,7 @@ from sipdrill.pool.state import (
 from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import UserStore
 from sipdrill.sip.tls import ServiceCert, client_context, ensure_server_cert, server_context
-from sipdrill.topology import Pool, Topology
+from sipdrill.topology import FrontEnd, Pool, Topology
 
 __all__ = ["PoolService", "PoolSettings"]
 
@@ -95,10 +109,21 @@ class PoolService:
                 404,
             ) from None
         self.fqdn = self.pool.fqdn
+        try:
+            self.front_end: FrontEnd = addresses.front_end(topology, self.pool, settings.front_end)
+        except KeyError:
+            raise OperationError(
+                "unknown-front-end",
+                f"front end {settings.front_end!r} is not in pool {self.fqdn}; front ends: "
+                + ", ".join(fe.fqdn for fe in self.pool.front_ends),
+                404,
+            ) from None
+        #: This front end's place in the pool (0: the first).
+        self.front_end_index = self.pool.front_ends.index(self.front_end)
         self.partner: str | None = self.pool.backup
         self.backups = backups_from_topology(topology)
         self.pool_names = frozenset(p.fqdn for p in topology.pools)
-        self.address = addresses.pool_host(topology, self.pool, loopback=settings.loopback)
+        self.address = addresses.host(topology, self.front_end.address, loopback=settings.loopback)
         token = settings.token.get_secret_value() if settings.token else None
         if token is None and not ipaddress.ip_address(self.address).is_loopback:
             raise OperationError(
@@ -127,6 +152,10 @@ class PoolService:
             interval=lambda: self.cms.timers().user_data_export_interval,
         )
         self.started_at = time.time()
+        #: This front end's view of the pool's quorum (pools of several front ends).
+        self.quorum: FrontEndQuorum | None = None
+        self._quorum_task: asyncio.Task[None] | None = None
+        self._state_mtime: int | None = None
         self._store: UserStore | None = None
         self.sip = PoolSip(self)
         self.server_ssl: ssl.SSLContext | None = None
@@ -243,10 +272,13 @@ class PoolService:
                 log.info("seeded %d users homed on %s", created, self.fqdn)
         await asyncio.to_thread(self.state_file.load)
         fe_names = [fe.fqdn for fe in self.pool.front_ends]
+        cert_name = f"pool-{self.fqdn.split('.', 1)[0]}"
+        if len(self.pool.front_ends) > 1:
+            cert_name += f"-{self.front_end.fqdn.split('.', 1)[0]}"  # each its own address
         cert = await asyncio.to_thread(
             ensure_server_cert,
             settings.ca_dir,
-            f"pool-{self.fqdn.split('.', 1)[0]}",
+            cert_name,
             dns_names=[self.fqdn, *fe_names],
             ip_addresses=[self.address],
         )
@@ -261,15 +293,7 @@ class PoolService:
         self.client_ssl = client_context(cert.ca_path, cert=cert)
         loop = asyncio.get_running_loop()
         app_router = self.cms.open(settings.state_dir)
-        if self.partner is not None:
-            timers = self.cms.timers()
-            self._set_heartbeat(timers.failover_detection_interval)
-            self.monitor = PartnerMonitor(
-                self.partner,
-                failover_detection_interval=timers.failover_detection_interval,
-                failback_interval=timers.failback_interval,
-                now=loop.time(),
-            )
+        self._new_monitor(loop.time())
         self.metrics.bind_gauges(
             registrations=lambda mode: self.sip.registrations.counts()[mode],
             bindings=lambda: len(self.sip.registrations.registrar),
@@ -282,11 +306,20 @@ class PoolService:
         self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
         self.user_moves.start()
         await self._start_control(app_router)
-        self.user_data_exports.start()
+        if self.front_end_index == 0:
+            self.user_data_exports.start()  # once per pool, not once per front end
+        if len(self.pool.front_ends) > 1:
+            self.quorum = FrontEndQuorum(
+                len(self.pool.front_ends), self.front_end_index,
+                down_after=settings.front_end_down_after, now=loop.time(),
+            )
+            self._state_mtime = await asyncio.to_thread(self._state_file_mtime)
+            self._quorum_task = loop.create_task(self._keep_quorum(), name="pool-quorum")
         log.info(
-            "pool %s: sip %s, control %s, partner %s (detection %gs, failback %gs, "
-            "heartbeat every %gs)",
+            "pool %s (front end %s): sip %s, control %s, partner %s (detection %gs, "
+            "failback %gs, heartbeat every %gs)",
             self.fqdn,
+            self.front_end.fqdn,
             ", ".join(f"{k}:{h}:{p}" for k, (h, p) in self.sip_addresses),
             self.control_url,
             self.partner or "none",
@@ -294,6 +327,108 @@ class PoolService:
             self.monitor.failback_interval if self.monitor else 0,
             self.heartbeat_interval,
         )
+
+    def _new_monitor(self, now: float) -> None:
+        """The partner's monitor, as at start: on a restart after quorum loss
+        too (its old heartbeats are no news of the partner)."""
+        if self.partner is None:
+            return
+        timers = self.cms.timers()
+        self._set_heartbeat(timers.failover_detection_interval)
+        self.monitor = PartnerMonitor(
+            self.partner,
+            failover_detection_interval=timers.failover_detection_interval,
+            failback_interval=timers.failback_interval,
+            now=now,
+        )
+
+    # -- the pool's front ends ------------------------------------------------------------
+    def _siblings(self) -> list[tuple[int, str]]:
+        loopback = self.settings.loopback
+        return [
+            (i, f"http://{addresses.host(self.topology, fe.address, loopback=loopback)}:"
+                f"{self.pool.control_port}/health")
+            for i, fe in enumerate(self.pool.front_ends)
+            if i != self.front_end_index
+        ]
+
+    async def _keep_quorum(self) -> None:
+        """Ask every sibling front end if it is up, each probe interval; stop
+        the SIP service on quorum loss, start it again when quorum is back.
+        A sibling that is up answers its control API: a stopped process, a cut
+        network or a crashed one does not (an open port is not enough)."""
+        quorum = self.quorum
+        assert quorum is not None
+        interval = self.settings.front_end_probe_interval
+        loop = asyncio.get_running_loop()
+        siblings = self._siblings()
+        async with httpx.AsyncClient(timeout=interval) as http:
+
+            async def probe(index: int, url: str) -> None:
+                try:
+                    r = await http.get(url)
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    quorum.heard(index, loop.time())
+
+            while True:
+                started = loop.time()
+                await asyncio.gather(*(probe(i, url) for i, url in siblings))
+                for event in quorum.on_timer(loop.time()):
+                    if isinstance(event, QuorumLost):
+                        log.warning(
+                            "pool %s lost its quorum (%s; up: %s): Local Pool Manager has been "
+                            "disconnected from Pool Manager; front end %s stops its SIP service",
+                            self.fqdn, event.rule.describe(), self._names(event.up),
+                            self.front_end.fqdn,
+                        )
+                        await self._stop_sip()
+                    elif isinstance(event, QuorumRegained):
+                        log.warning(
+                            "pool %s has its quorum again (%s; up: %s): front end %s starts its "
+                            "SIP service", self.fqdn, event.rule.describe(),
+                            self._names(event.up), self.front_end.fqdn,
+                        )
+                        await self._start_sip()
+                await self._follow_state_file()
+                await asyncio.sleep(max(0.0, started + interval - loop.time()))
+
+    def _names(self, up: tuple[int, ...]) -> str:
+        return ", ".join(self.pool.front_ends[i].fqdn.split(".", 1)[0] for i in up) or "none"
+
+    async def _stop_sip(self) -> None:
+        await self.sip.close()
+        self.sip_addresses = []
+        self.metrics.quorum_stops.inc()
+
+    async def _start_sip(self) -> None:
+        self.sip = PoolSip(self)
+        self._new_monitor(asyncio.get_running_loop().time())
+        bound = await self.sip.start()
+        self.sip_addresses = [(kind.value, addr) for kind, addr in bound]
+
+    @property
+    def sip_running(self) -> bool:
+        return self.quorum is None or self.quorum.state.value == "serving"
+
+    def _state_file_mtime(self) -> int | None:
+        try:
+            return self.state_file.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    async def _follow_state_file(self) -> None:
+        """Another front end of the pool changed the shared failover state
+        (a failover event, a move came through its control API): take it."""
+        mtime = await asyncio.to_thread(self._state_file_mtime)
+        if mtime == self._state_mtime:
+            return
+        self._state_mtime = mtime
+        async with self.state_file.lock:
+            await asyncio.to_thread(self.state_file.load)
+        if self.sip_running:
+            self.reevaluate("pool state changed on another front end")
 
     async def _start_control(self, cms_router: APIRouter) -> None:
         app = self.control_app = create_pool_app(self, cms_router=cms_router)
@@ -311,6 +446,10 @@ class PoolService:
         )
 
     async def close(self) -> None:
+        if self._quorum_task is not None:
+            self._quorum_task.cancel()
+            await asyncio.gather(self._quorum_task, return_exceptions=True)
+            self._quorum_task = None
         await self.bulk_moves.close()
         await self.user_data_exports.close()
         if self._control_server is not None:
@@ -403,6 +542,11 @@ class PoolService:
         store = await asyncio.to_thread(self._store_status)
         return {
             "pool": self.fqdn,
+            "front_end": self.front_end.fqdn,
+            "quorum": self.quorum.status(asyncio.get_running_loop().time())
+            if self.quorum is not None
+            else None,
+            "sip_running": self.sip_running,
             "site": self.pool.site,
             "address": self.address,
             "backup_pool": self.partner,

@@ -14,6 +14,18 @@ class PoolSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     pool: str
+    front_end: str | None = Field(
+        default=None,
+        description="The front end this process is (its FQDN or first label); default: the "
+        "pool's first. Every front end of a pool shares the pool's state directory (its Back End).",
+    )
+    front_end_probe_interval: float = Field(
+        default=1.0, gt=0, description="How often a front end asks its siblings if they are up."
+    )
+    front_end_down_after: float = Field(
+        default=3.0, gt=0,
+        description="A sibling front end silent this long counts as down for the pool's quorum.",
+    )
     state_dir: Path
     ca_dir: Path
     loopback: bool = False

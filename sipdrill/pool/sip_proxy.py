@@ -179,15 +179,19 @@ class CallProxy:
         pools: Mapping[str, tuple[str, int]],
         *,
         config: ForkConfig | None = None,
+        hosts: Mapping[str, str] | None = None,
     ) -> None:
-        """``pools``: every pool's SIP over TLS address (this one included), to
-        name this pool in a Record-Route and to find the pool a Route names."""
+        """``pools``: every pool's SIP over TLS address (this one included: this
+        front end's), to name this pool in a Record-Route and to find the pool a
+        Route names; ``hosts``: more addresses naming a pool (its other front
+        ends), host -> pool."""
         self.ctx = ctx
         self.registrations = registrations
         self.relay = relay
         self._signalling = signalling
         self.pools = dict(pools)
-        self._by_host = {host.lower(): pool for pool, (host, _) in self.pools.items()}
+        self._by_host = {host.lower(): pool for host, pool in (hosts or {}).items()}
+        self._by_host.update({host.lower(): pool for pool, (host, _) in self.pools.items()})
         self._own_host = self.pools[ctx.fqdn][0].lower()
         self.config = config or ForkConfig(linger=64 * ctx.settings.sip_t1)
         # Our branches start with a tag of this pool: a request that comes back

@@ -139,10 +139,18 @@ class PoolSip:
         self.presence = PresenceHub(self, self.registrations, self.relay)
         self.contacts = ContactList(self, self.registrations, svc.add_contact)
         self.focus = ConferenceFocus(self, self.registrations, self.relay)
+        loopback = svc.settings.loopback
+        pools = {p.fqdn: addresses.pool_sip_address(topo, p, loopback=loopback) for p in topo.pools}
+        # Record-Route names the front end that took the call: its flows are here.
+        pools[svc.fqdn] = (svc.address, svc.pool.sip_tls_port)
         self.calls = CallProxy(
-            self, self.registrations, self.relay, lambda: self.endpoint,
-            {p.fqdn: addresses.pool_sip_address(topo, p, loopback=svc.settings.loopback)
-             for p in topo.pools},
+            self, self.registrations, self.relay, lambda: self.endpoint, pools,
+            hosts={
+                h: p.fqdn
+                for p in topo.pools
+                for h, _ in addresses.front_end_sip_addresses(topo, p, loopback=loopback)
+                if p.fqdn != svc.fqdn or h == svc.address
+            },
         )
         #: The partner pool's heartbeats (from start, when the pool has a partner).
         self.heartbeat: PartnerHeartbeat | None = None
@@ -162,6 +170,8 @@ class PoolSip:
         self._drivers: list[TimerDriver] = []
         self._loops: list[asyncio.Task[None]] = []
         self._tls_front: TlsFront | None = None
+        #: Per pool, the front end to try first (see pool_flow).
+        self._front_end_cursor: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -192,14 +202,6 @@ class PoolSip:
         listens += [(Kind.TCP, host, pool.sip_tcp_port), (Kind.UDP, host, pool.sip_udp_port)]
         bound = await self.endpoint.listen(listens, ssl_context=svc.server_ssl)
         if workers:
-            # The workers hand over plaintext without the peer's certificate, so
-            # a pool reaching us through them is taken for a client (no partner
-            # heartbeats): a bench setting until the names travel with the flow.
-            log.warning(
-                "--tls-workers %d: pools connecting over TLS are seen as clients "
-                "(their certificates stay in the workers); not for a paired lab",
-                workers,
-            )
             bound.insert(0, (Kind.TLS, self._start_tls_front(host, pool.sip_tls_port, workers)))
         self.registrations.start()
         self.calls.start()
@@ -220,13 +222,22 @@ class PoolSip:
         assert cert is not None
         transport = self.endpoint.transport
 
-        def adopt(sock: socket.socket, remote: tuple[str, int], local: tuple[str, int]) -> None:
-            transport.adopt_stream(sock, Kind.TLS, remote, local)
+        def adopt(
+            sock: socket.socket,
+            remote: tuple[str, int],
+            local: tuple[str, int],
+            names: tuple[str, ...],
+        ) -> None:
+            transport.adopt_stream(sock, Kind.TLS, remote, local, names)
 
         try:
+            # The workers ask for and verify a certificate as the pool's own
+            # context does (svc.server_ssl), and pass its names with the flow:
+            # a partner pool is trusted through them.
             front = TlsFront(
                 host, port, cert=cert.cert_path, key=cert.key_path, workers=workers,
-                adopt=adopt, handshake_timeout=transport.limits.tls_handshake_timeout,
+                adopt=adopt, client_ca=cert.ca_path,
+                handshake_timeout=transport.limits.tls_handshake_timeout,
             )
         except OSError as exc:
             raise TransportError(Kind.TLS, f"{host}:{port}", str(exc)) from exc
@@ -402,11 +413,33 @@ class PoolSip:
         )
 
     async def pool_flow(self, pool: str) -> Flow:
+        """A flow to any front end of ``pool``: the one that answered last,
+        else the next in DNS order. A front end that fails (refused, or a
+        handshake cut short by the caller's timeout: a stopped process
+        accepts and says nothing) moves the next call on to the next one."""
         svc = self.svc
-        host, port = addresses.pool_sip_address(svc.topology, pool, loopback=svc.settings.loopback)
-        return await self.endpoint.open_flow(
-            Kind.TLS, host, port, ssl_context=svc.client_ssl, server_hostname=pool
+        where = addresses.front_end_sip_addresses(
+            svc.topology, pool, loopback=svc.settings.loopback
         )
+        start = self._front_end_cursor.get(pool, 0) % len(where)
+        error: BaseException | None = None
+        for k in range(len(where)):
+            i = (start + k) % len(where)
+            host, port = where[i]
+            try:
+                flow = await self.endpoint.open_flow(
+                    Kind.TLS, host, port, ssl_context=svc.client_ssl, server_hostname=pool
+                )
+            except BaseException as exc:
+                self._front_end_cursor[pool] = i + 1
+                if not isinstance(exc, Exception):
+                    raise  # cancelled (the caller's timeout): the next call tries the next
+                error = exc
+                continue
+            self._front_end_cursor[pool] = i
+            return flow
+        assert error is not None
+        raise error
 
     def is_open(self, flow: Flow) -> bool:
         return self.endpoint.transport.is_open(flow)

@@ -393,6 +393,27 @@ async def test_a_home_pool_that_missed_its_second_failover_is_caught_up(
     assert state(lab, P2, P1) is FailoverState.FAILED_BACK
 
 
+async def test_a_home_pool_cut_half_way_through_its_failover_is_caught_up(
+    lab: FakeLab, clock: FakeClock
+) -> None:
+    """Found by a docker chaos run: P1 heard the disaster-mode failover start,
+    then was cut; P2 finished it. P1 says FailingOver, from which a failback
+    is not a transition: the failback finishes P1's failover first."""
+    lab.cut(P1)
+    await cms_failover(lab.topology, True, lab.clients)
+    await pool_failover(lab.topology, P1, True, lab.clients, wall_clock=clock)
+    lab.heal(P1)
+    await lab.clients.pool(P1).failover_event(P1, "failover_started", True)
+    assert state(lab, P1, P1) is FailoverState.FAILING_OVER
+    assert state(lab, P2, P1) is FailoverState.FAILED_OVER
+
+    back = await pool_failback(lab.topology, P1, False, lab.clients, wall_clock=clock)
+
+    assert any("missed" in n for n in back.notes)
+    assert state(lab, P1, P1) is FailoverState.FAILED_BACK
+    assert state(lab, P2, P1) is FailoverState.FAILED_BACK
+
+
 async def test_a_failover_cut_mid_final_sync_is_finished_by_running_it_again(
     lab: FakeLab,
 ) -> None:

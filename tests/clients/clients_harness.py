@@ -148,10 +148,13 @@ class World:
         dns: dict[tuple[str, str], DnsAnswer] | None = None,
         seed: int = 1,
         rng: random.Random | None = None,
+        dns_turn: int | None = None,
     ) -> None:
         self.clock = FakeClock()
         self.profile = profile or ClientProfile(domain=DOMAIN)
-        self.ep = Endpoint(user, self.profile, self.clock, rng or random.Random(seed))
+        self.ep = Endpoint(
+            user, self.profile, self.clock, rng or random.Random(seed), dns_turn=dns_turn
+        )
         self.dns = dict(paired_pools_dns() if dns is None else dns)
         self.registrars: dict[tuple[str, int], FakeRegistrar] = {
             POOL1: FakeRegistrar("pool1"),

@@ -202,13 +202,15 @@ def runner_for(
     lab: Lab, patterns: list[str], stream: io.StringIO | None = None, **kw: object
 ) -> ClientRunner:
     users = select_users(lab.topology, patterns)
+    settings: dict[str, object] = {
+        "ssl_context": client_context(lab.tls / "ca.pem"),
+        "ramp": 200,
+        "seed": 7,
+    }
     config = RunnerConfig(
         profile=profile_for(lab.topology),
         users=users,
         nameservers=[(HOST, lab.dns_port)],
-        ssl_context=client_context(lab.tls / "ca.pem"),
-        ramp=200,
-        seed=7,
-        **kw,  # type: ignore[arg-type]
+        **(settings | kw),  # type: ignore[arg-type]
     )
     return ClientRunner(config, events=EventLog(stream=stream))

@@ -82,7 +82,7 @@ def test_signs_in_to_the_priority_0_pool_in_full_service() -> None:
     assert w.mode is Mode.FULL_SERVICE
     assert w.pool == "pool1.lab.local"
     assert w.connects[0].target == Target(
-        "pool1.lab.local", 5061, Kind.TLS, POOL1[0], "_sipinternaltls._tcp.lab.local"
+        "pool1.lab.local", 5061, Kind.TLS, POOL1[0], "_sipinternaltls._tcp.lab.local", (POOL1[0],)
     )
     # The lyncdiscover names are asked first (the Autodiscover service is not
     # in the lab, so they give no target), then the SRV name, then the target.

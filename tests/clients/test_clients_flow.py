@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections import Counter
@@ -326,3 +327,72 @@ async def test_unsent_bytes_are_kept_in_order_flushed_on_close_and_bounded() -> 
             pass
         assert flow.closed
         await wait_for(lambda: sink.closed[-1] is flow, 5, "closed")
+
+
+async def test_flows_share_the_bios_without_crossing(ca: LabCA, server_ctx: ssl.SSLContext) -> None:
+    """Every flow of a thread writes into one pair of memory BIOs: a flow whose peer
+    sends garbage mid-record, or closes, leaves nothing there for the next flow."""
+    sink = Sink()
+    ctx = client_context(ca)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with server(server_ctx) as (port, peers):
+        flows = [
+            await open_stream(sink, Kind.TLS, HOST, port, ssl_context=ctx, server_hostname=NAME)
+            for _ in range(3)
+        ]
+        await wait_for(lambda: len(peers) == 3, 5, "three peers")
+        # Peer 0 sends a record that does not decrypt and more after it in one write
+        # (flow 0 fails with bytes left unread); peers 1 and 2 then send messages
+        # larger than a BIO chunk in one write each.
+        body = b"y" * (2 * BIO_CHUNK + 7)
+        peer_of = {p.transport.get_extra_info("peername"): p for p in peers}  # type: ignore[union-attr]
+        by_flow = [peer_of[f.local] for f in flows]
+        assert by_flow[0].transport is not None
+        by_flow[0].transport.write(response())
+        await wait_for(lambda: len(sink.messages) == 1, 5, "the first message")
+        raw = by_flow[0].transport.get_extra_info("socket")
+        assert raw is not None
+        bogus = b"\x17\x03\x03\x00\x40" + b"\x00" * 0x40
+        os.write(raw.fileno(), bogus + bogus[:30])
+        await wait_for(lambda: flows[0].closed, 5, "flow 0 given up")
+        assert sink.stats["tls_errors"] == 1
+        for peer in by_flow[1:]:
+            assert peer.transport is not None
+            peer.transport.write(response(body))
+        await wait_for(lambda: len(sink.messages) == 3, 5, "both large messages")
+        assert [m.body for m in sink.messages[1:]] == [body, body]
+        assert flows[1].send(b"\r\n\r\n") and flows[2].send(b"\r\n\r\n")
+        await wait_for(lambda: sink.pongs == 2, 5, "two pongs")
+        # Flow 1's peer closes; flow 2 carries on.
+        assert by_flow[1].transport is not None
+        by_flow[1].transport.close()
+        await wait_for(lambda: flows[1] in sink.closed, 5, "flow 1 closed")
+        assert by_flow[2].transport is not None
+        by_flow[2].transport.write(response(b"z"))
+        await wait_for(lambda: len(sink.messages) == 4, 5, "flow 2's message")
+        assert sink.messages[3].body == b"z" and sink.stats["tls_errors"] == 1
+        for flow in flows:
+            flow.abort()
+
+
+@pytest.mark.parametrize("same_context", [True, False])
+async def test_a_session_offered_again_is_resumed_by_the_server_that_issued_it(
+    ca: LabCA, server_ctx: ssl.SSLContext, same_context: bool
+) -> None:
+    """A server with another ticket key (another pool) does a full handshake instead."""
+    sink = Sink()
+    ctx = client_context(ca)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    other = server_context(ca.issue_server("pool1", pool_fqdn=NAME, ip_addresses=[HOST]))
+    async with server(server_ctx) as (port, _peers):
+        first = await open_stream(sink, Kind.TLS, HOST, port, ssl_context=ctx, server_hostname=NAME)
+        session = first.session
+        assert session is not None and not first.session_reused
+        assert first.server_hostname == NAME
+        first.close()
+    async with server(server_ctx if same_context else other) as (port, _peers):
+        again = await open_stream(
+            sink, Kind.TLS, HOST, port, ssl_context=ctx, server_hostname=NAME, session=session
+        )
+        assert again.session_reused is same_context
+        again.close()

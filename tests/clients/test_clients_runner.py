@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,40 @@ async def test_endpoints_register_fail_over_and_come_back(lab: Lab) -> None:
     )
     assert "sipdrill_client_time_to_reconnect_seconds_count 14.0" in metrics
     assert all(ep.mode is Mode.SIGNED_OUT for ep in runner.endpoints)  # close() signs out
+
+
+async def test_tls_resumed_on_the_same_pool_full_on_failover(lab: Lab) -> None:
+    """As SChannel: a reconnect to the same pool resumes the TLS session that pool
+    gave; the failover to the backup pool is a full handshake."""
+    ctx = client_context(lab.tls / "ca.pem")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # Lync 2013's (the CLI's default)
+    runner = runner_for(lab, ["pool1.lab.local:*"], ssl_context=ctx)
+    n = len(runner.config.users)
+    p1, p2 = "pool1.lab.local", "pool2.lab.local"
+
+    def on(pool: str, mode: str) -> bool:
+        return runner.counts()["by_pool"].get(pool, {}).get(mode) == n
+
+    async with runner:
+        runner.start()
+        await wait_for(lambda: on(p1, "FullService"), 10, "all on pool1")
+        assert (runner.stats["tls_full"], runner.stats["tls_resumed"]) == (n, 0)
+        # pool1 drops every flow: each endpoint reconnects to pool1 and resumes.
+        lab.pool1.kick()
+        await wait_for(lambda: runner.stats["tls_resumed"] == n, 10, "n resumed handshakes")
+        await wait_for(lambda: on(p1, "FullService"), 10, "all back on pool1")
+        assert runner.stats["tls_full"] == n
+        # Site 1 is lost: the backup pool is another server, a full handshake each.
+        lab.pool2.partner_users = "resiliency"
+        await lab.pool1.stop()
+        await wait_for(lambda: on(p2, "ResiliencyMode"), 10, "all on pool2")
+        metrics = runner.metrics.render().decode()
+    assert runner.stats["tls_resumed"] == n
+    line = 'sipdrill_client_tls_handshakes_total{{kind="{}",server="{}"}} {}'
+    assert line.format("resumed", p1, f"{n}.0") in metrics
+    assert line.format("full", p1, f"{n}.0") in metrics
+    assert line.format("full", p2, f"{n}.0") in metrics
+    assert 'kind="resumed",server="pool2.lab.local"' not in metrics
 
 
 async def test_a_user_homed_elsewhere_is_redirected_home(lab: Lab) -> None:
@@ -272,3 +307,27 @@ async def test_counts_are_rebuilt_once_an_endpoint_changes() -> None:
         third = runner.counts()
         assert third["by_mode"]["SignedOut"] == 3
         assert runner.faults == 1
+
+
+@pytest.mark.parametrize("seed", [None, 0, 3])
+async def test_each_pools_clients_take_round_robin_turns_from_the_seed(seed: int | None) -> None:
+    """A pool's clients start on consecutive DNS turns, the first at the seed:
+    with three front ends, every one gets a third of the pool's clients, the
+    same ones in every run (whatever the order in which they resolve)."""
+    from sipdrill.clients.endpoint import ClientProfile, UserSpec, dns_order
+    from sipdrill.clients.runner import ClientRunner, RunnerConfig
+
+    pools = ["pool1.lab.local", "pool2.lab.local"]
+    users = [UserSpec(f"sip:u{i}@lab.local", home_pool=pools[i % 4 == 0]) for i in range(12)]
+    runner = ClientRunner(
+        RunnerConfig(profile=ClientProfile(domain="lab.local"), users=users, seed=seed)
+    )
+    fes = ("10.0.1.11", "10.0.1.12", "10.0.1.13")
+    async with runner:
+        turns = {ep.user.uri: ep._dns_turn for ep in runner.endpoints}
+    first = seed or 0
+    for pool in pools:
+        mine = [turns[u.uri] for u in users if u.home_pool == pool]
+        assert mine == list(range(first, first + len(mine)))
+        firsts = [dns_order(fes, t)[0] for t in mine]
+        assert {firsts.count(fe) for fe in fes} == {len(mine) // 3}

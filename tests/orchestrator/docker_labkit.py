@@ -20,9 +20,10 @@ from types import TracebackType
 from typing import Any
 
 import docker
+import pytest
 from docker.errors import APIError, DockerException, ImageNotFound
 
-from sipdrill.orchestrator.docker_runtime import DockerRuntime
+from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
 
 IMAGE = os.environ.get("SIPDRILL_IMAGE", "sipdrill:latest")
 #: Lab names of tests start with this (a failing test's leftovers are easy to find).
@@ -134,6 +135,29 @@ def docker_problem(image: str = IMAGE) -> str | None:
 
 def build_image() -> None:
     subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh")], check=True, cwd=REPO)
+
+
+#: SIPDRILL_REQUIRE_DOCKER=1 (CI): a docker test that cannot run fails, never skips.
+REQUIRED = os.environ.get("SIPDRILL_REQUIRE_DOCKER") == "1"
+
+
+def lab_problem(*, compose: bool) -> str | None:
+    """Why a docker test module cannot run here, or None: no engine, no image
+    (built first when SIPDRILL_BUILD_IMAGE=1) or, with ``compose``, no Compose CLI."""
+    problem = docker_problem()
+    if problem and "no image" in problem and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
+        build_image()
+        problem = docker_problem()
+    if problem is None and compose and compose_command() is None:
+        problem = "no Compose CLI (docker compose or docker-compose)"
+    return problem
+
+
+def docker_marks(problem: str | None, *, slow: bool) -> list[pytest.MarkDecorator]:
+    """A docker test module's ``pytestmark``: skipped for ``problem`` unless REQUIRED."""
+    marks = [pytest.mark.docker, *([pytest.mark.slow] if slow else [])]
+    return [*marks, pytest.mark.skipif(bool(problem) and not REQUIRED,
+                                       reason=f"docker tests: {problem}")]
 
 
 @dataclass

@@ -44,6 +44,17 @@ def verdict_of(tmp_path: Path) -> dict[str, Any]:
     return dict(json.loads((tmp_path / "run" / "verdict.json").read_text()))
 
 
+def _why(doc: dict[str, Any], out: str, err: str) -> str:
+    """A failed run in full: each violation, then the ends of the output (a
+    tuple's repr would be cut in the middle by pytest)."""
+    verdict = doc.get("verdict") or {}
+    lines = [f"status {doc.get('status')}, error {doc.get('error')}"]
+    lines += [f"{v.get('rule')}: {v.get('message')}" for v in verdict.get("violations", [])]
+    lines += [f"figures: {json.dumps(verdict.get('figures'))}", "--- stdout", out[-4000:],
+              "--- stderr", err[-2000:]]
+    return "\n".join(lines)
+
+
 def test_a_seeded_local_run_is_valid(tmp_path: Path) -> None:
     topology = isolated_topology(tmp_path)
     planned = schedule(
@@ -56,7 +67,7 @@ def test_a_seeded_local_run_is_valid(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=300)
     took = time.monotonic() - start
     doc = verdict_of(tmp_path)
-    assert proc.returncode == 0, (doc, out[-3000:], err[-3000:])
+    assert proc.returncode == 0, _why(doc, out, err)
     assert doc["status"] == "valid" and doc["seed"] == LOCAL_SEED
     figures = doc["verdict"]["figures"]
     print(f"local chaos run: {took:.0f} s", json.dumps(figures))
@@ -143,7 +154,7 @@ def test_a_seeded_docker_run_is_valid(tmp_path: Path) -> None:
             rt.remove_lab(lab)
     assert leftovers == set(), "the run left containers, networks or volumes"
     doc = verdict_of(tmp_path)
-    assert proc.returncode == 0, (doc, out[-3000:], err[-3000:])
+    assert proc.returncode == 0, _why(doc, out, err)
     figures = doc["verdict"]["figures"]
     print("docker chaos run:", json.dumps(figures))
     assert figures["faults_injected"] >= 4 and figures["pool_failovers"] >= 1

@@ -23,26 +23,17 @@ from typing import Any
 
 import httpx
 import pytest
-from docker_labkit import LAB_PREFIX, build_image, docker_problem, leftovers_of
+from docker_labkit import LAB_PREFIX, REQUIRED, docker_marks, lab_problem, leftovers_of
 from test_docker_lab import topology_on_free_subnets
 
 from sipdrill.orchestrator.docker_runtime import DockerRuntime, compose_command
 
 COMPOSE = compose_command()
 
-_PROBLEM = docker_problem()
-if _PROBLEM and "no image" in _PROBLEM and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
-    build_image()
-    _PROBLEM = docker_problem()
-if _PROBLEM is None and COMPOSE is None:
-    _PROBLEM = "no Compose CLI (docker compose or docker-compose)"
-_REQUIRED = os.environ.get("SIPDRILL_REQUIRE_DOCKER") == "1"
+_PROBLEM = lab_problem(compose=True)
+_REQUIRED = REQUIRED
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_PROBLEM) and not _REQUIRED, reason=f"docker tests: {_PROBLEM}"),
-]
+pytestmark = docker_marks(_PROBLEM, slow=True)
 
 CLIENTS_PER_REPLICA = 10
 

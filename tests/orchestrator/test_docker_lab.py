@@ -11,7 +11,6 @@ SIPDRILL_REQUIRE_DOCKER=1 (CI), which turns the skip into a failure.
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 import re
 import secrets
@@ -28,7 +27,7 @@ import dns.query
 import dns.rcode
 import httpx
 import pytest
-from docker_labkit import LAB_PREFIX, build_image, docker_problem, leftovers_of
+from docker_labkit import LAB_PREFIX, REQUIRED, docker_marks, lab_problem, leftovers_of
 from typer.testing import CliRunner
 
 from sipdrill.cli import app
@@ -44,16 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY = ROOT / "topologies/paired-pools.yaml"
 SRV = "_sipinternaltls._tcp.lab.local"
 
-_PROBLEM = docker_problem()
-if _PROBLEM and "no image" in _PROBLEM and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
-    build_image()
-    _PROBLEM = docker_problem()
-_REQUIRED = os.environ.get("SIPDRILL_REQUIRE_DOCKER") == "1"
+_PROBLEM = lab_problem(compose=False)
+_REQUIRED = REQUIRED
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.skipif(bool(_PROBLEM) and not _REQUIRED, reason=f"docker tests: {_PROBLEM}"),
-]
+pytestmark = docker_marks(_PROBLEM, slow=False)
 
 
 def topology_on_free_subnets(

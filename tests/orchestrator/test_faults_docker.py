@@ -20,9 +20,10 @@ import pytest
 from docker_labkit import (
     IMAGE,
     LAB_PREFIX,
+    REQUIRED,
     ProbeLab,
-    build_image,
-    docker_problem,
+    docker_marks,
+    lab_problem,
     leftovers_of,
 )
 
@@ -42,16 +43,10 @@ from sipdrill.orchestrator.faults import (
     heal_journal,
 )
 
-_PROBLEM = docker_problem()
-if _PROBLEM and "no image" in _PROBLEM and os.environ.get("SIPDRILL_BUILD_IMAGE") == "1":
-    build_image()
-    _PROBLEM = docker_problem()
-_REQUIRED = os.environ.get("SIPDRILL_REQUIRE_DOCKER") == "1"
+_PROBLEM = lab_problem(compose=False)
+_REQUIRED = REQUIRED
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.skipif(bool(_PROBLEM) and not _REQUIRED, reason=f"docker tests: {_PROBLEM}"),
-]
+pytestmark = docker_marks(_PROBLEM, slow=False)
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="nsenter into a container's namespace needs root on the Docker host"
 )

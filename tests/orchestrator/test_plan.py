@@ -76,3 +76,43 @@ def test_budget_dr_has_no_backup_service() -> None:
     t = load_topology(ROOT / "topologies/budget-dr.yaml").topology
     roles = [s.role for s in lab_plan(t, RuntimeKind.DOCKER, topology_path="t", state_dir="/s")]
     assert Role.BACKUP not in roles and roles.count(Role.POOL) == 2
+
+
+def test_enterprise_plan_runs_a_process_per_front_end() -> None:
+    from sipdrill.orchestrator.plan import pool_fault_targets
+
+    topo = load_topology(ROOT / "topologies/enterprise.yaml").topology
+    specs = lab_plan(topo, RuntimeKind.LOCAL, topology_path="t.yaml", state_dir="/s", clients=4)
+    pools = [s for s in specs if s.role is Role.POOL]
+    assert [s.name for s in pools] == [
+        "pool1-fe1",
+        "pool1-fe2",
+        "pool1-fe3",
+        "pool2-fe1",
+        "pool2-fe2",
+        "pool2-fe3",
+    ]
+    # Each front end on its own address, all on the pool's one state directory.
+    assert len({s.address for s in pools}) == 6
+    for s in pools[:3]:
+        args = list(s.args)
+        assert args[args.index("--state-dir") + 1] == "/s/pool1"
+        assert args[args.index("--front-end") + 1] == s.front_end
+    assert pools[1].address.endswith(".1.12") and pools[1].front_end == "fe2.pool1.lab.local"
+    backup = next(s for s in specs if s.name == "backup-pool1")
+    assert backup.depends_on == ("pool1-fe1",)
+    clients = next(s for s in specs if s.role is Role.CLIENTS)
+    assert {s.name for s in pools} <= set(clients.depends_on)
+    targets = pool_fault_targets(topo)
+    assert targets["pool1"] == ["pool1-fe1", "pool1-fe2", "pool1-fe3"]
+    assert targets["pool1/fe2"] == ["pool1-fe2"]
+
+
+def test_one_front_end_pools_keep_their_service_names(paired) -> None:
+    from sipdrill.orchestrator.plan import pool_fault_targets
+
+    specs = lab_plan(paired, RuntimeKind.LOCAL, topology_path="t.yaml", state_dir="/s")
+    pools = [s for s in specs if s.role is Role.POOL]
+    assert [s.name for s in pools] == ["pool1", "pool2"]
+    assert all("--front-end" not in s.args for s in pools)
+    assert pool_fault_targets(paired)["pool1/fe1"] == ["pool1"]

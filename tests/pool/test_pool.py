@@ -178,7 +178,7 @@ async def test_metrics_and_health(tmp_path: Path) -> None:
         await lab.registered(ALICE, P1)
         await (await lab.agent(CAROL, P1)).register()  # 301
         r = await lab.http.get(lab.url(P1, "/health"), headers={"Authorization": ""})
-        assert r.json() == {"status": "ok", "pool": P1}
+        assert r.json() == {"status": "ok", "pool": P1, "front_end": "fe.pool1.lab.local"}
         unauth = await httpx_get_without_token(lab.url(P1, "/status"))
         assert unauth.status_code == 401 and unauth.json()["code"] == "unauthorized"
         await wait_for(lambda: lab.pools[P1].sip.heartbeats["answered"] > 0, 5)
