@@ -113,3 +113,72 @@ def test_call_settings_are_checked_and_reach_the_profile() -> None:
         with pytest.raises(PopulationError):
             CallSettings(**bad)  # type: ignore[arg-type]
     assert parse_workload("im, call") == (WorkloadKind.IM, WorkloadKind.CALL)
+
+
+def _brute_force(topology, patterns: list[str]) -> set[str]:  # type: ignore[no-untyped-def]
+    """Every user against every pattern with fnmatch: what select_users did."""
+    import fnmatch
+
+    from sipdrill.clients.population import parse_patterns
+
+    out = set()
+    for u in topology.all_users():
+        local = u.uri.partition(":")[2].partition("@")[0]
+        for pool, glob in parse_patterns(patterns):
+            if fnmatch.fnmatchcase(u.home_pool, pool) and (
+                fnmatch.fnmatchcase(local, glob) or fnmatch.fnmatchcase(u.uri, glob)
+            ):
+                out.add(u.uri)
+    return out
+
+
+_NAMES = ["alice", "bob", "p1u001", "p2u150", "p1u15*", "p2u0?1", "p1u[01]0*", "nobody", "*",
+          "carol@lab.local", "*p2u002@lab.local", "*p1u00*"]  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["*", "pool1.lab.local", "pool2.lab.local", "pool?.lab.local"]),
+                  st.sampled_from(_NAMES)),
+        min_size=1, max_size=6,
+    )
+)  # fmt: skip
+def test_literal_and_glob_patterns_pick_what_fnmatch_would(topology, pairs) -> None:  # type: ignore[no-untyped-def]
+    patterns = [f"{pool}:{name}" for pool, name in pairs]
+    want = _brute_force(topology, patterns)
+    if not want:
+        with pytest.raises(PopulationError):
+            select_users(topology, patterns)
+        return
+    assert {u.uri for u in select_users(topology, patterns)} == want
+
+
+def test_a_replicas_thousands_of_literal_users_are_looked_up_not_globbed(  # type: ignore[no-untyped-def]
+    topology, monkeypatch
+) -> None:
+    """Regression (issue 20's 50,000-client bench): a clients replica gets one
+    literal pattern per user of its slot; matched one by one with fnmatch that
+    was 2,500 x 50,000 calls and minutes of CPU before the replica started."""
+    import fnmatch
+
+    from sipdrill.clients import population
+
+    users = [
+        User(uri=f"sip:u{k:05d}@lab.local", home_pool=f"pool{k % 2 + 1}.lab.local")
+        for k in range(20_000)
+    ]
+    big = topology.model_copy(update={"users": users, "user_groups": []})
+    calls = 0
+    real = fnmatch.fnmatchcase
+
+    def counted(name: str, pat: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(name, pat)
+
+    monkeypatch.setattr(population.fnmatch, "fnmatchcase", counted)
+    picked = range(0, 20_000, 8)  # 2,500 users
+    chosen = select_users(big, [",".join(f"*:u{k:05d}" for k in picked)])
+    assert {u.uri for u in chosen} == {f"sip:u{k:05d}@lab.local" for k in picked}
+    # One pool check per chosen user (and one per pool pattern), not 50 million.
+    assert calls < 2 * len(picked) + 10, calls
