@@ -28,6 +28,10 @@ class RuntimeKind(StrEnum):
 
 
 #: DNS listens on 53 in containers; the local runtime uses an unprivileged port.
+#: Sign-ins per second of a whole lab's clients at start, split over its
+#: clients processes (a single process's own ``--ramp`` default).
+LAB_SIGN_IN_RATE = 100.0
+
 DNS_PORT = {
     RuntimeKind.DOCKER: addresses.DNS_PORT,
     RuntimeKind.SWARM: addresses.DNS_PORT,
@@ -194,6 +198,13 @@ def lab_plan(
                 )
             )
     per_process = -(-clients // clients_processes) if clients else 0
+    # The lab signs in at one process's default rate whatever the number of
+    # processes: 20 replicas at 100/s each offered 2,000 TLS sign-ins a second
+    # to two pools on two cores; handshakes timed out (5 s), were retried, and
+    # 50,000 clients took many minutes to sign in (issue 20's bench).
+    ramp: tuple[str, ...] = ()
+    if clients_processes > 1 and "--ramp" not in client_args:
+        ramp = ("--ramp", f"{LAB_SIGN_IN_RATE / clients_processes:g}")
     for i in range(clients_processes if clients else 0):
         count = min(per_process, clients - i * per_process)
         if count <= 0:
@@ -221,6 +232,7 @@ def lab_plan(
                     a,
                     "--control",
                     f"{a}:{CONTROL_PORT}",
+                    *ramp,
                     *client_args,
                 ),
             )

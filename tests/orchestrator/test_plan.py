@@ -44,6 +44,32 @@ def test_plan_has_every_role_once_per_pool(paired) -> None:
     assert sum(counts) == 1000 and offsets == [0, 334, 668]
 
 
+def test_the_labs_sign_in_rate_is_split_over_its_clients_processes(paired) -> None:
+    """Regression (issue 20): each of 20 replicas signed in at 100/s, 2,000/s
+    in all, and the pools' TLS handshakes timed out in a retry storm."""
+
+    def ramps(processes: int, client_args: tuple[str, ...] = ()) -> list[str | None]:
+        specs = lab_plan(
+            paired, RuntimeKind.DOCKER, topology_path="t", state_dir="/s",
+            clients=1000, clients_processes=processes, client_args=client_args,
+        )  # fmt: skip
+        return [
+            s.args[s.args.index("--ramp") + 1] if "--ramp" in s.args else None
+            for s in specs
+            if s.role is Role.CLIENTS
+        ]
+
+    assert ramps(1) == [None]  # the process's own default, 100/s
+    assert ramps(4) == ["25"] * 4
+    assert ramps(3) == ["33.3333"] * 3
+    assert ramps(4, ("--ramp", "7")) == ["7"] * 4  # the user's own, untouched
+    specs = lab_plan(
+        paired, RuntimeKind.DOCKER, topology_path="t", state_dir="/s",
+        clients=1000, clients_processes=4, client_args=("--ramp", "7"),
+    )  # fmt: skip
+    assert all(s.args.count("--ramp") == 1 for s in specs if s.role is Role.CLIENTS)
+
+
 def test_docker_plan_uses_topology_addresses(paired) -> None:
     specs = {
         s.name: s for s in lab_plan(paired, RuntimeKind.DOCKER, topology_path="t", state_dir="/s")
