@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import resource
 import signal
 import ssl
 import sys
@@ -42,6 +41,7 @@ from sipdrill.clients.runner import ClientRunner, RunnerConfig
 from sipdrill.clients.slots import Slot, claim_slot, slot_users
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.control.settings import token_from_env
+from sipdrill.fdlimit import raise_fd_limit
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
 from sipdrill.sip.transport import Kind, TransportLimits
 
@@ -64,16 +64,6 @@ class _Plan:
     duration: float | None
     #: Which users this process has (a clients replica's slot), for /health.
     note: str | None = None
-
-
-def raise_fd_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (one socket per endpoint); returns it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _ca_context(ca: Path, tls_max: str) -> ssl.SSLContext:

@@ -54,6 +54,7 @@ from fastapi import APIRouter, FastAPI
 from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
+from sipdrill.fdlimit import FD_HEADROOM, raise_fd_limit
 from sipdrill.pool.api import create_pool_app
 from sipdrill.pool.bulk_moves import BulkMoves
 from sipdrill.pool.cms_replica import CmsReplica
@@ -253,6 +254,25 @@ class PoolService:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _check_fd_limit(self, limit: int) -> int:
+        """Warn when this front end may have to hold more client connections
+        than it can open (one each): its share of its pool's users and, as a
+        backup registrar, of its partner's. Past the limit accept() fails
+        with EMFILE and clients time out, which looks like an overloaded pool."""
+        by_pool = self.topology.users_by_pool()
+        users = by_pool.get(self.fqdn, 0) + by_pool.get(self.pool.backup or "", 0)
+        need = -(-users // max(1, len(self.pool.front_ends))) + FD_HEADROOM
+        if need > limit:
+            log.warning(
+                "pool %s: the open-file limit (%d) is below the ~%d connections this front "
+                "end may hold (its share of %d users, its own and its backup partner's): "
+                "connections past it are refused (EMFILE). Raise the limit (ulimit -n; in "
+                "a container, the engine's LimitNOFILE or Compose `ulimits`) or spread "
+                "the users over more front ends",
+                self.fqdn, limit, need, users,
+            )  # fmt: skip
+        return need
+
     async def start(self) -> None:
         try:
             await self._start()
@@ -262,6 +282,7 @@ class PoolService:
 
     async def _start(self) -> None:
         settings = self.settings
+        self._check_fd_limit(raise_fd_limit())
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._store = await asyncio.to_thread(
             UserStore, settings.state_dir / STORE_FILE, self.fqdn
