@@ -41,7 +41,7 @@ from sipdrill.clients.runner import ClientRunner, RunnerConfig
 from sipdrill.clients.slots import Slot, claim_slot, slot_users
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.control.settings import token_from_env
-from sipdrill.fdlimit import raise_fd_limit
+from sipdrill.sip.fdlimit import raise_fd_limit
 from sipdrill.sip.tls import CA_CERT, TlsSetupError, client_context
 from sipdrill.sip.transport import Kind, TransportLimits
 

@@ -54,7 +54,6 @@ from fastapi import APIRouter, FastAPI
 from sipdrill import addresses
 from sipdrill.control.server import AppServer, bind_tcp
 from sipdrill.errors import OperationError
-from sipdrill.fdlimit import FD_HEADROOM, raise_fd_limit
 from sipdrill.pool.api import create_pool_app
 from sipdrill.pool.bulk_moves import BulkMoves
 from sipdrill.pool.cms_replica import CmsReplica
@@ -83,6 +82,7 @@ from sipdrill.pool.state import (
 )
 from sipdrill.pool.state_file import PoolStateFile
 from sipdrill.pool.store import UserStore
+from sipdrill.sip.fdlimit import FD_HEADROOM, raise_fd_limit
 from sipdrill.sip.tls import ServiceCert, client_context, ensure_server_cert, server_context
 from sipdrill.topology import FrontEnd, Pool, Topology
 

@@ -10,8 +10,8 @@ from pool_harness import TOKEN
 from pydantic import SecretStr
 from test_pool_front_ends import P1, P2, enterprise
 
-from sipdrill.fdlimit import FD_HEADROOM, raise_fd_limit
 from sipdrill.pool.service import PoolService, PoolSettings
+from sipdrill.sip.fdlimit import FD_HEADROOM, raise_fd_limit
 from sipdrill.topology import Topology
 
 
