@@ -436,15 +436,7 @@ class _SharedUdp(_Udp):
         self._outbox = []
         try:
             for data, addr in batch:
-                target = shard.shard_of(data, shards)
-                if target == self.me:
-                    self.datagram_received(data, addr)
-                    continue
-                try:
-                    self.peers[target].send(shard.pack(_addr(addr), data))
-                    stats["forwarded"] += 1
-                except OSError:
-                    stats["forward_dropped"] += 1
+                self._route(data, addr, shards, stats)
         finally:
             self._flush()
 
@@ -476,15 +468,19 @@ class _SharedUdp(_Udp):
             except OSError as exc:  # e.g. ICMP errors surfacing on the socket
                 log.debug("udp %s: %s", self.local, exc)
                 return
-            target = shard.shard_of(data, shards)
-            if target == self.me:
-                self.datagram_received(data, addr)
-                continue
-            try:
-                self.peers[target].send(shard.pack(_addr(addr), data))
-                stats["forwarded"] += 1
-            except OSError:  # a full inbox: UDP semantics, the client retransmits
-                stats["forward_dropped"] += 1
+            self._route(data, addr, shards, stats)
+
+    def _route(self, data: bytes, addr: Addr, shards: int, stats: MutableMapping[str, int]) -> None:
+        """Handle a datagram whose AoR this worker owns; send any other to its owner."""
+        target = shard.shard_of(data, shards)
+        if target == self.me:
+            self.datagram_received(data, addr)
+            return
+        try:
+            self.peers[target].send(shard.pack(_addr(addr), data))
+            stats["forwarded"] += 1
+        except OSError:  # a full inbox: UDP semantics, the client retransmits
+            stats["forward_dropped"] += 1
 
     def _read_inbox(self) -> None:
         if self.batched:
