@@ -90,6 +90,8 @@ RUNTIME = "swarm"
 GWBRIDGE = "docker_gwbridge"
 #: The routing protocol number of the agent's host routes (``ip route ... proto``).
 ROUTE_PROTO = 93
+#: How many undone fault ids an agent remembers to refuse their stale orders.
+UNDONE_KEPT = 1024
 #: The swarm label of a task's container: ``<stack>_<service>.<slot>.<task id>``.
 TASK_NAME = "com.docker.swarm.task.name"
 
@@ -272,6 +274,9 @@ class AgentCore:
         self.remote: list[RemoteTask] = []
         self.subnets: dict[str, ipaddress.IPv4Network] = {}
         self.healed_by_lease = 0
+        #: Ids the orchestrator has undone, newest last: an order for one of
+        #: them that arrives later is stale and refused (see :meth:`apply`).
+        self.undone: dict[str, None] = {}
 
     # --- lease -------------------------------------------------------------
 
@@ -369,6 +374,21 @@ class AgentCore:
             if existing is not None and existing.active:
                 self.renew(order.lease_seconds)
                 return existing.to_record()
+            if fault_id in self.undone:
+                log.warning(
+                    "fault %s: a stale order (undone before it was read), refused", fault_id
+                )
+                # A paused or busy agent still reads the requests queued on its
+                # socket: an order the orchestrator gave up on (and undid, the
+                # DELETE queued behind it or run first by another thread) must
+                # not take effect once the agent is back, or it stays in force
+                # with no journal entry on the orchestrator's side.
+                raise FaultError(
+                    order.kind,
+                    RUNTIME,
+                    f"fault {fault_id} was undone before this order was read: "
+                    "a stale order, not applied (make a new fault)",
+                )
             names = self._names(order.services, order.kind)
             rt = self.runtime
             fault: DockerFault
@@ -401,7 +421,13 @@ class AgentCore:
 
     def undo(self, fault_id: str) -> bool:
         with self.lock:
-            fault = self.registry.heal_one(fault_id)
+            try:
+                fault = self.registry.heal_one(fault_id)
+            finally:
+                # After the undo, so that /health's count means "done".
+                self.undone[fault_id] = None
+                while len(self.undone) > UNDONE_KEPT:
+                    del self.undone[next(iter(self.undone))]
             if fault is not None:
                 log.info("fault %s healed", fault_id)
             return fault is not None
@@ -606,6 +632,7 @@ def agent_app(core: AgentCore, token: str | None) -> FastAPI:
             "faults": len(core.registry.active()),
             "lease_left": round(core.lease_left(), 1),
             "healed_by_lease": core.healed_by_lease,
+            "undone": len(core.undone),
         }
 
     @app.get("/containers", dependencies=[auth])

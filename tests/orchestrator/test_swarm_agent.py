@@ -12,9 +12,10 @@ import docker
 import httpx
 import pytest
 
+from sipdrill.errors import FaultError
 from sipdrill.orchestrator.fault_model import FaultKind
 from sipdrill.orchestrator.faults import DockerFault
-from sipdrill.orchestrator.swarm_agent import AgentCore, agent_app
+from sipdrill.orchestrator.swarm_agent import UNDONE_KEPT, AgentCore, FaultOrder, agent_app
 
 
 class Clock:
@@ -102,6 +103,43 @@ def test_the_api_wants_the_token_and_a_well_formed_id(tmp_path: Path) -> None:
             assert r.json() == {"healed": False}
 
     asyncio.run(main())
+
+
+def test_an_order_read_after_its_undo_is_refused_as_stale(tmp_path: Path) -> None:
+    """A paused agent still reads what was queued on its socket: the order the
+    orchestrator gave up on, and the undo it sent after, in either order (two
+    threads). The order must not take effect after its undo."""
+    core = _core(tmp_path, Clock())
+    body = {"kind": "cut", "services": ["pool1"]}
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=agent_app(core, None))
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+            assert (await http.delete("/faults/0123abcd")).json() == {"healed": False}
+            r = await http.put("/faults/0123abcd", json=body)
+            assert r.status_code == 409
+            assert "undone before this order was read" in r.json()["message"]
+            # Another id is not affected: it gets as far as looking for pool1.
+            r = await http.put("/faults/0123abce", json=body)
+            assert "no running task of pool1" in r.json()["message"]
+
+    asyncio.run(main())
+    assert core.registry.active() == []
+    # The order first, then its undo: healed, and the order cannot come back.
+    Recorded.undone = 0
+    core.registry.inject(Recorded(core.runtime, ["c1"], fault_id="89abcdef"))  # type: ignore[arg-type]
+    assert core.undo("89abcdef") and Recorded.undone == 1
+    with pytest.raises(FaultError, match="stale"):
+        core.apply("89abcdef", FaultOrder(kind=FaultKind.CUT, services=["c1"]))
+    assert core.registry.active() == []
+
+
+def test_an_agent_remembers_a_bounded_number_of_undone_ids(tmp_path: Path) -> None:
+    core = _core(tmp_path, Clock())
+    for n in range(UNDONE_KEPT + 10):
+        core.undo(f"{n:08x}")
+    assert len(core.undone) == UNDONE_KEPT
+    assert f"{0:08x}" not in core.undone and f"{UNDONE_KEPT + 9:08x}" in core.undone
 
 
 # --- across nodes: the overlays' gossip to routes ------------------------------

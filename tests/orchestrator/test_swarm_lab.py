@@ -235,6 +235,7 @@ def test_a_fault_on_a_node_whose_agent_is_gone_fails_clearly_and_heals_when_it_r
         return swarm.containers.list(filters={"label": [f"sipdrill.lab={runtime.lab}",
                                                         "sipdrill.role=agent"]})[0]  # fmt: skip
 
+    undone_before = _agent_health(runtime)["undone"]
     paused = agent()
     paused.pause()
     try:
@@ -244,6 +245,11 @@ def test_a_fault_on_a_node_whose_agent_is_gone_fails_clearly_and_heals_when_it_r
     finally:
         paused.unpause()
     assert FaultJournal(runtime.journal).records() == []  # nothing half-done stays
+    # The unpaused agent reads the order and its undo, both queued on its
+    # socket, and runs them on two threads in either order: the order may take
+    # effect for a moment, never for longer than its undo.
+    assert _until(lambda: _agent_health(runtime)["undone"] > undone_before, 15)
+    assert not _until(lambda: _agent_health(runtime)["faults"] > 0, 2)
     assert _reaches(swarm, runtime, "pool1.lab.local")
     # A fault in force, then the agent dies: heal waits for Swarm's new agent,
     # which finds the fault in its journal and undoes it.
