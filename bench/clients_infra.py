@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import os
 import signal
 import sys
 
@@ -87,7 +88,22 @@ async def pool(
         tune_gc()  # as `sipdrill serve pool` does once the pool has started
         tls = dict(service.sip_addresses)["tls"]
         print(f"ready {tls[1]}", flush=True)
-        await _until_stopped()
+        profile = os.environ.get("SIPDRILL_BENCH_PROFILE")
+        if not profile:
+            await _until_stopped()
+            return
+        # The SIP process's own CPU (what its thread runs), for where a storm's
+        # time goes: `python -m pstats FILE`.
+        import cProfile
+        import time
+
+        profiler = cProfile.Profile(time.thread_time)
+        profiler.enable()
+        try:
+            await _until_stopped()
+        finally:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{os.getpid()}")
 
 
 async def dns(topology_path: str) -> None:

@@ -293,6 +293,14 @@ class Registrar:
             events.append(BindingExpired(self._drop(aor, key)))
         return events
 
+    def remove(self, aor: str, key: str) -> BindingRemoved | None:
+        """Remove one binding as its UA's Expires 0 would, without a request:
+        what a registrar does when the binding's flow is gone (RFC 5626).
+        None when it is not there (removed or expired already)."""
+        if key not in self._bindings.get(aor, {}):
+            return None
+        return BindingRemoved(self._drop(aor, key))  # its heap entry goes stale
+
     # -- REGISTER --
 
     def handle(

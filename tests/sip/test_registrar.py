@@ -155,6 +155,20 @@ class TestRules:
         assert len(reg) == 0
         assert reg.next_deadline() is None
 
+    def test_remove_drops_one_binding_as_expires_zero_would(self) -> None:
+        """What a pool does when a binding's flow closes: the same event and
+        the same table as an Expires 0 REGISTER, and nothing expires later."""
+        reg = Registrar(DOMAIN)
+        reg.handle(register(contacts=["<sip:a@10.0.0.1>", "<sip:a@10.0.0.2>"]), 0.0)
+        first, second = reg.lookup("sip:alice@example.com")
+        removed = reg.remove(first.aor, first.key)
+        assert removed == BindingRemoved(first)
+        assert reg.lookup("sip:alice@example.com") == [second] and len(reg) == 1
+        assert reg.remove(first.aor, first.key) is None  # gone already
+        assert reg.remove("sip:bob@example.com", first.key) is None
+        assert reg.expire(10_000.0) == [BindingExpired(second)]  # first's heap entry skipped
+        assert len(reg) == 0 and reg.next_deadline() is None
+
     def test_contact_expires_param_beats_header(self) -> None:
         reg = Registrar(DOMAIN)
         reg.handle(register(contacts=["<sip:a@10.0.0.1>", "<sip:a@10.0.0.2>"]), 0.0)
