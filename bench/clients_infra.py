@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import os
+import resource
 import signal
 import sys
 
