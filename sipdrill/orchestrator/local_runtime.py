@@ -384,7 +384,14 @@ class LocalRuntime:
                         r = http.get(f"{spec.control_url}/faults")
                         faults = r.json() if r.status_code == 200 else {}
                     except (httpx.HTTPError, ValueError) as exc:
-                        found.append(f"{name}: its faults cannot be read ({type(exc).__name__})")
+                        # A SIGSTOP lands asynchronously: one sent just before this
+                        # probe shows only now, and is then what kept it from answering.
+                        if _stopped(record.pid):
+                            found.append(f"{name}: stopped (SIGSTOP)")
+                        else:
+                            found.append(
+                                f"{name}: its faults cannot be read ({type(exc).__name__})"
+                            )
                         continue
                     found += [f"{name}: DNS fault {k}={v}" for k, v in faults.items() if v]
         return found

@@ -173,6 +173,33 @@ def test_the_leftover_probe_sees_what_a_fault_left(lab: LocalRuntime, tmp_path: 
     assert lab.leftovers() == ["dns: not running"]
 
 
+def test_a_stop_that_lands_during_the_probe_is_reported_as_a_stop(
+    lab: LocalRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGSTOP takes effect asynchronously: the probe may see the DNS server
+    running, then its control API not answering. The stop is what it reports."""
+    import signal
+
+    from sipdrill.orchestrator import local_runtime
+
+    lab.up([dns_spec(tmp_path)], timeout=30)
+    pid = lab.status()[0]["pid"]
+    real = local_runtime._stopped
+    looks: list[int] = []
+
+    def not_yet(p: int) -> bool:  # the first look comes before the stop lands
+        looks.append(p)
+        return real(p) if len(looks) > 1 else False
+
+    monkeypatch.setattr(local_runtime, "_stopped", not_yet)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert lab.leftovers() == ["dns: stopped (SIGSTOP)"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(looks) == 2
+
+
 def test_pool_and_front_end_targets(tmp_path: Path) -> None:
     """`pool1/fe2` is that front end's process; `pool1` every front end's, for
     cut and crash; anything else on a pool of several is refused, naming both."""
